@@ -1,0 +1,170 @@
+// CPostcopy: the little C that Swift cannot do by itself.
+//
+// Everything here exists for one of three reasons, said at each item:
+//  - a function-like macro (ioctl numbers built by _IOWR) that Swift does not import;
+//  - a variadic libc function (syscall, ioctl, open) that Swift cannot call;
+//  - kernel ABI newer than the installed linux-libc-dev 6.1 headers, defined
+//    under #ifndef so newer headers win, with layouts checked by _Static_assert.
+//
+// _GNU_SOURCE must not be defined in a header Swift imports, so the shim's .c
+// file defines it and the prototypes here use plain types.
+#ifndef CPOSTCOPY_H
+#define CPOSTCOPY_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <sys/types.h>
+#include <linux/userfaultfd.h>
+#include <linux/fs.h>
+#include <linux/io_uring.h>   // before liburing.h, as liburing expects
+#include <liburing.h>
+
+// MARK: userfaultfd ABI newer than linux-libc-dev 6.1
+
+#ifndef UFFD_FEATURE_WP_UNPOPULATED
+#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)   // Linux 6.4
+#endif
+#ifndef UFFD_FEATURE_POISON
+#define UFFD_FEATURE_POISON (1 << 14)           // Linux 6.6
+#endif
+#ifndef UFFD_FEATURE_WP_ASYNC
+#define UFFD_FEATURE_WP_ASYNC (1 << 15)         // Linux 6.7
+#endif
+#ifndef UFFD_FEATURE_MOVE
+#define UFFD_FEATURE_MOVE (1 << 16)             // Linux 6.8
+#endif
+
+#ifndef _UFFDIO_MOVE
+#define _UFFDIO_MOVE (0x05)
+struct uffdio_move {
+    __u64 dst;
+    __u64 src;
+    __u64 len;
+#define UFFDIO_MOVE_MODE_DONTWAKE        ((__u64)1 << 0)
+#define UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES ((__u64)1 << 1)
+    __u64 mode;
+    __s64 move;
+};
+#define UFFDIO_MOVE _IOWR(UFFDIO, _UFFDIO_MOVE, struct uffdio_move)
+#endif
+
+#ifndef _UFFDIO_POISON
+#define _UFFDIO_POISON (0x08)
+struct uffdio_poison {
+    struct uffdio_range range;
+#define UFFDIO_POISON_MODE_DONTWAKE ((__u64)1 << 0)
+    __u64 mode;
+    __s64 updated;
+};
+#define UFFDIO_POISON _IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison)
+#endif
+
+_Static_assert(sizeof(struct uffd_msg) == 32, "uffd_msg is 32 bytes");
+_Static_assert(offsetof(struct uffd_msg, arg.pagefault.address) == 16, "pagefault.address at 16");
+_Static_assert(offsetof(struct uffd_msg, arg.pagefault.feat.ptid) == 24, "pagefault.ptid at 24");
+_Static_assert(sizeof(struct uffdio_move) == 40, "uffdio_move is 40 bytes");
+_Static_assert(sizeof(struct uffdio_poison) == 32, "uffdio_poison is 32 bytes");
+_Static_assert(sizeof(struct uffdio_copy) == 40, "uffdio_copy is 40 bytes");
+
+// MARK: PAGEMAP_SCAN (Linux 6.7)
+
+#ifndef PAGEMAP_SCAN
+#define PAGE_IS_WPALLOWED  (1 << 0)
+#define PAGE_IS_WRITTEN    (1 << 1)
+#define PAGE_IS_FILE       (1 << 2)
+#define PAGE_IS_PRESENT    (1 << 3)
+#define PAGE_IS_SWAPPED    (1 << 4)
+#define PAGE_IS_PFNZERO    (1 << 5)
+#define PAGE_IS_HUGE       (1 << 6)
+#define PAGE_IS_SOFT_DIRTY (1 << 7)
+struct page_region {
+    __u64 start;
+    __u64 end;
+    __u64 categories;
+};
+#define PM_SCAN_WP_MATCHING   (1 << 0)
+#define PM_SCAN_CHECK_WPASYNC (1 << 1)
+struct pm_scan_arg {
+    __u64 size;
+    __u64 flags;
+    __u64 start;
+    __u64 end;
+    __u64 walk_end;
+    __u64 vec;
+    __u64 vec_len;
+    __u64 max_pages;
+    __u64 category_inverted;
+    __u64 category_mask;
+    __u64 category_anyof_mask;
+    __u64 return_mask;
+};
+#define PAGEMAP_SCAN _IOWR('f', 16, struct pm_scan_arg)
+#endif
+_Static_assert(sizeof(struct pm_scan_arg) == 96, "pm_scan_arg is 96 bytes");
+_Static_assert(sizeof(struct page_region) == 24, "page_region is 24 bytes");
+
+// MARK: syscalls Swift cannot call (variadic syscall/open/ioctl)
+
+/// userfaultfd(2) with the given flags (O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY). -1 and errno on failure.
+int cpc_userfaultfd_syscall(int flags);
+/// A userfaultfd from /dev/userfaultfd (USERFAULTFD_IOC_NEW, Linux 6.1). -1 and errno on failure.
+int cpc_userfaultfd_device(int flags);
+/// gettid(2): the kernel thread id that UFFD_FEATURE_THREAD_ID reports.
+int32_t cpc_gettid(void);
+/// memfd_create(2); MFD_CLOEXEC is always added.
+int cpc_memfd_create(const char *name, unsigned int flags);
+/// fallocate(PUNCH_HOLE | KEEP_SIZE): needs _GNU_SOURCE, which a Swift-imported header must not define.
+int cpc_punch_hole(int fd, int64_t offset, int64_t length);
+
+// Each UFFDIO_* ioctl: 0 on success, -1 and errno on failure (the struct keeps the kernel's answer).
+int cpc_uffdio_api(int fd, struct uffdio_api *arg);
+int cpc_uffdio_register(int fd, struct uffdio_register *arg);
+int cpc_uffdio_unregister(int fd, struct uffdio_range *arg);
+int cpc_uffdio_copy(int fd, struct uffdio_copy *arg);
+int cpc_uffdio_zeropage(int fd, struct uffdio_zeropage *arg);
+int cpc_uffdio_wake(int fd, struct uffdio_range *arg);
+int cpc_uffdio_writeprotect(int fd, struct uffdio_writeprotect *arg);
+int cpc_uffdio_continue(int fd, struct uffdio_continue *arg);
+int cpc_uffdio_move(int fd, struct uffdio_move *arg);
+int cpc_uffdio_poison(int fd, struct uffdio_poison *arg);
+/// PAGEMAP_SCAN on an open /proc/self/pagemap: number of regions filled, or -1 and errno.
+long cpc_pagemap_scan(int pagemap_fd, struct pm_scan_arg *arg);
+
+// MARK: NUMA (mbind/get_mempolicy through libnuma's syscall wrappers)
+
+long cpc_mbind_preferred_node(void *addr, unsigned long len, int node, int strict);
+/// The policy mode and the first node of the policy's mask for addr; -1 and errno on failure.
+int cpc_mempolicy_of(void *addr, int *mode, int *node);
+int cpc_numa_available(void);
+int cpc_numa_max_node(void);
+/// The NUMA node a page is on now (move_pages query), or -errno.
+int cpc_node_of_page(void *addr);
+
+// MARK: io_uring (liburing's static inline helpers are not importable one by one)
+
+struct io_uring_sqe *cpc_uring_get_sqe(struct io_uring *ring);
+void cpc_uring_prep_send(struct io_uring_sqe *sqe, int fd, const void *buf, size_t len, int flags);
+void cpc_uring_prep_recv(struct io_uring_sqe *sqe, int fd, void *buf, size_t len, int flags);
+void cpc_uring_prep_nop(struct io_uring_sqe *sqe);
+void cpc_uring_sqe_set_data64(struct io_uring_sqe *sqe, uint64_t data);
+int cpc_uring_wait_cqe(struct io_uring *ring, struct io_uring_cqe **cqe);
+void cpc_uring_cqe_seen(struct io_uring *ring, struct io_uring_cqe *cqe);
+
+// MARK: atomics on raw memory (bitmaps shared between threads, one bit a page)
+
+static inline uint64_t cpc_atomic_fetch_or_u64(uint64_t *p, uint64_t v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
+static inline uint64_t cpc_atomic_fetch_and_u64(uint64_t *p, uint64_t v) { return __atomic_fetch_and(p, v, __ATOMIC_SEQ_CST); }
+static inline uint64_t cpc_atomic_load_u64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void cpc_atomic_store_u64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline uint64_t cpc_atomic_fetch_add_u64(uint64_t *p, uint64_t v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+static inline int cpc_atomic_cas_u64(uint64_t *p, uint64_t expected, uint64_t desired) {
+    return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+
+// MARK: constants Swift sees as macros it cannot import
+
+static const unsigned long cpc_UFFDIO_REGISTER_MODE_MISSING = UFFDIO_REGISTER_MODE_MISSING;
+static const unsigned long cpc_UFFDIO_REGISTER_MODE_WP = UFFDIO_REGISTER_MODE_WP;
+static const unsigned long cpc_UFFDIO_REGISTER_MODE_MINOR = UFFDIO_REGISTER_MODE_MINOR;
+
+#endif

@@ -1,0 +1,37 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+let package = Package(
+    name: "swift-postcopy",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "Postcopy", targets: ["Postcopy"]),
+        .executable(name: "postcopy", targets: ["postcopy"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        // The only C the runtime needs: ioctl numbers, variadic syscalls, kernel ABI newer than the headers.
+        .target(
+            name: "CPostcopy",
+            path: "CShims",
+            linkerSettings: [.linkedLibrary("uring"), .linkedLibrary("numa")]
+        ),
+        // The C floor for the fault benchmarks: the same loops as the Swift path, in plain C.
+        .target(name: "CFaultFloor", path: "Sources/CFaultFloor"),
+        .target(
+            name: "Postcopy",
+            dependencies: ["CPostcopy"],
+        ),
+        .executableTarget(
+            name: "postcopy",
+            dependencies: [
+                "Postcopy",
+                "CFaultFloor",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(name: "PostcopyTests", dependencies: ["Postcopy", "CPostcopy"]),
+    ]
+)

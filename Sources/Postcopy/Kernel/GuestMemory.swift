@@ -1,0 +1,119 @@
+import CPostcopy
+import Glibc
+
+/// What backs a guest memory region, which decides how a missing page can be placed:
+/// anonymous memory takes `copy`/`zeroPage`/`move`; a memfd also takes MINOR + `continue`
+/// through its second mapping; hugetlbfs places 2 MiB at a time.
+public enum GuestMemoryBacking: String, Sendable, CaseIterable {
+    case anonymous
+    case memfd
+    case hugetlbfs
+}
+
+/// A page-aligned region of guest memory, mapped in this process, with its page size.
+/// The region is unmapped when the object goes away.
+public final class GuestMemory: @unchecked Sendable {
+    public let base: UInt
+    public let size: Int
+    public let pageSize: Int
+    public let backing: GuestMemoryBacking
+    /// The memfd behind a `.memfd` region, else -1.
+    public let memfd: Int32
+
+    public static let hugePageSize = 2 << 20
+
+    /// Maps `size` bytes (rounded up to the page size) of guest memory, not yet populated.
+    /// With `numaNode`, the pages are bound there with mbind(MPOL_BIND) before anything touches them.
+    public init(size requested: Int, backing: GuestMemoryBacking = .anonymous, numaNode: Int? = nil) throws {
+        let page = backing == .hugetlbfs ? Self.hugePageSize : Int(sysconf(Int32(_SC_PAGESIZE)))
+        let size = (requested + page - 1) / page * page
+        precondition(size > 0, "guest memory needs at least one page")
+        var fd: Int32 = -1
+        let mapping: UnsafeMutableRawPointer?
+        switch backing {
+        case .anonymous:
+            mapping = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        case .hugetlbfs:
+            mapping = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0)
+        case .memfd:
+            fd = try syscallValue("memfd_create") { cpc_memfd_create("guest-memory", 0) }
+            if ftruncate(fd, off_t(size)) != 0 {
+                let error = SystemError("ftruncate(memfd, \(size))")
+                close(fd)
+                throw error
+            }
+            mapping = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        }
+        guard let mapping, mapping != MAP_FAILED else {
+            let error = SystemError(backing == .hugetlbfs
+                ? "mmap(MAP_HUGETLB, \(size) bytes): reserve huge pages in /proc/sys/vm/nr_hugepages"
+                : "mmap(\(size) bytes)")
+            if fd >= 0 { close(fd) }
+            throw error
+        }
+        self.base = UInt(bitPattern: mapping)
+        self.size = size
+        self.pageSize = page
+        self.backing = backing
+        self.memfd = fd
+        if let numaNode {
+            if cpc_mbind_preferred_node(mapping, UInt(size), Int32(numaNode), 1) != 0 {
+                let error = SystemError("mbind(node \(numaNode))")
+                munmap(mapping, size)
+                if fd >= 0 { close(fd) }
+                throw error
+            }
+        }
+    }
+
+    deinit {
+        munmap(UnsafeMutableRawPointer(bitPattern: base), size)
+        if memfd >= 0 { close(memfd) }
+    }
+
+    public var pageCount: Int { size / pageSize }
+    public var pointer: UnsafeMutableRawPointer { UnsafeMutableRawPointer(bitPattern: base)! }
+
+    @inline(__always)
+    public func address(ofPage index: Int) -> UInt { base + UInt(index * pageSize) }
+
+    /// The page holding `address`, or nil when it is outside the region.
+    @inline(__always)
+    public func pageIndex(of address: UInt64) -> Int? {
+        guard address >= UInt64(base), address < UInt64(base) + UInt64(size) else { return nil }
+        return Int((address - UInt64(base)) / UInt64(pageSize))
+    }
+
+    /// Drops the contents of a page-aligned range, so the pages are missing again (and fault
+    /// through a MISSING registration): MADV_DONTNEED on private memory, a punched hole on a memfd.
+    public func discard(offset: Int, length: Int) throws {
+        precondition(offset % pageSize == 0 && length % pageSize == 0 && offset + length <= size, "discard range must be page aligned and inside the region")
+        if backing == .memfd {
+            _ = try syscallValue("fallocate(PUNCH_HOLE)") {
+                cpc_punch_hole(memfd, Int64(offset), Int64(length))
+            }
+        } else {
+            _ = try syscallValue("madvise(MADV_DONTNEED)") {
+                madvise(UnsafeMutableRawPointer(bitPattern: base + UInt(offset)), length, MADV_DONTNEED)
+            }
+        }
+    }
+
+    /// A second, shared mapping of a `.memfd` region: writing a page through it fills the page cache,
+    /// after which a MINOR fault on the region is resolved with `UserfaultFD.continue`.
+    public func makeAlias() throws -> UnsafeMutableRawPointer {
+        precondition(backing == .memfd, "only a memfd region has a second mapping")
+        guard let alias = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0), alias != MAP_FAILED else {
+            throw SystemError("mmap(memfd alias)")
+        }
+        return alias
+    }
+
+    /// The NUMA policy applying to the region, as get_mempolicy(MPOL_F_ADDR) reports it.
+    public func memoryPolicy() throws -> (mode: Int32, node: Int32) {
+        var mode: Int32 = 0
+        var node: Int32 = 0
+        _ = try syscallValue("get_mempolicy") { cpc_mempolicy_of(pointer, &mode, &node) }
+        return (mode, node)
+    }
+}

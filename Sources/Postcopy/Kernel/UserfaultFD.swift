@@ -1,0 +1,313 @@
+import CPostcopy
+import Glibc
+
+/// Features a userfaultfd can be asked for in UFFDIO_API (the kernel's UFFD_FEATURE_* bits).
+public struct UserfaultFeatures: OptionSet, Sendable, CustomStringConvertible {
+    public let rawValue: UInt64
+    public init(rawValue: UInt64) { self.rawValue = rawValue }
+
+    public static let pagefaultFlagWP = Self(rawValue: UInt64(UFFD_FEATURE_PAGEFAULT_FLAG_WP))
+    public static let missingHugetlbfs = Self(rawValue: UInt64(UFFD_FEATURE_MISSING_HUGETLBFS))
+    public static let missingShmem = Self(rawValue: UInt64(UFFD_FEATURE_MISSING_SHMEM))
+    public static let threadID = Self(rawValue: UInt64(UFFD_FEATURE_THREAD_ID))
+    public static let minorHugetlbfs = Self(rawValue: UInt64(UFFD_FEATURE_MINOR_HUGETLBFS))
+    public static let minorShmem = Self(rawValue: UInt64(UFFD_FEATURE_MINOR_SHMEM))
+    public static let exactAddress = Self(rawValue: UInt64(UFFD_FEATURE_EXACT_ADDRESS))
+    public static let wpHugetlbfsShmem = Self(rawValue: UInt64(UFFD_FEATURE_WP_HUGETLBFS_SHMEM))
+    public static let wpUnpopulated = Self(rawValue: UInt64(UFFD_FEATURE_WP_UNPOPULATED))
+    public static let poison = Self(rawValue: UInt64(UFFD_FEATURE_POISON))
+    public static let wpAsync = Self(rawValue: UInt64(UFFD_FEATURE_WP_ASYNC))
+    public static let move = Self(rawValue: UInt64(UFFD_FEATURE_MOVE))
+
+    static let names: [(Self, String)] = [
+        (.pagefaultFlagWP, "wp"), (.missingHugetlbfs, "missing-hugetlbfs"), (.missingShmem, "missing-shmem"),
+        (.threadID, "thread-id"), (.minorHugetlbfs, "minor-hugetlbfs"), (.minorShmem, "minor-shmem"),
+        (.exactAddress, "exact-address"), (.wpHugetlbfsShmem, "wp-hugetlbfs-shmem"),
+        (.wpUnpopulated, "wp-unpopulated"), (.poison, "poison"), (.wpAsync, "wp-async"), (.move, "move"),
+    ]
+    public var description: String {
+        Self.names.filter { contains($0.0) }.map(\.1).joined(separator: ",")
+    }
+}
+
+/// How a range is registered: which kinds of fault are reported.
+public struct UserfaultMode: OptionSet, Sendable {
+    public let rawValue: UInt64
+    public init(rawValue: UInt64) { self.rawValue = rawValue }
+    public static let missing = Self(rawValue: UInt64(cpc_UFFDIO_REGISTER_MODE_MISSING))
+    public static let writeProtect = Self(rawValue: UInt64(cpc_UFFDIO_REGISTER_MODE_WP))
+    public static let minor = Self(rawValue: UInt64(cpc_UFFDIO_REGISTER_MODE_MINOR))
+}
+
+/// One page fault read from a userfaultfd.
+public struct FaultEvent: Sendable, Equatable {
+    public var address: UInt64
+    public var flags: UInt64
+    /// The faulting thread's kernel tid (0 unless the fd has `.threadID`).
+    public var threadID: Int32
+
+    public var isWrite: Bool { flags & UInt64(UFFD_PAGEFAULT_FLAG_WRITE) != 0 }
+    public var isWriteProtect: Bool { flags & UInt64(UFFD_PAGEFAULT_FLAG_WP) != 0 }
+    public var isMinor: Bool { flags & UInt64(UFFD_PAGEFAULT_FLAG_MINOR) != 0 }
+}
+
+/// What a placement found: the page went in, or some other path had installed it already
+/// (then the waiting threads were woken anyway, since the other path may not have).
+public enum Placement: Sendable, Equatable {
+    case placed
+    case alreadyPresent
+}
+
+/// Why userfaultfd could not be opened, with the way out.
+public struct UserfaultUnavailable: Error, CustomStringConvertible, Sendable {
+    public let device: SystemError
+    public let syscall: SystemError
+
+    public var description: String {
+        """
+        userfaultfd is not available to this process \
+        (/dev/userfaultfd: \(device.name); userfaultfd(2): \(syscall.name)). \
+        To allow it, do one of: run as root; grant this user read/write access to /dev/userfaultfd \
+        (e.g. `setfacl -m u:$USER:rw /dev/userfaultfd`); give the binary CAP_SYS_PTRACE \
+        (`setcap cap_sys_ptrace+ep BINARY`); or `sysctl vm.unprivileged_userfaultfd=1`.
+        """
+    }
+}
+
+/// A userfaultfd: the kernel object through which faults on registered ranges are reported
+/// and resolved. Its ioctls are safe to call from several threads at once.
+public final class UserfaultFD: @unchecked Sendable {
+    public let descriptor: Int32
+    /// The features this fd was opened with (as the kernel granted them).
+    public let features: UserfaultFeatures
+
+    /// Opens a userfaultfd: /dev/userfaultfd first, then the syscall; handshakes UFFDIO_API.
+    /// Features not in `probeFeatures()` are dropped rather than failing the open.
+    public init(features requested: UserfaultFeatures = [.threadID], nonBlocking: Bool = true) throws {
+        let fd = try Self.open(nonBlocking: nonBlocking)
+        var api = uffdio_api(api: UInt64(UFFD_API), features: requested.rawValue, ioctls: 0)
+        if cpc_uffdio_api(fd, &api) != 0 {
+            let error = SystemError("UFFDIO_API(features: \(requested))")
+            close(fd)
+            throw error
+        }
+        descriptor = fd
+        features = UserfaultFeatures(rawValue: api.features)
+    }
+
+    deinit { close(descriptor) }
+
+    static func open(nonBlocking: Bool) throws -> Int32 {
+        let flags = O_CLOEXEC | (nonBlocking ? O_NONBLOCK : 0)
+        let viaDevice = cpc_userfaultfd_device(flags)
+        if viaDevice >= 0 { return viaDevice }
+        let deviceError = SystemError("open /dev/userfaultfd")
+        let viaSyscall = cpc_userfaultfd_syscall(flags)
+        if viaSyscall >= 0 { return viaSyscall }
+        throw UserfaultUnavailable(device: deviceError, syscall: SystemError("userfaultfd"))
+    }
+
+    /// Every feature the running kernel offers. UFFDIO_API may be called once per fd,
+    /// so this asks on a throwaway fd.
+    public static func probeFeatures() throws -> UserfaultFeatures {
+        let fd = try open(nonBlocking: true)
+        defer { close(fd) }
+        var api = uffdio_api(api: UInt64(UFFD_API), features: 0, ioctls: 0)
+        _ = try syscallValue("UFFDIO_API") { cpc_uffdio_api(fd, &api) }
+        return UserfaultFeatures(rawValue: api.features)
+    }
+
+    // MARK: ranges
+
+    /// Registers [address, address+length). Returns the kernel's ioctl mask for the range;
+    /// unknown bits in it are kept, not rejected.
+    @discardableResult
+    public func register(address: UInt, length: Int, mode: UserfaultMode) throws -> UInt64 {
+        var reg = uffdio_register(range: uffdio_range(start: UInt64(address), len: UInt64(length)), mode: mode.rawValue, ioctls: 0)
+        _ = try syscallValue("UFFDIO_REGISTER") { cpc_uffdio_register(descriptor, &reg) }
+        return reg.ioctls
+    }
+
+    public func unregister(address: UInt, length: Int) throws {
+        var range = uffdio_range(start: UInt64(address), len: UInt64(length))
+        _ = try syscallValue("UFFDIO_UNREGISTER") { cpc_uffdio_unregister(descriptor, &range) }
+    }
+
+    // MARK: resolving faults
+
+    /// Copies one page (or one huge page) into place and wakes its waiters.
+    /// EEXIST means another path installed it: the waiters are woken here, since that path may not have.
+    @inline(__always)
+    public func copy(to destination: UInt, from source: UnsafeRawPointer, length: Int, wake: Bool = true) throws(SystemError) -> Placement {
+        var arg = uffdio_copy(dst: UInt64(destination), src: UInt64(UInt(bitPattern: source)), len: UInt64(length),
+                              mode: wake ? 0 : UInt64(UFFDIO_COPY_MODE_DONTWAKE), copy: 0)
+        while true {
+            if cpc_uffdio_copy(descriptor, &arg) == 0 { return .placed }
+            switch Glibc.errno {
+            case EEXIST:
+                try self.wake(address: destination, length: length)
+                return .alreadyPresent
+            case EAGAIN, EINTR:
+                // A partial copy (arg.copy bytes went in) or an unread non-cooperative event: continue.
+                if arg.copy > 0 {
+                    arg.dst &+= UInt64(arg.copy); arg.src &+= UInt64(arg.copy); arg.len &-= UInt64(arg.copy)
+                }
+                arg.copy = 0
+            case let code:
+                throw SystemError("UFFDIO_COPY", errno: code)
+            }
+        }
+    }
+
+    /// Copies a run of pages, skipping any already present (each skip wakes its waiters).
+    /// Returns how many bytes were placed by this call.
+    @inline(__always)
+    public func copyRun(to destination: UInt, from source: UnsafeRawPointer, length: Int, pageSize: Int, wake: Bool = true) throws(SystemError) -> Int {
+        var done = 0
+        var placed = 0
+        while done < length {
+            var arg = uffdio_copy(dst: UInt64(destination + UInt(done)), src: UInt64(UInt(bitPattern: source + done)),
+                                  len: UInt64(length - done), mode: wake ? 0 : UInt64(UFFDIO_COPY_MODE_DONTWAKE), copy: 0)
+            if cpc_uffdio_copy(descriptor, &arg) == 0 {
+                return placed + (length - done)
+            }
+            let code = Glibc.errno
+            if arg.copy > 0 {
+                done += Int(arg.copy); placed += Int(arg.copy)
+                continue
+            }
+            switch code {
+            case EEXIST:
+                try self.wake(address: destination + UInt(done), length: pageSize)
+                done += pageSize
+            case EAGAIN, EINTR:
+                continue
+            default:
+                throw SystemError("UFFDIO_COPY", errno: code)
+            }
+        }
+        return placed
+    }
+
+    /// Maps the shared zero page (or zeroed pages) at a missing range and wakes its waiters.
+    @inline(__always)
+    public func zeroPage(at address: UInt, length: Int, wake: Bool = true) throws(SystemError) -> Placement {
+        var arg = uffdio_zeropage(range: uffdio_range(start: UInt64(address), len: UInt64(length)),
+                                  mode: wake ? 0 : UInt64(UFFDIO_ZEROPAGE_MODE_DONTWAKE), zeropage: 0)
+        while true {
+            if cpc_uffdio_zeropage(descriptor, &arg) == 0 { return .placed }
+            switch Glibc.errno {
+            case EEXIST:
+                try self.wake(address: address, length: length)
+                return .alreadyPresent
+            case EAGAIN, EINTR:
+                if arg.zeropage > 0 {
+                    arg.range.start &+= UInt64(arg.zeropage); arg.range.len &-= UInt64(arg.zeropage)
+                }
+                arg.zeropage = 0
+            case let code:
+                throw SystemError("UFFDIO_ZEROPAGE", errno: code)
+            }
+        }
+    }
+
+    /// Wakes threads blocked on faults in the range.
+    @inline(__always)
+    public func wake(address: UInt, length: Int) throws(SystemError) {
+        var range = uffdio_range(start: UInt64(address), len: UInt64(length))
+        _ = try syscallValue("UFFDIO_WAKE") { cpc_uffdio_wake(descriptor, &range) }
+    }
+
+    /// Moves anonymous pages from `source` into the missing range (zero copy; Linux 6.8).
+    /// The source pages become unmapped.
+    @inline(__always)
+    public func move(to destination: UInt, from source: UInt, length: Int, wake: Bool = true) throws(SystemError) -> Placement {
+        var arg = uffdio_move(dst: UInt64(destination), src: UInt64(source), len: UInt64(length),
+                              mode: wake ? 0 : UInt64(UFFDIO_MOVE_MODE_DONTWAKE), move: 0)
+        while true {
+            if cpc_uffdio_move(descriptor, &arg) == 0 { return .placed }
+            switch Glibc.errno {
+            case EEXIST:
+                try self.wake(address: destination, length: length)
+                return .alreadyPresent
+            case EAGAIN, EINTR:
+                if arg.move > 0 {
+                    arg.dst &+= UInt64(arg.move); arg.src &+= UInt64(arg.move); arg.len &-= UInt64(arg.move)
+                }
+                arg.move = 0
+            case let code:
+                throw SystemError("UFFDIO_MOVE", errno: code)
+            }
+        }
+    }
+
+    /// Maps the page-cache page already at a MINOR-faulting range of a shared mapping (Linux 5.13).
+    @inline(__always)
+    public func `continue`(at address: UInt, length: Int, wake: Bool = true) throws(SystemError) -> Placement {
+        var arg = uffdio_continue(range: uffdio_range(start: UInt64(address), len: UInt64(length)),
+                                  mode: wake ? 0 : UInt64(UFFDIO_CONTINUE_MODE_DONTWAKE), mapped: 0)
+        while true {
+            if cpc_uffdio_continue(descriptor, &arg) == 0 { return .placed }
+            switch Glibc.errno {
+            case EEXIST:
+                try self.wake(address: address, length: length)
+                return .alreadyPresent
+            case EAGAIN, EINTR:
+                if arg.mapped > 0 {
+                    arg.range.start &+= UInt64(arg.mapped); arg.range.len &-= UInt64(arg.mapped)
+                }
+                arg.mapped = 0
+            case let code:
+                throw SystemError("UFFDIO_CONTINUE", errno: code)
+            }
+        }
+    }
+
+    /// Sets (`protect: true`) or clears write protection on a WP-registered range.
+    public func writeProtect(address: UInt, length: Int, protect: Bool, wake: Bool = true) throws(SystemError) {
+        var mode: UInt64 = protect ? UInt64(UFFDIO_WRITEPROTECT_MODE_WP) : 0
+        if !wake { mode |= UInt64(UFFDIO_WRITEPROTECT_MODE_DONTWAKE) }
+        var arg = uffdio_writeprotect(range: uffdio_range(start: UInt64(address), len: UInt64(length)), mode: mode)
+        _ = try syscallValue("UFFDIO_WRITEPROTECT") { cpc_uffdio_writeprotect(descriptor, &arg) }
+    }
+
+    /// Marks a missing range as poisoned: touching it raises SIGBUS (Linux 6.6).
+    public func poison(address: UInt, length: Int) throws(SystemError) {
+        var arg = uffdio_poison(range: uffdio_range(start: UInt64(address), len: UInt64(length)), mode: 0, updated: 0)
+        _ = try syscallValue("UFFDIO_POISON") { cpc_uffdio_poison(descriptor, &arg) }
+    }
+
+    // MARK: events
+
+    /// Reads up to `buffer.count` pending events without blocking; returns how many were page faults
+    /// stored into `buffer`. Zero when none are pending (the fd is non-blocking).
+    @inline(__always)
+    public func readFaults(into buffer: UnsafeMutableBufferPointer<FaultEvent>, scratch: UnsafeMutableBufferPointer<uffd_msg>) throws(SystemError) -> Int {
+        let capacity = min(buffer.count, scratch.count)
+        let bytes = Glibc.read(descriptor, scratch.baseAddress, capacity * MemoryLayout<uffd_msg>.stride)
+        if bytes < 0 {
+            let code = Glibc.errno
+            if code == EAGAIN || code == EINTR { return 0 }
+            throw SystemError("read(userfaultfd)", errno: code)
+        }
+        let count = bytes / MemoryLayout<uffd_msg>.stride
+        var faults = 0
+        for i in 0..<count where scratch[i].event == UInt8(UFFD_EVENT_PAGEFAULT) {
+            let fault = scratch[i].arg.pagefault
+            buffer[faults] = FaultEvent(address: fault.address, flags: fault.flags, threadID: Int32(bitPattern: fault.feat.ptid))
+            faults += 1
+        }
+        return faults
+    }
+
+    /// Waits until events are pending or `timeoutMilliseconds` passes (-1: forever); also returns
+    /// when `wakeFD` (an eventfd) becomes readable. Returns true when the userfaultfd is readable.
+    public func waitReadable(timeoutMilliseconds: Int32, wakeFD: Int32 = -1) throws(SystemError) -> Bool {
+        var fds = (pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0), pollfd(fd: wakeFD, events: Int16(POLLIN), revents: 0))
+        let n = try withUnsafeMutableBytes(of: &fds) { (raw) throws(SystemError) -> Int32 in
+            let p = raw.baseAddress!.assumingMemoryBound(to: pollfd.self)
+            return try syscallValue("poll(userfaultfd)") { poll(p, wakeFD >= 0 ? 2 : 1, timeoutMilliseconds) }
+        }
+        return n > 0 && fds.0.revents & Int16(POLLIN) != 0
+    }
+}

@@ -1,0 +1,18 @@
+import ArgumentParser
+
+@main
+struct PostcopyCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "postcopy",
+        abstract: "A userfaultfd postcopy live-migration runtime: host, monitor client, demo and benchmarks.",
+        subcommands: [BenchCommand.self]
+    )
+}
+
+struct BenchCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench",
+        abstract: "Run benchmarks and print their figures.",
+        subcommands: []
+    )
+}
