@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include <stddef.h>
 #include <sys/types.h>
+#include <sys/eventfd.h>
 #include <linux/userfaultfd.h>
 #include <linux/fs.h>
 #include <linux/io_uring.h>   // before liburing.h, as liburing expects

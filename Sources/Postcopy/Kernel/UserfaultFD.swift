@@ -46,6 +46,12 @@ public struct FaultEvent: Sendable, Equatable {
     /// The faulting thread's kernel tid (0 unless the fd has `.threadID`).
     public var threadID: Int32
 
+    public init(address: UInt64, flags: UInt64, threadID: Int32) {
+        self.address = address
+        self.flags = flags
+        self.threadID = threadID
+    }
+
     public var isWrite: Bool { flags & UInt64(UFFD_PAGEFAULT_FLAG_WRITE) != 0 }
     public var isWriteProtect: Bool { flags & UInt64(UFFD_PAGEFAULT_FLAG_WP) != 0 }
     public var isMinor: Bool { flags & UInt64(UFFD_PAGEFAULT_FLAG_MINOR) != 0 }
@@ -206,6 +212,28 @@ public final class UserfaultFD: @unchecked Sendable {
                 }
                 arg.zeropage = 0
             case let code:
+                throw SystemError("UFFDIO_ZEROPAGE", errno: code)
+            }
+        }
+    }
+
+    /// Zero-fills a run of missing pages, skipping any already present (each skip wakes its waiters).
+    @inline(__always)
+    public func zeroRun(at address: UInt, length: Int, pageSize: Int, wake: Bool = true) throws(SystemError) {
+        var done = 0
+        while done < length {
+            var arg = uffdio_zeropage(range: uffdio_range(start: UInt64(address + UInt(done)), len: UInt64(length - done)),
+                                      mode: wake ? 0 : UInt64(UFFDIO_ZEROPAGE_MODE_DONTWAKE), zeropage: 0)
+            if cpc_uffdio_zeropage(descriptor, &arg) == 0 { return }
+            let code = Glibc.errno
+            if arg.zeropage > 0 { done += Int(arg.zeropage); continue }
+            switch code {
+            case EEXIST:
+                try self.wake(address: address + UInt(done), length: pageSize)
+                done += pageSize
+            case EAGAIN, EINTR:
+                continue
+            default:
                 throw SystemError("UFFDIO_ZEROPAGE", errno: code)
             }
         }

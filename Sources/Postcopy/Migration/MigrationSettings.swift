@@ -1,0 +1,82 @@
+/// Migration capabilities and parameters, with QEMU's names (qapi/migration.json).
+public struct MigrationSettings: Sendable, Equatable {
+    // capabilities
+    public var postcopyRAM = false
+    public var postcopyBlocktime = false
+    /// Requested pages travel on their own channel. On by default here (QEMU's default is off).
+    public var postcopyPreempt = true
+    public var multifd = false
+    public var zeroBlocks = false
+    public var events = false
+
+    // parameters
+    public var multifdChannels = 2
+    /// Bytes per second for precopy; QEMU's default is 128 MiB/s, the harness sets 100 GB/s.
+    public var maxBandwidth: Int64 = 134_217_728
+    /// Bytes per second for the postcopy background stream; 0 means unlimited.
+    public var maxPostcopyBandwidth: Int64 = 0
+    public var downtimeLimitMs: Int64 = 300
+    /// Pages per background frame (batching; 16 × 4 KiB = 64 KiB per UFFDIO_COPY).
+    public var xPagesPerFrame: Int64 = 16
+
+    public init() {}
+
+    public static let capabilityNames = ["zero-blocks", "events", "postcopy-ram", "multifd", "postcopy-blocktime", "postcopy-preempt"]
+
+    public func capability(_ name: String) -> Bool? {
+        switch name {
+        case "postcopy-ram": postcopyRAM
+        case "postcopy-blocktime": postcopyBlocktime
+        case "postcopy-preempt": postcopyPreempt
+        case "multifd": multifd
+        case "zero-blocks": zeroBlocks
+        case "events": events
+        default: nil
+        }
+    }
+
+    public mutating func setCapability(_ name: String, _ on: Bool) throws {
+        switch name {
+        case "postcopy-ram": postcopyRAM = on
+        case "postcopy-blocktime": postcopyBlocktime = on
+        case "postcopy-preempt": postcopyPreempt = on
+        case "multifd": multifd = on
+        case "zero-blocks": zeroBlocks = on
+        case "events": events = on
+        default: throw MonitorError("Capability '\(name)' not found (known: \(Self.capabilityNames.joined(separator: ", ")))")
+        }
+    }
+
+    public var parameters: [(name: String, value: MonitorValue)] {
+        [("max-bandwidth", .int(maxBandwidth)),
+         ("downtime-limit", .int(downtimeLimitMs)),
+         ("multifd-channels", .int(Int64(multifdChannels))),
+         ("max-postcopy-bandwidth", .int(maxPostcopyBandwidth)),
+         ("x-pages-per-frame", .int(xPagesPerFrame))]
+    }
+
+    public mutating func setParameter(_ name: String, _ value: MonitorValue) throws {
+        let number: Int64
+        switch value {
+        case let .int(v): number = v
+        case let .double(v): number = Int64(v)
+        case let .string(s):
+            guard let v = Int64(s) else { throw MonitorError("Parameter '\(name)' expects a number, got '\(s)'") }
+            number = v
+        default: throw MonitorError("Parameter '\(name)' expects a number")
+        }
+        guard number >= 0 else { throw MonitorError("Parameter '\(name)' must not be negative") }
+        switch name {
+        case "max-bandwidth": maxBandwidth = number
+        case "downtime-limit": downtimeLimitMs = number
+        case "multifd-channels":
+            guard (1...255).contains(number) else { throw MonitorError("Parameter 'multifd-channels' expects a value between 1 and 255") }
+            multifdChannels = Int(number)
+        case "max-postcopy-bandwidth": maxPostcopyBandwidth = number
+        case "x-pages-per-frame":
+            guard (1...256).contains(number) else { throw MonitorError("Parameter 'x-pages-per-frame' expects a value between 1 and 256") }
+            xPagesPerFrame = number
+        default: throw MonitorError("Parameter '\(name)' not found")
+        }
+    }
+}

@@ -1,0 +1,89 @@
+/// The frames of the migration stream (docs/PROTOCOL.md). Every frame starts with a
+/// 16-byte little-endian header: kind (u8), flags (u8), reserved (u16), count (u32), argument (u64).
+public enum FrameKind: UInt8, Sendable {
+    // source -> destination, main or urgent channel
+    case hello = 1          // count: payload bytes (Hello)
+    case pages = 2          // argument: first page; count: pages; payload: count * pageSize bytes
+    case zeroPages = 3      // argument: first page; count: pages; no payload
+    case deviceState = 4    // count: payload bytes
+    case run = 5            // start the vCPUs on the destination
+    case complete = 6       // argument: pages the source has sent in all
+    // destination -> source, return path (the main channel's other direction)
+    case helloAck = 16      // the handshake is accepted
+    case request = 17       // argument: first page; count: pages
+    case running = 18       // the destination's vCPUs run (ends the source's downtime)
+    case done = 19          // argument: pages received; the migration is complete
+    // either way
+    case error = 32         // count: payload bytes, a UTF-8 message
+}
+
+public struct FrameHeader: Sendable, Equatable {
+    public static let size = 16
+    public var kind: FrameKind
+    public var count: UInt32
+    public var argument: UInt64
+
+    public init(_ kind: FrameKind, count: UInt32 = 0, argument: UInt64 = 0) {
+        self.kind = kind
+        self.count = count
+        self.argument = argument
+    }
+
+    @inline(__always)
+    public func encode(into p: UnsafeMutableRawPointer) {
+        p.storeBytes(of: kind.rawValue, as: UInt8.self)
+        p.storeBytes(of: 0, toByteOffset: 1, as: UInt8.self)
+        p.storeBytes(of: 0, toByteOffset: 2, as: UInt16.self)
+        p.storeBytes(of: count.littleEndian, toByteOffset: 4, as: UInt32.self)
+        p.storeBytes(of: argument.littleEndian, toByteOffset: 8, as: UInt64.self)
+    }
+
+    /// Decodes a header; an unknown kind is a protocol error, reported with its value.
+    @inline(__always)
+    public static func decode(_ p: UnsafeRawPointer) throws(ProtocolError) -> FrameHeader {
+        let raw = p.load(as: UInt8.self)
+        guard let kind = FrameKind(rawValue: raw) else { throw .unknownFrame(raw) }
+        let count = UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 4, as: UInt32.self))
+        let argument = UInt64(littleEndian: p.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
+        return FrameHeader(kind, count: count, argument: argument)
+    }
+}
+
+/// What was wrong with a stream. Each case says what was seen and what was expected.
+public enum ProtocolError: Error, Equatable, CustomStringConvertible, Sendable {
+    case badMagic(UInt32)
+    case versionMismatch(ours: UInt32, theirs: UInt32)
+    case pageSizeMismatch(ours: Int, theirs: Int)
+    case regionSizeMismatch(ours: Int, theirs: Int)
+    case unknownFrame(UInt8)
+    case unexpectedFrame(FrameKind, while: String)
+    case pagesOutOfRange(first: UInt64, count: UInt32, pageCount: Int)
+    case oversized(FrameKind, bytes: UInt64, limit: Int)
+    case truncated(String)
+    case peer(String)
+
+    public var description: String {
+        switch self {
+        case let .badMagic(m):
+            "not a postcopy migration stream (magic 0x\(String(m, radix: 16)), expected 0x\(String(Handshake.magic, radix: 16)))"
+        case let .versionMismatch(ours, theirs):
+            "protocol version \(theirs) is not supported (this side speaks version \(ours))"
+        case let .pageSizeMismatch(ours, theirs):
+            "page size mismatch: the source's pages are \(theirs) bytes, this side's are \(ours) bytes"
+        case let .regionSizeMismatch(ours, theirs):
+            "guest memory size mismatch: the source has \(theirs) bytes, this side has \(ours) bytes"
+        case let .unknownFrame(k):
+            "unknown frame kind \(k) in the stream"
+        case let .unexpectedFrame(k, state):
+            "unexpected \(k) frame while \(state)"
+        case let .pagesOutOfRange(first, count, pageCount):
+            "pages \(first)..<\(first + UInt64(count)) are outside the guest memory (\(pageCount) pages)"
+        case let .oversized(k, bytes, limit):
+            "\(k) frame of \(bytes) bytes exceeds the limit of \(limit) bytes"
+        case let .truncated(what):
+            "the stream ended in the middle of \(what)"
+        case let .peer(message):
+            "the peer reported: \(message)"
+        }
+    }
+}

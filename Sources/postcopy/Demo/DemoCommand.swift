@@ -1,0 +1,93 @@
+import ArgumentParser
+import Foundation
+import Postcopy
+
+/// `postcopy demo`: two local hosts, one postcopy migration, QEMU's figures from both sides.
+struct DemoCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "demo",
+        abstract: "Migrate a running host to another one on this machine with postcopy, and print info migrate from both sides."
+    )
+
+    @Option(help: "Guest memory size.") var memory: String = "1G"
+    @Option(help: "vCPU threads.") var vcpus: Int = 2
+    @Option(help: "Workload: linear, random, hotcold or idle.") var workload: String = "linear"
+    @Option(help: "Seconds between migrate and migrate_start_postcopy.") var precopySeconds: Double = 1
+    @Option(help: "TCP port for the migration (0: pick a free one).") var port: Int = 0
+
+    func run() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("postcopy-demo-\(getpid())").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let port = self.port == 0 ? try freePort() : self.port
+        let uri = "tcp:127.0.0.1:\(port)"
+        print("Starting two hosts: \(memory) of guest memory, \(vcpus) vCPUs, workload \(workload)")
+        let destination = try HostProcess(directory: directory, role: "dst", memory: memory, vcpus: vcpus, workload: workload, incoming: uri)
+        let source = try HostProcess(directory: directory, role: "src", memory: memory, vcpus: vcpus, workload: workload, incoming: nil)
+        defer {
+            source.terminate()
+            destination.terminate()
+            try? FileManager.default.removeItem(atPath: directory)
+        }
+        try destination.connect()
+        try source.connect()
+        print("Waiting for the source's workload to warm up (2 passes)...")
+        let warm = Date()
+        while source.passes < 2 && workload != "idle" || workload == "idle" && source.passes < 1 {
+            if Date().timeIntervalSince(warm) > 120 { throw ValidationError("the source's workload did not warm up in 120 s") }
+            usleep(50_000)
+        }
+        for side in [source, destination] {
+            for cap in ["postcopy-ram", "postcopy-blocktime"] {
+                _ = try side.qmp.human("migrate_set_capability \(cap) on")
+            }
+        }
+        print("(src) migrate -d \(uri)")
+        try check(source.qmp.human("migrate -d \(uri)"))
+        Thread.sleep(forTimeInterval: precopySeconds)
+        print("(src) migrate_start_postcopy")
+        try check(source.qmp.human("migrate_start_postcopy"))
+        var info = try source.qmp.execute("query-migrate")
+        while let status = info["status"]?.stringValue, !["completed", "failed", "cancelled"].contains(status) {
+            printProgress(info)
+            usleep(100_000)
+            info = try source.qmp.execute("query-migrate")
+        }
+        printProgress(info)
+        print("")
+        print("\n== info migrate (source)")
+        print(try source.qmp.human("info migrate"))
+        print("== info migrate (destination)")
+        print(try destination.qmp.human("info migrate"))
+        let passesBefore = destination.passes
+        Thread.sleep(forTimeInterval: 1)
+        print("destination workload passes in the second after completion: \(destination.passes - passesBefore)")
+        _ = try destination.qmp.execute("stop")
+        print("== info check-memory (destination)")
+        print(try destination.qmp.human("info check-memory"))
+        guard info["status"]?.stringValue == "completed" else {
+            throw ValidationError("migration \(info["status"]?.stringValue ?? "?"): \(info["error-desc"]?.stringValue ?? "no error given")")
+        }
+    }
+
+    private func check(_ output: String) throws {
+        if !output.isEmpty { print(output, terminator: output.hasSuffix("\n") ? "" : "\n") }
+        if output.lowercased().contains("error") { throw ValidationError(output) }
+    }
+
+    private func printProgress(_ info: MonitorValue) {
+        let ram = info["ram"]
+        let total = Double(ram?["total"]?.intValue ?? 0)
+        let remaining = Double(ram?["remaining"]?.intValue ?? 0)
+        let done = total > 0 ? 100 * (total - remaining) / total : 0
+        let line = String(format: "\r%@ %5.1f%%  transferred %6.0f MiB  %7.0f mbps  requests %llu  ",
+                          info["status"]?.stringValue ?? "?", done, Double(ram?["transferred"]?.intValue ?? 0) / 1048576,
+                          Double(ram?["mbps"].flatMap { if case let .double(d) = $0 { d } else { $0.intValue.map(Double.init) } } ?? 0),
+                          UInt64(ram?["postcopy-requests"]?.intValue ?? 0))
+        FileHandle.standardOutput.write(line.data(using: .utf8)!)
+    }
+}
+
+func freePort() throws -> Int {
+    let listener = try Listener(endpoint: Endpoint(host: "127.0.0.1", port: 0))
+    return Int(listener.endpoint.port)
+}

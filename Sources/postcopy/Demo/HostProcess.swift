@@ -1,0 +1,39 @@
+import Foundation
+import Postcopy
+
+/// A `postcopy host` child process with its QMP socket and serial file, for the demo and benchmarks.
+final class HostProcess {
+    let process = Process()
+    let qmpPath: String
+    let serialPath: String
+    private(set) var qmp: QMPClient!
+
+    init(directory: String, role: String, memory: String, vcpus: Int, workload: String, incoming: String?) throws {
+        qmpPath = "\(directory)/\(role).qmp"
+        serialPath = "\(directory)/\(role).serial"
+        FileManager.default.createFile(atPath: serialPath, contents: nil)
+        process.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
+        var arguments = ["host", "--memory", memory, "--vcpus", String(vcpus), "--workload", workload,
+                         "--qmp", qmpPath, "--serial", serialPath]
+        if let incoming { arguments += ["--incoming", incoming] }
+        process.arguments = arguments
+        process.standardError = FileHandle(forWritingAtPath: "/dev/stderr")
+        try process.run()
+    }
+
+    func connect() throws {
+        qmp = try QMPClient(path: qmpPath)
+    }
+
+    /// Workload passes reported on the serial file so far.
+    var passes: Int {
+        (try? Data(contentsOf: URL(fileURLWithPath: serialPath)))?.count(where: { $0 == UInt8(ascii: "B") }) ?? 0
+    }
+
+    func terminate() {
+        if process.isRunning {
+            process.terminate()
+            process.waitUntilExit()
+        }
+    }
+}

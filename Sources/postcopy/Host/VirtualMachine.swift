@@ -1,0 +1,233 @@
+import Glibc
+import Postcopy
+
+/// The hypervisor-like host: guest memory, N vCPU threads running a workload over it, and the
+/// run state (running, paused, in migration). It embeds the migration runtime through
+/// `MigratableHost`, as any other host would.
+final class VirtualMachine: MigratableHost, @unchecked Sendable {
+    let memory: GuestMemory
+    let workload: Workload
+    let vcpuCount: Int
+    let slicePages: Int
+    private let serialFD: Int32
+
+    /// vCPU states, padded so no two vCPUs share a cache line; each written only by its own vCPU thread while it runs.
+    private let states: UnsafeMutablePointer<VCPUState>
+    private let slot = 8  // VCPUStates per cache-line-padded slot
+    private var tids: [Int32]
+
+    /// Checked by every vCPU before each touch; set while a pause is wanted.
+    private let pauseFlag = AtomicCounter()
+    private let control: Guarded<Control>
+    private let quitRequested = Guarded(false)
+
+    struct Control {
+        var pauseRequested: Bool
+        var parked = 0
+        var started = 0
+        var runStatus: String
+    }
+
+    init(memorySize: Int, vcpus: Int, workload: Workload, serialPath: String?, incoming: Bool) throws {
+        memory = try GuestMemory(size: memorySize)
+        self.workload = workload
+        vcpuCount = vcpus
+        slicePages = memory.pageCount / vcpus
+        precondition(slicePages > 0, "each vCPU needs at least one page")
+        serialFD = serialPath.map { open($0, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644) } ?? -1
+        states = .allocate(capacity: vcpus * slot)
+        states.initialize(repeating: VCPUState(), count: vcpus * slot)
+        for i in 0..<vcpus { states[i * slot].rng = 0x9E37_79B9_7F4A_7C15 &* UInt64(i + 1) }
+        tids = Array(repeating: 0, count: vcpus)
+        // A destination's vCPUs exist from the start but wait for the switchover (QEMU's "inmigrate").
+        control = Guarded(Control(pauseRequested: incoming, runStatus: incoming ? "inmigrate" : "running"))
+        if incoming { pauseFlag.store(1) }
+        let tidBox = Guarded([Int32](repeating: 0, count: vcpus))
+        for i in 0..<vcpus {
+            startThread("vcpu\(i)") { [self] in
+                let tid = currentThreadID()
+                tidBox.update { $0[i] = tid }
+                control.update { $0.started += 1 }
+                runVCPU(i)
+            }
+        }
+        control.wait { $0.started == vcpus }
+        tids = tidBox.read { $0 }
+        if incoming { control.wait { $0.parked == vcpus } }
+    }
+
+    var vcpuThreadIDs: [Int32] { tids }
+
+    // MARK: vCPU loop
+
+    private func runVCPU(_ index: Int) {
+        let state = states + index * slot
+        let firstPage = index * slicePages
+        let hotPages = min(slicePages, max(1, Workload.hotBytes / memory.pageSize))
+        let base = memory.base
+        let pageSize = UInt(memory.pageSize)
+        let slice = UInt64(slicePages)
+        while true {
+            if pauseFlag.value != 0 { park() }
+            let page: UInt64
+            switch workload {
+            case .linear:
+                page = state.pointee.position
+                state.pointee.position += 1
+                if state.pointee.position == slice {
+                    state.pointee.position = 0
+                    state.pointee.passes += 1
+                    if index == 0 { mark() }
+                }
+            case .random:
+                var x = state.pointee.rng
+                x ^= x << 13; x ^= x >> 7; x ^= x << 17
+                state.pointee.rng = x
+                page = x % slice
+                if index == 0, (state.pointee.touches + 1) & ((1 << 18) - 1) == 0 { mark() }
+            case .hotcold, .idle:
+                if workload == .idle, state.pointee.phase == 1 {
+                    usleep(1000)
+                    continue
+                }
+                page = state.pointee.position
+                state.pointee.position += 1
+                let end = state.pointee.phase == 0 ? slice : UInt64(hotPages)
+                if state.pointee.position == end {
+                    state.pointee.position = 0
+                    if state.pointee.phase == 0 {
+                        state.pointee.phase = 1
+                        if index == 0, workload == .idle { mark() }
+                    } else {
+                        state.pointee.passes += 1
+                        if index == 0, state.pointee.passes % 16 == 0 { mark() }
+                    }
+                }
+            }
+            let counter = UnsafeMutablePointer<UInt64>(bitPattern: base + UInt(firstPage + Int(page)) * pageSize)!
+            counter.pointee &+= 1
+            state.pointee.touches &+= 1
+        }
+    }
+
+    private func mark() {
+        if serialFD >= 0 { _ = write(serialFD, "B", 1) }
+    }
+
+    private func park() {
+        control.update { $0.parked += 1 }
+        control.wait { !$0.pauseRequested }
+        control.update { $0.parked -= 1 }
+    }
+
+    // MARK: run state
+
+    /// Pauses for the switchover; `stop` then names the state "paused" instead.
+    func pauseVCPUs() {
+        pauseFlag.store(1)
+        control.update { c in
+            c.pauseRequested = true
+            if c.runStatus == "running" { c.runStatus = "postmigrate" }
+        }
+        control.wait { $0.parked == self.vcpuCount }
+    }
+
+    func resumeVCPUs() {
+        control.update { c in
+            c.pauseRequested = false
+            c.runStatus = "running"
+        }
+        pauseFlag.store(0)
+    }
+
+    func runState() -> (running: Bool, status: String) {
+        control.read { ($0.runStatus == "running", $0.runStatus) }
+    }
+
+    func stop() throws {
+        pauseVCPUs()
+        control.update { $0.runStatus = "paused" }
+    }
+
+    func cont() throws {
+        let status = control.read { $0.runStatus }
+        guard status != "inmigrate" else { throw MonitorError("guest is waiting for an incoming migration") }
+        resumeVCPUs()
+    }
+
+    func quit() { quitRequested.update { $0 = true } }
+    func waitForQuit() { quitRequested.wait { $0 } }
+
+    // MARK: device state
+
+    private static let magic: UInt64 = 0x5643_5055_5354_4154  // "VCPUSTAT"
+
+    func saveDeviceState() -> [UInt8] {
+        var words: [UInt64] = [Self.magic, UInt64(vcpuCount), workload.code]
+        for i in 0..<vcpuCount { words += states[i * slot].fields }
+        return words.flatMap { w in withUnsafeBytes(of: w.littleEndian) { Array($0) } }
+    }
+
+    func restoreDeviceState(_ bytes: [UInt8]) throws {
+        guard bytes.count % 8 == 0, bytes.count >= 24 else { throw MonitorError("device state of \(bytes.count) bytes is malformed") }
+        let words = stride(from: 0, to: bytes.count, by: 8).map { i in
+            bytes[i..<(i + 8)].enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) }
+        }
+        guard words[0] == Self.magic else { throw MonitorError("device state is not this host's (bad magic)") }
+        guard words[1] == UInt64(vcpuCount) else { throw MonitorError("device state has \(words[1]) vCPUs, this host has \(vcpuCount): start it with --vcpus \(words[1])") }
+        guard words[2] == workload.code else { throw MonitorError("device state is for another workload than '\(workload.rawValue)'") }
+        guard words.count == 3 + vcpuCount * VCPUState.fieldCount else { throw MonitorError("device state has the wrong length") }
+        for i in 0..<vcpuCount {
+            let start = 3 + i * VCPUState.fieldCount
+            states[i * slot] = VCPUState(fields: words[start..<(start + VCPUState.fieldCount)])
+        }
+    }
+
+    // MARK: integrity
+
+    /// The check of BRIEF §6: the page counters add up to the vCPUs' touches, and for `linear`
+    /// each slice is equal but for one step at the sweep position. Only meaningful when stopped.
+    func checkMemory() -> (ok: Bool, pages: Int, counterSum: UInt64, touchSum: UInt64, badPages: [Int]) {
+        var counterSum: UInt64 = 0
+        for page in 0..<memory.pageCount {
+            counterSum &+= UnsafePointer<UInt64>(bitPattern: memory.address(ofPage: page))!.pointee
+        }
+        var touchSum: UInt64 = 0
+        for i in 0..<vcpuCount { touchSum &+= states[i * slot].touches }
+        var bad: [Int] = []
+        if workload == .linear {
+            for i in 0..<vcpuCount {
+                let s = states[i * slot]
+                for j in 0..<slicePages where bad.count < 8 {
+                    let page = i * slicePages + j
+                    let value = UnsafePointer<UInt64>(bitPattern: memory.address(ofPage: page))!.pointee
+                    if value != s.passes + (UInt64(j) < s.position ? 1 : 0) { bad.append(page) }
+                }
+            }
+        }
+        return (counterSum == touchSum && bad.isEmpty, memory.pageCount, counterSum, touchSum, bad)
+    }
+
+    func extraCommand(_ name: String, arguments: [String: MonitorValue]) throws -> MonitorValue? {
+        guard name == "x-check-memory" else { return nil }
+        guard !runState().running else { throw MonitorError("x-check-memory needs a stopped guest: run 'stop' first") }
+        let c = checkMemory()
+        return .object([("ok", .bool(c.ok)), ("pages", .int(Int64(c.pages))),
+                        ("page-counter-sum", .int(Int64(bitPattern: c.counterSum))),
+                        ("vcpu-touch-sum", .int(Int64(bitPattern: c.touchSum))),
+                        ("bad-pages", .array(c.badPages.map { .int(Int64($0)) }))])
+    }
+
+    func extraInfo(_ topic: String) throws -> String? {
+        guard topic == "check-memory" else { return nil }
+        guard !runState().running else { throw MonitorError("info check-memory needs a stopped guest: run 'stop' first") }
+        let c = checkMemory()
+        return """
+        memory check: \(c.ok ? "ok" : "FAILED")
+        pages: \(c.pages)
+        page counter sum: \(c.counterSum)
+        vcpu touch sum: \(c.touchSum)
+        bad pages: \(c.badPages.map(String.init).joined(separator: ","))
+        """
+    }
+}
