@@ -1,0 +1,97 @@
+import Foundation
+import Glibc
+import Postcopy
+
+/// A real `postcopy host` process for integration tests, with its QMP socket and serial file.
+final class TestHost {
+    let process = Process()
+    let directory: String
+    let role: String
+    let qmpPath: String
+    let hmpPath: String
+    let serialPath: String
+    let logPath: String
+    private(set) var qmp: QMPClient!
+
+    /// The `postcopy` executable SwiftPM built beside this test bundle.
+    static var executable: String {
+        let me = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
+        return me.deletingLastPathComponent().appendingPathComponent("postcopy").path
+    }
+
+    init(directory: String, role: String, memory: String = "256M", vcpus: Int = 1, workload: String = "linear",
+         incoming: String? = nil, extra: [String] = []) throws {
+        self.directory = directory
+        self.role = role
+        qmpPath = "\(directory)/\(role).qmp"
+        hmpPath = "\(directory)/\(role).hmp"
+        serialPath = "\(directory)/\(role).serial"
+        logPath = "\(directory)/\(role).log"
+        FileManager.default.createFile(atPath: serialPath, contents: nil)
+        FileManager.default.createFile(atPath: logPath, contents: nil)
+        process.executableURL = URL(fileURLWithPath: Self.executable)
+        var arguments = ["host", "--memory", memory, "--vcpus", String(vcpus), "--workload", workload,
+                         "--qmp", qmpPath, "--monitor", hmpPath, "--serial", serialPath]
+        if let incoming { arguments += ["--incoming", incoming] }
+        process.arguments = arguments + extra
+        process.standardError = FileHandle(forWritingAtPath: logPath)
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        qmp = try QMPClient(path: qmpPath)
+    }
+
+    deinit { terminate() }
+
+    var passes: Int {
+        (try? Data(contentsOf: URL(fileURLWithPath: serialPath)))?.count(where: { $0 == UInt8(ascii: "B") }) ?? 0
+    }
+
+    var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
+
+    func waitForPasses(_ n: Int, timeout: Double = 60) throws {
+        let start = Date()
+        while passes < n {
+            if Date().timeIntervalSince(start) > timeout { throw MonitorError("\(role) made \(passes) passes in \(timeout) s, wanted \(n)") }
+            usleep(20_000)
+        }
+    }
+
+    func query() throws -> MonitorValue { try qmp.execute("query-migrate") }
+
+    /// Polls query-migrate until the status is final; returns the last answer.
+    func waitForMigration(timeout: Double = 90) throws -> MonitorValue {
+        let start = Date()
+        while true {
+            let info = try query()
+            if let s = info["status"]?.stringValue, ["completed", "failed", "cancelled"].contains(s) { return info }
+            if Date().timeIntervalSince(start) > timeout { return info }
+            usleep(20_000)
+        }
+    }
+
+    func terminate() {
+        if process.isRunning {
+            process.terminate()
+            process.waitUntilExit()
+        }
+    }
+}
+
+/// A temporary directory and a free port for one test.
+struct TestBed {
+    let directory: String
+    let port: Int
+
+    init() throws {
+        directory = FileManager.default.temporaryDirectory.appendingPathComponent("postcopy-test-\(UUID().uuidString.prefix(8))").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let listener = try Listener(endpoint: Endpoint(host: "127.0.0.1", port: 0))
+        port = Int(listener.endpoint.port)
+    }
+
+    var uri: String { "tcp:127.0.0.1:\(port)" }
+}
+
+extension MonitorValue {
+    var int: Int64 { intValue ?? -1 }
+}
