@@ -194,8 +194,9 @@ public final class IncomingMigration: @unchecked Sendable {
                         s.status = "postcopy-active"
                         s.runningNs = monotonicNanoseconds()
                     }
-                    hooks?.resumeVCPUs()
+                    // Told before the vCPUs start, so it precedes their first request.
                     try channel.write(FrameHeader(.running))
+                    hooks?.resumeVCPUs()
                 case .complete:
                     break   // completion is counted in pages received, whichever channel brought them
                 case .error:
