@@ -71,11 +71,14 @@ public final class BlocktimeTracker: @unchecked Sendable {
             cpc_atomic_store_u64(otherPage + slot, UInt64(page))
             return
         }
-        faultStart[v] = now
         allBlocked.lock()
+        // A vCPU woken without its page (a signal, a spurious wake) faults again: same wait, counted once.
+        if cpc_atomic_load_u64(waitingPage + v) == Self.none {
+            faultStart[v] = now
+            blockedCount += 1
+            if blockedCount == vcpuCount { allBlockedSince = now }
+        }
         cpc_atomic_store_u64(waitingPage + v, UInt64(page))
-        blockedCount += 1
-        if blockedCount == vcpuCount { allBlockedSince = now }
         allBlocked.unlock()
     }
 

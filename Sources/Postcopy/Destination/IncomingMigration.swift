@@ -120,6 +120,7 @@ public final class IncomingMigration: @unchecked Sendable {
         state.update { s in
             s.status = "active"
             s.startNs = monotonicNanoseconds()
+            s.endNs = nil
             s.error = nil
             s.uffd = uffd
             s.main = main
