@@ -18,6 +18,7 @@ public final class IncomingMigration: @unchecked Sendable {
     private let received: AtomicBitmap
     private let requested: AtomicBitmap
     private let receivedPages = AtomicCounter()
+    private let receivedZeroPages = AtomicCounter()
     private let requestsSent = AtomicCounter()
     private let receivedBytes = AtomicCounter()
     private let finished = AtomicCounter()
@@ -178,7 +179,7 @@ public final class IncomingMigration: @unchecked Sendable {
                             try uffd.zeroRun(at: address, length: count * pageSize, pageSize: pageSize)
                         }
                     }
-                    markReceived(firstPage, count)
+                    markReceived(firstPage, count, zero: header.kind == .zeroPages)
                 case .deviceState:
                     guard isMain else { throw ProtocolError.unexpectedFrame(.deviceState, while: "reading the urgent channel") }
                     let length = Int(header.count)
@@ -220,10 +221,11 @@ public final class IncomingMigration: @unchecked Sendable {
     }
 
     @inline(__always)
-    private func markReceived(_ first: Int, _ count: Int) {
+    private func markReceived(_ first: Int, _ count: Int, zero: Bool) {
         var newly: UInt64 = 0
         for p in first..<(first + count) where received.testAndSet(p) { newly += 1 }
         blocktime.pagesArrived(first: first, count: count, now: monotonicNanoseconds())
+        if zero { receivedZeroPages.add(newly) }
         if newly > 0, receivedPages.fetchAdd(newly) + newly == UInt64(memory.pageCount) {
             finish()
         }
@@ -309,7 +311,18 @@ public final class IncomingMigration: @unchecked Sendable {
         ram.total = UInt64(memory.size)
         ram.remaining = UInt64(memory.pageCount - Int(receivedPages.value)) * UInt64(memory.pageSize)
         ram.pageSize = UInt64(memory.pageSize)
+        ram.duplicate = receivedZeroPages.value
+        ram.normal = receivedPages.value - ram.duplicate
+        ram.normalBytes = ram.normal * UInt64(memory.pageSize)
         ram.postcopyRequests = requestsSent.value
+        ram.postcopyBytes = ram.transferred
+        if let running = s.runningNs {
+            let seconds = Double((s.endNs ?? now) - running) / 1e9
+            if seconds > 0 {
+                ram.mbps = Double(ram.transferred) * 8 / seconds / 1e6
+                ram.pagesPerSecond = UInt64(Double(receivedPages.value) / seconds)
+            }
+        }
         info.ram = ram
         info.errorDescription = s.error
         return info
