@@ -22,6 +22,12 @@ public final class IncomingMigration: @unchecked Sendable {
     private let requestsSent = AtomicCounter()
     private let receivedBytes = AtomicCounter()
     private let finished = AtomicCounter()
+    /// 1 once the vCPUs run here (postcopy, or the end of a precopy that converged).
+    private let running = AtomicCounter()
+    private let discardedPages = AtomicCounter()
+    /// Set while a failed session is torn down; the fault thread leaves when it sees it.
+    private let sessionEnded = AtomicCounter()
+    private let faultThreads = Guarded(0)
     private let state = Guarded(DestinationState())
     /// An eventfd that wakes the fault thread when the migration ends.
     private let stopFaults = eventfd(0, Int32(EFD_CLOEXEC))
@@ -90,8 +96,40 @@ public final class IncomingMigration: @unchecked Sendable {
                 continue
             }
             receive(on: channel, isMain: true)
-            return
+            guard finished.value == 0, running.value == 0 else { return }
+            // Failed or cancelled before the switchover: the source still runs the guest.
+            // Drop everything that came and wait for the next attempt.
+            reset()
         }
+    }
+
+    /// Back to the state before any migration: nothing registered, every page missing.
+    private func reset() {
+        let (main, urgent) = state.read { ($0.main, $0.urgent) }
+        main?.shutdown()
+        urgent?.shutdown()
+        sessionEnded.store(1)
+        var one: UInt64 = 1
+        _ = Glibc.write(stopFaults, &one, 8)
+        faultThreads.wait { $0 == 0 }
+        var drain: UInt64 = 0
+        _ = Glibc.read(stopFaults, &drain, 8)
+        sessionEnded.store(0)
+        let uffd = state.update { s -> UserfaultFD? in
+            defer { s.uffd = nil; s.main = nil; s.urgent = nil }
+            return s.uffd
+        }
+        try? uffd?.unregister(address: memory.base, length: memory.size)
+        try? memory.discard(offset: 0, length: memory.size)
+        for p in 0..<memory.pageCount {
+            _ = received.testAndClear(p)
+            _ = requested.testAndClear(p)
+        }
+        receivedPages.store(0)
+        receivedZeroPages.store(0)
+        receivedBytes.store(0)
+        requestsSent.store(0)
+        discardedPages.store(0)
     }
 
     private func readHandshake(_ channel: Channel) throws -> Handshake {
@@ -127,7 +165,11 @@ public final class IncomingMigration: @unchecked Sendable {
             s.main = main
             s.urgent = urgent
         }
-        startThread("mig-faults") { [self] in faultLoop(uffd, returnPath: main, stop: stop) }
+        faultThreads.update { $0 += 1 }
+        startThread("mig-faults") { [self] in
+            faultLoop(uffd, returnPath: main, stop: stop)
+            faultThreads.update { $0 -= 1 }
+        }
         if let urgent {
             startThread("mig-urgent") { [self] in receive(on: urgent, isMain: false) }
         }
@@ -165,21 +207,31 @@ public final class IncomingMigration: @unchecked Sendable {
                     }
                     let firstPage = Int(first)
                     let address = memory.address(ofPage: firstPage)
-                    if header.kind == .pages {
+                    let zero = header.kind == .zeroPages
+                    if !zero {
                         let bytes = count * pageSize
                         guard bytes <= maxFrameBytes else { throw ProtocolError.oversized(.pages, bytes: UInt64(bytes), limit: maxFrameBytes) }
                         try channel.read(into: buffer, exactly: bytes, what: "a page frame")
                         receivedBytes.add(UInt64(bytes + FrameHeader.size))
-                        if !allReceived(firstPage, count) {
-                            _ = try uffd.copyRun(to: address, from: buffer, length: bytes, pageSize: pageSize)
-                        }
                     } else {
                         receivedBytes.add(UInt64(FrameHeader.size))
-                        if !allReceived(firstPage, count) {
-                            try uffd.zeroRun(at: address, length: count * pageSize, pageSize: pageSize)
-                        }
                     }
-                    markReceived(firstPage, count, zero: header.kind == .zeroPages)
+                    if finished.value != 0 { continue }
+                    if running.value == 0 {
+                        // Precopy: a page may come again with newer content; the vCPUs are not running here.
+                        try place(firstPage, count, from: zero ? nil : buffer, uffd: uffd, overwrite: true)
+                    } else if !allReceived(firstPage, count) {
+                        // Postcopy: the content is final; a page already here stays as it is.
+                        try place(firstPage, count, from: zero ? nil : buffer, uffd: uffd, overwrite: false)
+                    }
+                    markReceived(firstPage, count, zero: zero)
+                case .discard:
+                    guard isMain, running.value == 0 else { throw ProtocolError.unexpectedFrame(.discard, while: "in postcopy") }
+                    let first = header.argument, count = Int(header.count)
+                    guard count >= 1, first < UInt64(pageCount), first + UInt64(count) <= UInt64(pageCount) else {
+                        throw ProtocolError.pagesOutOfRange(first: first, count: header.count, pageCount: pageCount)
+                    }
+                    try discard(Int(first), count)
                 case .deviceState:
                     guard isMain else { throw ProtocolError.unexpectedFrame(.deviceState, while: "reading the urgent channel") }
                     let length = Int(header.count)
@@ -196,9 +248,12 @@ public final class IncomingMigration: @unchecked Sendable {
                         s.status = "postcopy-active"
                         s.runningNs = monotonicNanoseconds()
                     }
+                    running.store(1)
                     // Told before the vCPUs start, so it precedes their first request.
                     try channel.write(FrameHeader(.running))
                     hooks?.resumeVCPUs()
+                    // After a precopy that converged, every page is here already.
+                    if receivedPages.value == UInt64(pageCount) { finish() }
                 case .complete:
                     break   // completion is counted in pages received, whichever channel brought them
                 case .error:
@@ -214,6 +269,44 @@ public final class IncomingMigration: @unchecked Sendable {
         }
     }
 
+    /// Places a run: with `overwrite`, pages already here get the new content by a plain copy
+    /// (only before the vCPUs run); missing ones go in with UFFDIO_COPY / UFFDIO_ZEROPAGE.
+    @inline(__always)
+    private func place(_ first: Int, _ count: Int, from buffer: UnsafeMutableRawPointer?, uffd: UserfaultFD, overwrite: Bool) throws {
+        let pageSize = memory.pageSize
+        var p = first
+        while p < first + count {
+            // A segment of pages that are all missing, or all present.
+            let present = received.contains(p)
+            var end = p + 1
+            while end < first + count, received.contains(end) == present { end += 1 }
+            let address = memory.address(ofPage: p)
+            let length = (end - p) * pageSize
+            let source = buffer.map { $0 + (p - first) * pageSize }
+            if present {
+                if overwrite {
+                    let target = UnsafeMutableRawPointer(bitPattern: address)!
+                    if let source { target.copyMemory(from: source, byteCount: length) } else { memset(target, 0, length) }
+                }
+            } else if let source {
+                _ = try uffd.copyRun(to: address, from: source, length: length, pageSize: pageSize)
+            } else {
+                try uffd.zeroRun(at: address, length: length, pageSize: pageSize)
+            }
+            p = end
+        }
+    }
+
+    /// Drops pages that went stale at the source after precopy sent them: they are missing
+    /// again, so a vCPU touching one faults and asks for the current content.
+    private func discard(_ first: Int, _ count: Int) throws {
+        var dropped: UInt64 = 0
+        for p in first..<(first + count) where received.testAndClear(p) { dropped += 1 }
+        _ = receivedPages.fetchAdd(0 &- dropped)
+        discardedPages.add(UInt64(count))
+        try memory.discard(offset: first * memory.pageSize, length: count * memory.pageSize)
+    }
+
     @inline(__always)
     private func allReceived(_ first: Int, _ count: Int) -> Bool {
         for p in first..<(first + count) where !received.contains(p) { return false }
@@ -226,7 +319,7 @@ public final class IncomingMigration: @unchecked Sendable {
         for p in first..<(first + count) where received.testAndSet(p) { newly += 1 }
         blocktime.pagesArrived(first: first, count: count, now: monotonicNanoseconds())
         if zero { receivedZeroPages.add(newly) }
-        if newly > 0, receivedPages.fetchAdd(newly) + newly == UInt64(memory.pageCount) {
+        if newly > 0, receivedPages.fetchAdd(newly) + newly == UInt64(memory.pageCount), running.value != 0 {
             finish()
         }
     }
@@ -241,7 +334,7 @@ public final class IncomingMigration: @unchecked Sendable {
         let scratch = UnsafeMutableBufferPointer<uffd_msg>.allocate(capacity: batch)
         defer { events.deallocate(); scratch.deallocate() }
         do {
-            while finished.value == 0 {
+            while finished.value == 0, sessionEnded.value == 0 {
                 guard try uffd.waitReadable(timeoutMilliseconds: 200, wakeFD: stop) else { continue }
                 let n = try uffd.readFaults(into: events, scratch: scratch)
                 let now = monotonicNanoseconds()

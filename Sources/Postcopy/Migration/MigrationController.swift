@@ -66,9 +66,6 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
         let migration: OutgoingMigration = try lock.withLock {
             guard !isMigrating else { throw MonitorError("There's a migration process in progress") }
             guard incoming == nil else { throw MonitorError("this host is a migration destination (-incoming)") }
-            guard settings.postcopyRAM else {
-                throw MonitorError("precopy migration is not available yet: enable postcopy-ram (migrate_set_capability postcopy-ram on), then migrate and migrate_start_postcopy")
-            }
             let m = OutgoingMigration(memory: memory, settings: settings, endpoint: endpoint, hooks: host)
             outgoing = m
             return m

@@ -1,3 +1,4 @@
+import CPostcopy
 import Glibc
 
 /// A QMP client over a unix socket: reads the greeting, negotiates capabilities, then runs

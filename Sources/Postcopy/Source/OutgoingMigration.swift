@@ -1,32 +1,39 @@
 import CPostcopy
 import Glibc
 
-/// The source side of one migration: connects, handshakes, waits for the switch to postcopy,
-/// then pauses the vCPUs, sends the device state, and runs the background pusher and the
-/// request server until the destination has every page.
+/// The source side of one migration, as QEMU runs it: precopy passes stream memory while the
+/// vCPUs run (dirty tracking tells what to resend); then either the remainder is small enough
+/// to send within `downtime-limit` (pause, send it, done), or `migrate_start_postcopy` switches
+/// to postcopy: pause, discard what went stale at the destination, send the device state, and
+/// let the background pusher and the request server deliver the rest while the guest runs there.
 ///
-/// Threads: `control` (connect, handshake, switchover), `pusher` (background stream on the
-/// main channel), `requests` (reads the return path, answers on the urgent channel).
+/// Threads: `control` (connect, precopy, switchover, then the pusher), `requests` (reads the
+/// return path and answers page requests on the urgent channel).
 public final class OutgoingMigration: @unchecked Sendable {
     public let memory: GuestMemory
     public let settings: MigrationSettings
     public let endpoint: Endpoint
     private weak var hooks: (any SourceHooks)?
 
-    private let state = Guarded(SourceState())
-    private let sent: AtomicBitmap
-    private let sentPages = AtomicCounter()
-    private let normalPages = AtomicCounter()
-    private let zeroPages = AtomicCounter()
-    private let requests = AtomicCounter()
-    private let deviceStateBytes = AtomicCounter()
-    private let postcopyBytesStart = AtomicCounter()
+    let state = Guarded(SourceState())
+    /// Pages whose current content the destination lacks. Claimed (cleared) by whoever sends them.
+    let pending: AtomicBitmap
+    /// Pages sent at least once: a pending one of these is stale at the destination.
+    let sentOnce: AtomicBitmap
+    let normalPages = AtomicCounter()
+    let zeroPages = AtomicCounter()
+    let requests = AtomicCounter()
+    let deviceStateBytes = AtomicCounter()
+    /// Bytes written when precopy ended and when postcopy began (0 until then).
+    let precopyEndBytes = AtomicCounter()
+    let postcopyStartBytes = AtomicCounter()
+    /// Set by migrate_start_postcopy or cancel: the precopy loop checks it between frames.
+    let interrupt = AtomicCounter()
     /// Where the pusher continues: set by the request server to just after a requested page.
-    private let pushCursor = AtomicCounter()
-    private let jumpTo = AtomicCounter(UInt64.max)
+    let jumpTo = AtomicCounter(UInt64.max)
 
-    private var main: Channel?
-    private var urgent: Channel?
+    var main: Channel?
+    var urgent: Channel?
 
     struct SourceState {
         var status = "setup"
@@ -38,6 +45,10 @@ public final class OutgoingMigration: @unchecked Sendable {
         var error: String?
         var postcopyRequested = false
         var vcpusPaused = false
+        var dirtySyncCount: UInt64 = 0
+        var dirtyPagesRate: UInt64 = 0
+        var expectedDowntimeMs: UInt64?
+        var dirtyTracking: DirtyTrackingMethod?
     }
 
     public init(memory: GuestMemory, settings: MigrationSettings, endpoint: Endpoint, hooks: any SourceHooks) {
@@ -45,7 +56,9 @@ public final class OutgoingMigration: @unchecked Sendable {
         self.settings = settings
         self.endpoint = endpoint
         self.hooks = hooks
-        sent = AtomicBitmap(count: memory.pageCount)
+        pending = AtomicBitmap(count: memory.pageCount)
+        pending.setAll()
+        sentOnce = AtomicBitmap(count: memory.pageCount)
     }
 
     // MARK: control
@@ -71,10 +84,11 @@ public final class OutgoingMigration: @unchecked Sendable {
             }
             s.postcopyRequested = true
         }
+        interrupt.store(1)
     }
 
-    /// Cancels before the switchover (the source keeps running); after it, the guest's state is
-    /// split between the hosts, so cancelling is refused.
+    /// Cancels before the switchover: the source keeps running, the destination drops what it got.
+    /// After the switch the guest's state is split between the hosts, so cancelling is refused.
     public func cancel() throws {
         let wasPaused: Bool = try state.update { s in
             if ["completed", "failed", "cancelled"].contains(s.status) { return false }
@@ -85,6 +99,7 @@ public final class OutgoingMigration: @unchecked Sendable {
             s.endNs = monotonicNanoseconds()
             return s.vcpusPaused
         }
+        interrupt.store(1)
         main?.shutdown()
         urgent?.shutdown()
         if wasPaused { hooks?.resumeVCPUs() }
@@ -121,126 +136,121 @@ public final class OutgoingMigration: @unchecked Sendable {
             try send(hello, on: urgent)
             self.urgent = urgent
         }
+        // Track writes from before the first page is read, so none is missed.
+        let tracker = try DirtyTracker(memory: memory)
         try state.update { s in
             if s.status == "cancelled" { throw MigrationCancelled() }
             s.setupNs = monotonicNanoseconds()
             s.status = "active"
+            s.dirtySyncCount = 1
+            s.dirtyTracking = tracker.method
         }
         startThread("mig-requests") { [self] in serveReturnPath(main) }
 
-        guard settings.postcopyRAM else {
-            throw MonitorError("precopy migration is not available yet: enable postcopy-ram (migrate_set_capability postcopy-ram on) and start postcopy with migrate_start_postcopy")
+        let converged = try precopy(main, tracker: tracker)
+        if state.read({ $0.status == "cancelled" }) { return }
+        if converged {
+            try completeInPrecopy(main, tracker: tracker)
+        } else {
+            try switchToPostcopy(main, tracker: tracker)
+            push(main)
         }
-        // No page moves before the switch: a running source vCPU could still change it.
-        state.wait { $0.postcopyRequested || $0.status != "active" }
-        guard state.read({ $0.status == "active" }) else { return }
-        try switchover(main)
-        push(main)
     }
 
-    private func send(_ hello: Handshake, on channel: Channel) throws {
+    func send(_ hello: Handshake, on channel: Channel) throws {
         var bytes = [UInt8](repeating: 0, count: Handshake.size)
         bytes.withUnsafeMutableBytes { hello.encode(into: $0.baseAddress!) }
         try bytes.withUnsafeBytes { try channel.writeRaw($0.baseAddress!, length: Handshake.size) }
     }
 
-    private func readMessage(_ header: FrameHeader, from channel: Channel, scratch: UnsafeMutableRawPointer) throws -> String {
+    func readMessage(_ header: FrameHeader, from channel: Channel, scratch: UnsafeMutableRawPointer) throws -> String {
         let length = min(Int(header.count), 4096)
         try channel.read(into: scratch, exactly: length, what: "an error message")
         return String(decoding: UnsafeRawBufferPointer(start: scratch, count: length), as: UTF8.self)
     }
 
-    /// Pauses the vCPUs, sends the device state and the order to run.
-    private func switchover(_ main: Channel) throws {
-        guard let hooks else { throw MonitorError("the host went away") }
-        hooks.pauseVCPUs()
-        state.update { s in
-            s.pausedNs = monotonicNanoseconds()
-            s.vcpusPaused = true
-        }
-        let device = hooks.saveDeviceState()
-        try device.withUnsafeBytes { raw in
-            try main.write(FrameHeader(.deviceState, count: UInt32(raw.count)), payload: raw.baseAddress, length: raw.count)
-        }
-        deviceStateBytes.store(UInt64(device.count) + UInt64(FrameHeader.size))
-        try main.write(FrameHeader(.run))
-        postcopyBytesStart.store(main.bytesWritten.value)
-        state.update { s in
-            if s.status == "active" { s.status = "postcopy-active" }
-        }
-    }
+    // MARK: sending pages
 
-    // MARK: background pusher
-
-    /// Streams every page not sent yet, from the cursor onwards, in runs of up to
-    /// `x-pages-per-frame` pages; zero pages go as zero frames. Jumps to just after each
-    /// requested page (spatial locality: the vCPU will likely want the next ones soon).
-    private func push(_ main: Channel) {
-        let pageSize = memory.pageSize
+    /// Claims and sends the run of pending pages starting at `first` (same kind: data or zero),
+    /// up to `maxRun` data pages or 1024 zero pages. Returns the page after the run and the bytes sent.
+    @inline(__always)
+    func sendRun(from first: Int, maxRun: Int, on channel: Channel) throws -> (next: Int, bytes: Int) {
         let pageCount = memory.pageCount
-        let maxRun = Int(settings.xPagesPerFrame)
-        let maxZeroRun = 1024
-        var cursor = 0
-        let bandwidth = settings.maxPostcopyBandwidth
-        let pushStart = monotonicNanoseconds()
-        var pushedBytes: UInt64 = 0
-        do {
-            while state.read({ $0.status == "postcopy-active" }) || status == "postcopy-active" {
-                let jump = jumpTo.value
-                if jump != UInt64.max, jumpTo.compareExchange(expected: jump, desired: UInt64.max) {
-                    cursor = Int(jump) % pageCount
-                }
-                guard let first = sent.firstClear(from: cursor) else { break }
-                // Claim a run of contiguous unsent pages of the same kind (data or zero).
-                let firstIsZero = isZero(page: first)
-                var end = first
-                let limit = min(pageCount, first + (firstIsZero ? maxZeroRun : maxRun))
-                while end < limit, !sent.contains(end), isZero(page: end) == firstIsZero, sent.testAndSet(end) {
-                    end += 1
-                }
-                cursor = end % pageCount
-                let count = end - first
-                if count == 0 { continue }
-                if firstIsZero {
-                    try main.write(FrameHeader(.zeroPages, count: UInt32(count), argument: UInt64(first)))
-                    zeroPages.add(UInt64(count))
-                } else {
-                    try main.write(FrameHeader(.pages, count: UInt32(count), argument: UInt64(first)),
-                                   payload: UnsafeRawPointer(bitPattern: memory.address(ofPage: first)), length: count * pageSize)
-                    normalPages.add(UInt64(count))
-                    pushedBytes += UInt64(count * pageSize)
-                }
-                sentPages.add(UInt64(count))
-                if bandwidth > 0 { throttle(bytes: pushedBytes, since: pushStart, bandwidth: bandwidth) }
-            }
-            if status == "postcopy-active" {
-                try main.write(FrameHeader(.complete, argument: sentPages.value))
-            }
-        } catch {
-            fail(error)
+        guard pending.testAndClear(first) else { return (first + 1, 0) }
+        let zero = isZero(page: first)
+        var end = first + 1
+        let limit = min(pageCount, first + (zero ? 1024 : maxRun))
+        while end < limit, pending.contains(end), isZero(page: end) == zero, pending.testAndClear(end) {
+            end += 1
         }
+        let count = end - first
+        for p in first..<end { _ = sentOnce.testAndSet(p) }
+        if zero {
+            try channel.write(FrameHeader(.zeroPages, count: UInt32(count), argument: UInt64(first)))
+            zeroPages.add(UInt64(count))
+            return (end, FrameHeader.size)
+        }
+        let bytes = count * memory.pageSize
+        try channel.write(FrameHeader(.pages, count: UInt32(count), argument: UInt64(first)),
+                          payload: UnsafeRawPointer(bitPattern: memory.address(ofPage: first)), length: bytes)
+        normalPages.add(UInt64(count))
+        return (end, bytes + FrameHeader.size)
     }
 
     @inline(__always)
-    private func isZero(page: Int) -> Bool {
+    func isZero(page: Int) -> Bool {
         let words = memory.pageSize / 8
         let p = UnsafePointer<UInt64>(bitPattern: memory.address(ofPage: page))!
         // Most data pages differ from zero in their first word: check it before the rest.
         if p[0] != 0 { return false }
         var acc: UInt64 = 0
         var i = 1
-        while i < words {
+        while i + 7 <= words {
             acc |= p[i] | p[i + 1] | p[i + 2] | p[i + 3] | p[i + 4] | p[i + 5] | p[i + 6]
             if acc != 0 { return false }
             i += 7
         }
+        while i < words { acc |= p[i]; i += 1 }
         return acc == 0
     }
 
-    private func throttle(bytes: UInt64, since start: UInt64, bandwidth: Int64) {
-        let due = start + bytes * 1_000_000_000 / UInt64(bandwidth)
+    /// Sleeps as needed to keep `bytes` sent since `start` under `bandwidth` bytes per second.
+    func throttle(bytes: Int, since start: UInt64, bandwidth: Int64) {
+        guard bandwidth > 0 else { return }
+        let due = start + UInt64(bytes) * 1_000_000_000 / UInt64(bandwidth)
         let now = monotonicNanoseconds()
         if due > now { usleep(UInt32(min((due - now) / 1000, 1_000_000))) }
+    }
+
+    // MARK: background pusher (postcopy)
+
+    /// Streams every page still pending, from the cursor onwards, in runs of up to
+    /// `x-pages-per-frame` pages. Jumps to just after each requested page (spatial locality:
+    /// the vCPU will likely want the next ones soon).
+    private func push(_ main: Channel) {
+        let pageCount = memory.pageCount
+        let maxRun = Int(settings.xPagesPerFrame)
+        var cursor = 0
+        let start = monotonicNanoseconds()
+        var pushed = 0
+        do {
+            while interrupt.value == 0 {
+                let jump = jumpTo.value
+                if jump != UInt64.max, jumpTo.compareExchange(expected: jump, desired: UInt64.max) {
+                    cursor = Int(jump) % pageCount
+                }
+                guard let first = pending.firstSet(from: cursor) else { break }
+                let (next, bytes) = try sendRun(from: first, maxRun: maxRun, on: main)
+                cursor = next % pageCount
+                pushed += bytes
+                throttle(bytes: pushed, since: start, bandwidth: settings.maxPostcopyBandwidth)
+            }
+            if interrupt.value == 0 {
+                try main.write(FrameHeader(.complete, argument: UInt64(pageCount)))
+            }
+        } catch {
+            fail(error)
+        }
     }
 
     // MARK: request server
@@ -264,13 +274,12 @@ public final class OutgoingMigration: @unchecked Sendable {
                         throw ProtocolError.unexpectedFrame(.request, while: "not in postcopy")
                     }
                     requests.add(1)
-                    // Always answer: the page may be queued behind the background stream.
+                    // Always answer, even a page the pusher has claimed: it may be queued behind the stream.
                     let channel = urgent ?? main
                     let firstPage = Int(first)
                     try channel.write(FrameHeader(.pages, count: UInt32(count), argument: first),
                                       payload: UnsafeRawPointer(bitPattern: memory.address(ofPage: firstPage)), length: Int(count) * pageSize)
-                    for p in firstPage..<(firstPage + Int(count)) where sent.testAndSet(p) {
-                        sentPages.add(1)
+                    for p in firstPage..<(firstPage + Int(count)) where pending.testAndClear(p) {
                         normalPages.add(1)
                     }
                     jumpTo.store(first + count)
@@ -280,7 +289,7 @@ public final class OutgoingMigration: @unchecked Sendable {
                     }
                 case .done:
                     state.update { s in
-                        if s.status == "postcopy-active" {
+                        if ["postcopy-active", "device"].contains(s.status) {
                             s.status = "completed"
                             s.endNs = monotonicNanoseconds()
                         }
@@ -299,7 +308,7 @@ public final class OutgoingMigration: @unchecked Sendable {
         }
     }
 
-    private func fail(_ error: any Error) {
+    func fail(_ error: any Error) {
         if error is MigrationCancelled { return }
         let resume: Bool = state.update { s in
             guard !["completed", "failed", "cancelled"].contains(s.status) else { return false }
@@ -310,44 +319,29 @@ public final class OutgoingMigration: @unchecked Sendable {
             // Before the switchover the source still owns the guest: it keeps running.
             return s.vcpusPaused && !wasPostcopy
         }
+        interrupt.store(1)
         main?.shutdown()
         urgent?.shutdown()
         if resume { hooks?.resumeVCPUs() }
     }
 
-    // MARK: stats
-
-    public func info() -> MigrationInfo {
-        let s = state.read { $0 }
-        let now = s.endNs ?? monotonicNanoseconds()
-        var info = MigrationInfo()
-        info.status = s.status
-        info.totalTimeMs = (now - s.startNs) / 1_000_000
-        info.setupTimeMs = s.setupNs.map { ($0 - s.startNs) / 1_000_000 } ?? 0
-        if let d = s.downtimeNs { info.downtimeMs = d / 1_000_000 } else if s.status != "completed" { info.expectedDowntimeMs = UInt64(settings.downtimeLimitMs) }
-        var ram = MigrationInfo.RAM()
-        let transferred = (main?.bytesWritten.value ?? 0) + (urgent?.bytesWritten.value ?? 0)
-        ram.transferred = transferred
-        ram.total = UInt64(memory.size)
-        ram.remaining = UInt64(memory.pageCount - Int(sentPages.value)) * UInt64(memory.pageSize)
-        ram.duplicate = zeroPages.value
-        ram.normal = normalPages.value
-        ram.normalBytes = normalPages.value * UInt64(memory.pageSize)
-        ram.pageSize = UInt64(memory.pageSize)
-        ram.postcopyRequests = requests.value
-        ram.downtimeBytes = deviceStateBytes.value
-        let postStart = postcopyBytesStart.value
-        ram.postcopyBytes = postStart == 0 ? 0 : transferred - postStart
-        ram.precopyBytes = postStart == 0 ? transferred : postStart - deviceStateBytes.value
-        ram.dirtySyncCount = s.pausedNs == nil ? 0 : 1
-        let elapsed = Double(now - (s.setupNs ?? s.startNs)) / 1e9
-        if elapsed > 0 {
-            ram.mbps = Double(transferred) * 8 / elapsed / 1e6
-            ram.pagesPerSecond = UInt64(Double(sentPages.value) / elapsed)
+    func pauseVCPUs() throws {
+        guard let hooks else { throw MonitorError("the host went away") }
+        hooks.pauseVCPUs()
+        state.update { s in
+            s.pausedNs = monotonicNanoseconds()
+            s.vcpusPaused = true
         }
-        info.ram = ram
-        info.errorDescription = s.error
-        return info
+    }
+
+    func sendDeviceStateAndRun(_ main: Channel) throws {
+        guard let hooks else { throw MonitorError("the host went away") }
+        let device = hooks.saveDeviceState()
+        try device.withUnsafeBytes { raw in
+            try main.write(FrameHeader(.deviceState, count: UInt32(raw.count)), payload: raw.baseAddress, length: raw.count)
+        }
+        deviceStateBytes.store(UInt64(device.count + FrameHeader.size))
+        try main.write(FrameHeader(.run))
     }
 }
 

@@ -16,6 +16,8 @@ public struct MigrationInfo: Sendable, Equatable {
     public var postcopyVcpuBlocktimeMs: [UInt64]?
     /// Destination only: fault latency (µs), QEMU 10.1's fields and beyond.
     public var latency: FaultLatency?
+    /// Source only: how dirty pages are found ("pagemap-scan" or "soft-dirty").
+    public var dirtyTracking: String?
     /// Why the migration failed, when status is "failed".
     public var errorDescription: String?
 

@@ -32,22 +32,42 @@ public final class AtomicBitmap: @unchecked Sendable {
         cpc_atomic_load_u64(words + (i >> 6)) & (UInt64(1) << UInt64(i & 63)) != 0
     }
 
+    /// Clears the bit; returns true when this call cleared it (it was set).
+    @inline(__always)
+    public func testAndClear(_ i: Int) -> Bool {
+        let mask = UInt64(1) << UInt64(i & 63)
+        return cpc_atomic_fetch_and_u64(words + (i >> 6), ~mask) & mask != 0
+    }
+
+    /// Sets every bit.
+    public func setAll() {
+        for w in 0..<wordCount { cpc_atomic_store_u64(words + w, ~0) }
+        let tail = count & 63
+        if tail != 0 { cpc_atomic_store_u64(words + wordCount - 1, (UInt64(1) << UInt64(tail)) - 1) }
+    }
+
     /// The first clear bit at or after `start` (wrapping around), or nil when every bit is set.
-    public func firstClear(from start: Int) -> Int? {
+    public func firstClear(from start: Int) -> Int? { first(from: start, set: false) }
+
+    /// The first set bit at or after `start` (wrapping around), or nil when no bit is set.
+    public func firstSet(from start: Int) -> Int? { first(from: start, set: true) }
+
+    @inline(__always)
+    private func first(from start: Int, set: Bool) -> Int? {
         if count == 0 { return nil }
-        var w = (start % count) >> 6
-        var first = true
-        var scanned = 0
-        while scanned <= wordCount {
-            var bits = ~cpc_atomic_load_u64(words + w)
-            if first { bits &= ~UInt64(0) << UInt64((start % count) & 63); first = false }
+        let start = start % count
+        var w = start >> 6
+        var mask = ~UInt64(0) << UInt64(start & 63)
+        for _ in 0...wordCount {
+            let word = cpc_atomic_load_u64(words + w)
+            let bits = (set ? word : ~word) & mask
             if bits != 0 {
                 let i = w << 6 + bits.trailingZeroBitCount
                 if i < count { return i }
             }
+            mask = ~0
             w += 1
             if w == wordCount { w = 0 }
-            scanned += 1
         }
         return nil
     }

@@ -42,7 +42,7 @@ public final class Channel: @unchecked Sendable {
         while done < count {
             let n = recv(descriptor, buffer + done, count - done, Int32(MSG_WAITALL))
             if n > 0 { done += n; continue }
-            if n == 0 { throw ProtocolError.truncated(what()) }
+            if n == 0 { throw done == 0 && count == FrameHeader.size ? ProtocolError.closed : ProtocolError.truncated(what()) }
             if errno == EINTR { continue }
             throw SystemError("recv(\(what()))")
         }

@@ -8,6 +8,7 @@ public enum FrameKind: UInt8, Sendable {
     case deviceState = 4    // count: payload bytes
     case run = 5            // start the vCPUs on the destination
     case complete = 6       // argument: pages the source has sent in all
+    case discard = 7        // argument: first page; count: pages the destination must drop (sent, then dirtied)
     // destination -> source, return path (the main channel's other direction)
     case helloAck = 16      // the handshake is accepted
     case request = 17       // argument: first page; count: pages
@@ -60,6 +61,7 @@ public enum ProtocolError: Error, Equatable, CustomStringConvertible, Sendable {
     case pagesOutOfRange(first: UInt64, count: UInt32, pageCount: Int)
     case oversized(FrameKind, bytes: UInt64, limit: Int)
     case truncated(String)
+    case closed
     case peer(String)
 
     public var description: String {
@@ -82,6 +84,8 @@ public enum ProtocolError: Error, Equatable, CustomStringConvertible, Sendable {
             "\(k) frame of \(bytes) bytes exceeds the limit of \(limit) bytes"
         case let .truncated(what):
             "the stream ended in the middle of \(what)"
+        case .closed:
+            "the peer closed the connection before the migration completed"
         case let .peer(message):
             "the peer reported: \(message)"
         }

@@ -1,0 +1,159 @@
+import CPostcopy
+import Glibc
+
+/// How the source learns which guest pages its vCPUs wrote since the last look.
+public enum DirtyTrackingMethod: String, Sendable {
+    /// userfaultfd write-protect in async mode + the PAGEMAP_SCAN ioctl (Linux 6.7): one call
+    /// returns the written pages and protects them again.
+    case pagemapScan = "pagemap-scan"
+    /// The soft-dirty bit: /proc/self/clear_refs + pagemap bit 55 (needs CONFIG_MEM_SOFT_DIRTY).
+    case softDirty = "soft-dirty"
+}
+
+/// Tracks writes to a guest memory region in this process, with no hypervisor help.
+/// `sync` reports each written range once and starts tracking afresh.
+public final class DirtyTracker {
+    public let method: DirtyTrackingMethod
+    private let memory: GuestMemory
+    private let pagemap: Int32
+    private var uffd: UserfaultFD?
+    private let regions: UnsafeMutablePointer<page_region>
+    private static let regionCapacity = 4096
+
+    /// Starts tracking now: every page counts as clean until written. Picks PAGEMAP_SCAN where the
+    /// kernel has it, soft-dirty otherwise; `method` forces one (for tests and comparisons).
+    public init(memory: GuestMemory, method requested: DirtyTrackingMethod? = nil) throws {
+        self.memory = memory
+        pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
+        guard pagemap >= 0 else { throw SystemError("open /proc/self/pagemap") }
+        regions = .allocate(capacity: Self.regionCapacity)
+        let features = (try? UserfaultFD.probeFeatures()) ?? []
+        let canScan = features.contains([.wpAsync, .wpUnpopulated])
+        let method = requested ?? (canScan ? .pagemapScan : .softDirty)
+        self.method = method
+        switch method {
+        case .pagemapScan:
+            guard canScan else {
+                throw DirtyTrackingUnavailable(method: method, reason: "the kernel lacks UFFD_FEATURE_WP_ASYNC/WP_UNPOPULATED (Linux 6.7)")
+            }
+            let fd = try UserfaultFD(features: [.wpAsync, .wpUnpopulated])
+            try fd.register(address: memory.base, length: memory.size, mode: .writeProtect)
+            try fd.writeProtect(address: memory.base, length: memory.size, protect: true)
+            uffd = fd
+        case .softDirty:
+            guard Self.softDirtyWorks() else {
+                throw DirtyTrackingUnavailable(method: method, reason: "the kernel was built without CONFIG_MEM_SOFT_DIRTY")
+            }
+            try Self.clearSoftDirty()
+        }
+    }
+
+    deinit {
+        stop()
+        close(pagemap)
+        regions.deallocate()
+    }
+
+    /// Ends tracking (removes the write protection); later syncs report nothing.
+    public func stop() {
+        if let uffd {
+            try? uffd.unregister(address: memory.base, length: memory.size)
+            self.uffd = nil
+        }
+    }
+
+    /// Calls `body(firstPage, pageCount)` for every range written since the last sync (or since
+    /// tracking started) and re-arms tracking for those pages. Returns the number of dirty pages.
+    @discardableResult
+    public func sync(_ body: (Int, Int) -> Void) throws -> Int {
+        switch method {
+        case .pagemapScan: try syncPagemapScan(body)
+        case .softDirty: try syncSoftDirty(body)
+        }
+    }
+
+    private func syncPagemapScan(_ body: (Int, Int) -> Void) throws -> Int {
+        guard uffd != nil else { return 0 }
+        let end = UInt64(memory.base) + UInt64(memory.size)
+        var start = UInt64(memory.base)
+        var dirty = 0
+        while start < end {
+            var arg = pm_scan_arg()
+            arg.size = UInt64(MemoryLayout<pm_scan_arg>.size)
+            arg.flags = UInt64(PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC)
+            arg.start = start
+            arg.end = end
+            arg.vec = UInt64(UInt(bitPattern: regions))
+            arg.vec_len = UInt64(Self.regionCapacity)
+            arg.category_mask = UInt64(PAGE_IS_WRITTEN)
+            arg.return_mask = UInt64(PAGE_IS_WRITTEN)
+            let n = try syscallValue("ioctl(PAGEMAP_SCAN)") { cpc_pagemap_scan(pagemap, &arg) }
+            for i in 0..<Int(n) {
+                let first = Int((regions[i].start - UInt64(memory.base)) / UInt64(memory.pageSize))
+                let count = Int((regions[i].end - regions[i].start) / UInt64(memory.pageSize))
+                dirty += count
+                body(first, count)
+            }
+            if arg.walk_end <= start { break }
+            start = arg.walk_end
+        }
+        return dirty
+    }
+
+    private func syncSoftDirty(_ body: (Int, Int) -> Void) throws -> Int {
+        let pages = memory.pageCount
+        let chunk = 4096
+        var entries = [UInt64](repeating: 0, count: chunk)
+        var dirty = 0
+        var runStart = -1
+        var page = 0
+        while page < pages {
+            let n = min(chunk, pages - page)
+            let offset = off_t((memory.base / UInt(memory.pageSize) + UInt(page)) * 8)
+            let got = entries.withUnsafeMutableBytes { pread(pagemap, $0.baseAddress!, n * 8, offset) }
+            guard got == n * 8 else { throw SystemError("pread(/proc/self/pagemap)") }
+            for i in 0..<n {
+                let isDirty = entries[i] & (1 << 55) != 0
+                if isDirty {
+                    dirty += 1
+                    if runStart < 0 { runStart = page + i }
+                } else if runStart >= 0 {
+                    body(runStart, page + i - runStart)
+                    runStart = -1
+                }
+            }
+            page += n
+        }
+        if runStart >= 0 { body(runStart, pages - runStart) }
+        try Self.clearSoftDirty()
+        return dirty
+    }
+
+    private static func clearSoftDirty() throws {
+        let fd = open("/proc/self/clear_refs", O_WRONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw SystemError("open /proc/self/clear_refs") }
+        defer { close(fd) }
+        guard write(fd, "4", 1) == 1 else { throw SystemError("write /proc/self/clear_refs") }
+    }
+
+    /// Whether soft-dirty bits work here: clear them, write a page, look for bit 55.
+    public static func softDirtyWorks() -> Bool {
+        guard let page = mmap(nil, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), page != MAP_FAILED else { return false }
+        defer { munmap(page, 4096) }
+        page.storeBytes(of: 1, as: UInt8.self)
+        guard (try? clearSoftDirty()) != nil else { return false }
+        page.storeBytes(of: 2, as: UInt8.self)
+        let fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var entry: UInt64 = 0
+        let got = pread(fd, &entry, 8, off_t(UInt(bitPattern: page) / 4096 * 8))
+        return got == 8 && entry & (1 << 55) != 0
+    }
+}
+
+public struct DirtyTrackingUnavailable: Error, CustomStringConvertible {
+    public let method: DirtyTrackingMethod
+    public let reason: String
+    public var description: String { "dirty tracking with \(method.rawValue) is not available: \(reason)" }
+}
