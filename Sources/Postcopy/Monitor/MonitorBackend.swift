@@ -4,10 +4,14 @@
 public protocol MonitorBackend: AnyObject, Sendable {
     /// Capability names and states in QEMU's order (`info migrate_capabilities`).
     func capabilities() -> [(name: String, enabled: Bool)]
-    /// Throws `MonitorError.invalidParameter` for an unknown capability.
+    /// Throws a `MonitorError` to refuse the change. The monitors check `name` against
+    /// `capabilities()` before calling, so an unknown name never gets here.
     func setCapability(_ name: String, enabled: Bool) throws
     /// Parameter names and values as QMP integers/strings/bools (`query-migrate-parameters`).
     func parameters() -> [(name: String, value: MonitorValue)]
+    /// Throws a `MonitorError` to refuse the value. The monitors check `name` against
+    /// `parameters()` and give `value` the kind of the current value (HMP reads "100M" as an
+    /// integer for an integer parameter), so only range checks are left to the backend.
     func setParameter(_ name: String, value: MonitorValue) throws
 
     /// `migrate URI` (resume: `migrate -r` / `"resume": true` after a postcopy-paused).

@@ -38,14 +38,14 @@ struct DemoCommand: ParsableCommand {
         }
         for side in [source, destination] {
             for cap in ["postcopy-ram", "postcopy-blocktime"] {
-                _ = try side.qmp.human("migrate_set_capability \(cap) on")
+                _ = try side.qmp.run("migrate_set_capability \(cap) on")
             }
         }
         print("(src) migrate -d \(uri)")
-        try check(source.qmp.human("migrate -d \(uri)"))
+        try check(source.qmp.run("migrate -d \(uri)"))
         Thread.sleep(forTimeInterval: precopySeconds)
         print("(src) migrate_start_postcopy")
-        try check(source.qmp.human("migrate_start_postcopy"))
+        try check(source.qmp.run("migrate_start_postcopy"))
         var info = try source.qmp.execute("query-migrate")
         while let status = info["status"]?.stringValue, !["completed", "failed", "cancelled"].contains(status) {
             printProgress(info)
@@ -55,15 +55,15 @@ struct DemoCommand: ParsableCommand {
         printProgress(info)
         print("")
         print("\n== info migrate (source)")
-        print(try source.qmp.human("info migrate"))
+        print(try source.qmp.run("info migrate"))
         print("== info migrate (destination)")
-        print(try destination.qmp.human("info migrate"))
+        print(try destination.qmp.run("info migrate"))
         let passesBefore = destination.passes
         Thread.sleep(forTimeInterval: 1)
         print("destination workload passes in the second after completion: \(destination.passes - passesBefore)")
         _ = try destination.qmp.execute("stop")
         print("== info check-memory (destination)")
-        print(try destination.qmp.human("info check-memory"))
+        print(try destination.qmp.run("info check-memory"))
         guard info["status"]?.stringValue == "completed" else {
             throw ValidationError("migration \(info["status"]?.stringValue ?? "?"): \(info["error-desc"]?.stringValue ?? "no error given")")
         }

@@ -6,7 +6,7 @@ final class HostProcess {
     let process = Process()
     let qmpPath: String
     let serialPath: String
-    private(set) var qmp: QMPClient!
+    private(set) var qmp: MonitorClient!
 
     init(directory: String, role: String, memory: String, vcpus: Int, workload: String, incoming: String?) throws {
         qmpPath = "\(directory)/\(role).qmp"
@@ -22,7 +22,7 @@ final class HostProcess {
     }
 
     func connect() throws {
-        qmp = try QMPClient(path: qmpPath)
+        qmp = try MonitorClient.connect(path: qmpPath)
     }
 
     /// Workload passes reported on the serial file so far.

@@ -11,7 +11,7 @@ final class TestHost {
     let hmpPath: String
     let serialPath: String
     let logPath: String
-    private(set) var qmp: QMPClient!
+    private(set) var qmp: MonitorClient!
 
     /// The `postcopy` executable SwiftPM built beside this test bundle.
     static var executable: String {
@@ -37,7 +37,7 @@ final class TestHost {
         process.standardError = FileHandle(forWritingAtPath: logPath)
         process.standardOutput = FileHandle.nullDevice
         try process.run()
-        qmp = try QMPClient(path: qmpPath)
+        qmp = try MonitorClient.connect(path: qmpPath)
     }
 
     deinit { terminate() }

@@ -1,0 +1,83 @@
+import CPostcopy
+import Glibc
+
+/// One end of a connected unix stream socket carrying a monitor conversation, server or client
+/// side. It closes its descriptor when released.
+final class MonitorSocket: Sendable {
+    let descriptor: Int32
+
+    init(descriptor: Int32) {
+        self.descriptor = descriptor
+    }
+
+    /// Connects to a monitor listening at `path`.
+    convenience init(connectingTo path: String) throws {
+        let fd = try syscallValue("socket(AF_UNIX)") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
+        self.init(descriptor: fd)
+        var address = try Self.address(path)
+        _ = try syscallValue("connect \(path)") {
+            withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            }
+        }
+    }
+
+    deinit { close(descriptor) }
+
+    /// The address of a unix socket path; sun_path holds 107 bytes and a NUL.
+    static func address(_ path: String) throws -> sockaddr_un {
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        let capacity = MemoryLayout.size(ofValue: address.sun_path)
+        guard bytes.count < capacity else {
+            throw SystemError("monitor socket path \(path) is longer than \(capacity - 1) bytes; choose a shorter one", errno: ENAMETOOLONG)
+        }
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            raw.copyBytes(from: bytes)
+            raw[bytes.count] = 0
+        }
+        return address
+    }
+
+    /// Whatever has arrived, up to `limit` bytes; empty once the peer has closed.
+    func receive(limit: Int = 4096) throws -> [UInt8] {
+        try [UInt8](unsafeUninitializedCapacity: limit) { buffer, count in
+            count = try syscallValue("recv") { recv(descriptor, buffer.baseAddress, limit, 0) }
+        }
+    }
+
+    /// Sends all of `text`. MSG_NOSIGNAL: a peer that hung up is an error for this connection,
+    /// not a SIGPIPE that kills the host.
+    func send(_ text: String) throws {
+        var bytes = Array(text.utf8)[...]
+        while !bytes.isEmpty {
+            let sent = try bytes.withUnsafeBytes { raw in
+                try syscallValue("send") { Glibc.send(descriptor, raw.baseAddress, raw.count, Int32(MSG_NOSIGNAL)) }
+            }
+            bytes = bytes.dropFirst(sent)
+        }
+    }
+
+    /// Ends the conversation both ways: a thread blocked in `receive` on it returns empty.
+    func shutdown() {
+        _ = Glibc.shutdown(descriptor, Int32(SHUT_RDWR))
+    }
+
+    /// Whether the peer has hung up (or the socket was shut down), without consuming any input.
+    var peerHasHungUp: Bool {
+        var entry = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
+        guard poll(&entry, 1, 0) == 1 else { return false }
+        if entry.revents & Int16(POLLHUP | POLLERR | POLLNVAL) != 0 { return true }
+        var byte: UInt8 = 0
+        return recv(descriptor, &byte, 1, Int32(MSG_PEEK | MSG_DONTWAIT)) == 0
+    }
+
+    /// Makes `receive` fail with EAGAIN after `seconds` without input (clients that must not hang).
+    func setReceiveTimeout(seconds: Double) throws {
+        var tv = timeval(tv_sec: Int(seconds), tv_usec: Int((seconds - seconds.rounded(.down)) * 1e6))
+        _ = try syscallValue("setsockopt(SO_RCVTIMEO)") {
+            setsockopt(descriptor, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        }
+    }
+}

@@ -1,0 +1,118 @@
+import CPostcopy
+import Glibc
+
+/// A listening unix socket that serves every connection on a thread of its own, until `stop()`.
+/// The QMP and HMP servers are this plus their conversation. Monitor traffic is a few commands
+/// a second, so a thread per connection is the simplest thing that lets a slow command on one
+/// connection leave the others alone.
+final class UnixSocketListener: Sendable {
+    let path: String
+    private let descriptor: Int32
+    /// The socket file's identity, so `stop()` removes this socket and not a later one at the path.
+    private let inode: (device: UInt, inode: UInt)
+    private let state = Guarded(State())
+
+    private struct State {
+        var stopped = false
+        var connections: [ObjectIdentifier: MonitorSocket] = [:]
+        /// Threads started and not yet finished: the accept loop and one per connection.
+        var running = 0
+        /// Their kernel tids, so `stop()` called from a connection (a `quit`) does not wait for itself.
+        var threadIDs: Set<Int32> = []
+    }
+
+    /// Listens at `path`, replacing a stale socket left there by a process that died, and starts
+    /// accepting. `serve` runs once per connection on that connection's thread; when it returns,
+    /// the connection is closed.
+    init(path: String, name: String, serve: @escaping @Sendable (MonitorSocket) -> Void) throws {
+        self.path = path
+        var address = try MonitorSocket.address(path)
+        var existing = stat()
+        if lstat(path, &existing) == 0 {
+            guard existing.st_mode & S_IFMT == S_IFSOCK else {
+                throw SystemError("refusing to replace \(path), which is not a socket", errno: EEXIST)
+            }
+            unlink(path)
+        }
+        let fd = try syscallValue("socket(AF_UNIX)") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
+        do {
+            _ = try syscallValue("bind \(path)") {
+                withUnsafePointer(to: &address) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+                }
+            }
+            _ = try syscallValue("listen \(path)") { listen(fd, 16) }
+            var bound = stat()
+            _ = try syscallValue("stat \(path)") { lstat(path, &bound) }
+            inode = (UInt(bound.st_dev), UInt(bound.st_ino))
+        } catch {
+            close(fd)
+            throw error
+        }
+        descriptor = fd
+        state.update { $0.running += 1 }
+        startThread("\(name) accept") { [self] in
+            self.acceptLoop(name: name, serve: serve)
+        }
+    }
+
+    private func acceptLoop(name: String, serve: @escaping @Sendable (MonitorSocket) -> Void) {
+        let me = currentThreadID()
+        state.update { _ = $0.threadIDs.insert(me) }
+        defer { state.update { $0.threadIDs.remove(me); $0.running -= 1 } }
+        while true {
+            // accept4(SOCK_CLOEXEC) is hidden from Swift (it needs _GNU_SOURCE); a child forked
+            // in between may inherit the fd, which stop() still ends since it shuts sockets down.
+            let fd = accept(descriptor, nil, nil)
+            if fd >= 0 { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+            if fd < 0 {
+                let code = errno
+                if state.read(\.stopped) { return }
+                switch code {
+                case EINTR, ECONNABORTED: continue
+                case EMFILE, ENFILE, ENOBUFS, ENOMEM: usleep(100_000)  // out of resources: retry later, do not spin
+                default: return
+                }
+                continue
+            }
+            let connection = MonitorSocket(descriptor: fd)
+            let admitted = state.update { s -> Bool in
+                guard !s.stopped else { return false }
+                s.connections[ObjectIdentifier(connection)] = connection
+                s.running += 1
+                return true
+            }
+            guard admitted else { return }
+            startThread("\(name) connection") { [self] in
+                let tid = currentThreadID()
+                state.update { _ = $0.threadIDs.insert(tid) }
+                serve(connection)
+                state.update {
+                    $0.connections[ObjectIdentifier(connection)] = nil
+                    $0.threadIDs.remove(tid)
+                    $0.running -= 1
+                }
+            }
+        }
+    }
+
+    /// Stops accepting, ends every open conversation, waits for their threads (a command in
+    /// progress finishes first) and removes the socket file. Safe to call from a connection.
+    func stop() {
+        let first = state.update { s -> Bool in
+            defer { s.stopped = true }
+            // Under the lock: a connection leaves the table before its descriptor closes.
+            for connection in s.connections.values { connection.shutdown() }
+            return !s.stopped
+        }
+        if first { Glibc.shutdown(descriptor, Int32(SHUT_RDWR)) }  // wakes accept(2) on Linux
+        let me = currentThreadID()
+        state.wait { $0.running == ($0.threadIDs.contains(me) ? 1 : 0) }
+        guard first else { return }
+        close(descriptor)
+        var current = stat()
+        if lstat(path, &current) == 0, UInt(current.st_dev) == inode.device, UInt(current.st_ino) == inode.inode {
+            unlink(path)
+        }
+    }
+}

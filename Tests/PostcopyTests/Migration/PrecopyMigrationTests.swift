@@ -1,0 +1,86 @@
+import Foundation
+import Postcopy
+import Testing
+
+/// Precopy (alone, or followed by postcopy) between two real host processes.
+@Suite("Precopy migration between two host processes", .serialized)
+struct PrecopyMigrationTests {
+    static func start(workload: String, vcpus: Int, memory: String = "256M", postcopy: Bool,
+                      params: [(String, MonitorValue)] = []) throws -> (src: TestHost, dst: TestHost, bed: TestBed) {
+        let bed = try TestBed()
+        let dst = try TestHost(directory: bed.directory, role: "dst", memory: memory, vcpus: vcpus, workload: workload, incoming: bed.uri)
+        let src = try TestHost(directory: bed.directory, role: "src", memory: memory, vcpus: vcpus, workload: workload)
+        try src.waitForPasses(1)
+        let caps: [MonitorValue] = [
+            .object([("capability", .string("postcopy-ram")), ("state", .bool(postcopy))]),
+            .object([("capability", .string("postcopy-blocktime")), ("state", .bool(postcopy))]),
+        ]
+        for side in [src, dst] {
+            try side.qmp.execute("migrate-set-capabilities", [("capabilities", .array(caps))])
+            try side.qmp.execute("migrate-set-parameters", [("max-bandwidth", .int(100_000_000_000))] + params)
+        }
+        try src.qmp.execute("migrate", [("uri", .string(bed.uri))])
+        return (src, dst, bed)
+    }
+
+    static func checkDestination(_ dst: TestHost) throws {
+        try dst.qmp.execute("stop")
+        let check = try dst.qmp.execute("x-check-memory")
+        #expect(check["ok"]?.boolValue == true, "x-check-memory: \(check.jsonText)")
+        #expect(check["page-counter-sum"]!.int > 0)
+    }
+
+    @Test("precopy then postcopy: memory synced several times, stale pages dropped and fetched again, memory exact",
+          arguments: [("linear", 1), ("random", 2), ("hotcold", 2)])
+    func precopyThenPostcopy(workload: String, vcpus: Int) throws {
+        let (src, dst, _) = try Self.start(workload: workload, vcpus: vcpus, postcopy: true)
+        // Let precopy send everything once, then switch.
+        let t0 = Date()
+        while try src.query()["ram"]?["dirty-sync-count"]?.int ?? 0 < 2, Date().timeIntervalSince(t0) < 30 { usleep(20_000) }
+        let before = try src.query()
+        try src.qmp.execute("migrate-start-postcopy")
+        let info = try src.waitForMigration()
+        #expect(info["status"]?.stringValue == "completed", "\(info.jsonText)\n\(src.log)\n\(dst.log)")
+        #expect(info["ram"]!["dirty-sync-count"]!.int >= 2)
+        #expect(info["ram"]!["precopy-bytes"]!.int >= info["ram"]!["total"]!.int, "precopy sent every page once: \(info.jsonText)")
+        // Every page was at the destination before the switch, so each request is for a page that
+        // was discarded there because the source's vCPUs wrote it again.
+        if before["status"]?.stringValue == "active" {
+            #expect(info["ram"]!["postcopy-requests"]!.int > 0, "discarded pages fault again: \(info.jsonText)")
+        }
+        try Self.checkDestination(dst)
+    }
+
+    @Test("precopy alone completes for a guest whose writes converge; downtime is reported",
+          arguments: [("idle", 2), ("hotcold", 1)])
+    func precopyOnlyConverges(workload: String, vcpus: Int) throws {
+        let (src, dst, _) = try Self.start(workload: workload, vcpus: vcpus, postcopy: false)
+        let info = try src.waitForMigration()
+        #expect(info["status"]?.stringValue == "completed", "\(info.jsonText)\n\(src.log)\n\(dst.log)")
+        #expect(info["downtime"] != nil)
+        #expect(info["ram"]!["dirty-sync-count"]!.int >= 2)
+        #expect(info["ram"]!["postcopy-requests"]!.int == 0)
+        #expect(try dst.qmp.execute("query-status")["running"]?.boolValue == true)
+        #expect(try src.qmp.execute("query-status")["status"]?.stringValue == "postmigrate")
+        try Self.checkDestination(dst)
+    }
+
+    @Test("precopy of a guest rewriting all its memory does not converge; cancel leaves the source running and correct")
+    func linearDoesNotConvergeAndCancels() throws {
+        let (src, dst, _) = try Self.start(workload: "linear", vcpus: 1, postcopy: false, params: [("downtime-limit", .int(10))])
+        let t0 = Date()
+        while try src.query()["ram"]?["dirty-sync-count"]?.int ?? 0 < 4, Date().timeIntervalSince(t0) < 60 { usleep(50_000) }
+        let info = try src.query()
+        #expect(info["status"]?.stringValue == "active", "still iterating: \(info.jsonText)")
+        try src.qmp.execute("migrate_cancel")
+        #expect(try src.waitForMigration(timeout: 10)["status"]?.stringValue == "cancelled")
+        #expect(try src.qmp.execute("query-status")["running"]?.boolValue == true)
+        let passes = src.passes
+        try src.waitForPasses(passes + 2, timeout: 20)
+        try src.qmp.execute("stop")
+        let check = try src.qmp.execute("x-check-memory")
+        #expect(check["ok"]?.boolValue == true, "source memory after cancel: \(check.jsonText)")
+        // The destination dropped what it got and waits for another attempt.
+        #expect(try dst.qmp.execute("query-status")["status"]?.stringValue == "inmigrate")
+    }
+}
