@@ -19,7 +19,7 @@ let package = Package(
             linkerSettings: [.linkedLibrary("uring"), .linkedLibrary("numa")]
         ),
         // The C floor for the fault benchmarks: the same loops as the Swift path, in plain C.
-        .target(name: "CFaultFloor", path: "Sources/CFaultFloor"),
+        .target(name: "CFaultFloor", dependencies: ["CPostcopy"], path: "Sources/CFaultFloor"),
         .target(
             name: "Postcopy",
             dependencies: ["CPostcopy"],
@@ -32,6 +32,6 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
-        .testTarget(name: "PostcopyTests", dependencies: ["Postcopy", "CPostcopy"]),
+        .testTarget(name: "PostcopyTests", dependencies: ["Postcopy", "CPostcopy", "postcopy"]),
     ]
 )

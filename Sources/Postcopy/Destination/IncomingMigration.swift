@@ -28,6 +28,8 @@ public final class IncomingMigration: @unchecked Sendable {
     /// Set while a failed session is torn down; the fault thread leaves when it sees it.
     private let sessionEnded = AtomicCounter()
     private let faultThreads = Guarded(0)
+    /// The last sync generation each multifd receiver has passed (all pages before it placed).
+    private let multifdSynced = Guarded([UInt64]())
     private let state = Guarded(DestinationState())
     /// An eventfd that wakes the fault thread when the migration ends.
     private let stopFaults = eventfd(0, Int32(EFD_CLOEXEC))
@@ -41,6 +43,14 @@ public final class IncomingMigration: @unchecked Sendable {
         var uffd: UserfaultFD?
         var main: Channel?
         var urgent: Channel?
+        var multifd: [Channel] = []
+    }
+
+    /// Which connection a receiver reads: each takes only its own kinds of frame.
+    enum ChannelKind: Equatable {
+        case main
+        case urgent
+        case multifd(Int)
     }
 
     /// The largest frame payload accepted: 1 MiB, or one page where pages are larger.
@@ -95,7 +105,7 @@ public final class IncomingMigration: @unchecked Sendable {
                 refuse(channel, error)
                 continue
             }
-            receive(on: channel, isMain: true)
+            receive(on: channel, kind: .main)
             guard finished.value == 0, running.value == 0 else { return }
             // Failed or cancelled before the switchover: the source still runs the guest.
             // Drop everything that came and wait for the next attempt.
@@ -105,9 +115,7 @@ public final class IncomingMigration: @unchecked Sendable {
 
     /// Back to the state before any migration: nothing registered, every page missing.
     private func reset() {
-        let (main, urgent) = state.read { ($0.main, $0.urgent) }
-        main?.shutdown()
-        urgent?.shutdown()
+        shutdownChannels()
         sessionEnded.store(1)
         var one: UInt64 = 1
         _ = Glibc.write(stopFaults, &one, 8)
@@ -116,7 +124,7 @@ public final class IncomingMigration: @unchecked Sendable {
         _ = Glibc.read(stopFaults, &drain, 8)
         sessionEnded.store(0)
         let uffd = state.update { s -> UserfaultFD? in
-            defer { s.uffd = nil; s.main = nil; s.urgent = nil }
+            defer { s.uffd = nil; s.main = nil; s.urgent = nil; s.multifd = [] }
             return s.uffd
         }
         try? uffd?.unregister(address: memory.base, length: memory.size)
@@ -155,6 +163,16 @@ public final class IncomingMigration: @unchecked Sendable {
             }
             urgent = channel
         }
+        var multifd: [Channel] = []
+        for index in 0..<hello.multifdChannels {
+            let channel = try listener.accept()
+            let data = try readHandshake(channel)
+            guard data.role == .multifd, data.session == hello.session, data.multifdIndex == index else {
+                throw ProtocolError.unexpectedFrame(.hello, while: "expecting multifd channel \(index) of session \(hello.session)")
+            }
+            multifd.append(channel)
+        }
+        multifdSynced.update { $0 = Array(repeating: 0, count: multifd.count) }
         let stop = stopFaults
         state.update { s in
             s.status = "active"
@@ -164,6 +182,7 @@ public final class IncomingMigration: @unchecked Sendable {
             s.uffd = uffd
             s.main = main
             s.urgent = urgent
+            s.multifd = multifd
         }
         faultThreads.update { $0 += 1 }
         startThread("mig-faults") { [self] in
@@ -171,7 +190,10 @@ public final class IncomingMigration: @unchecked Sendable {
             faultThreads.update { $0 -= 1 }
         }
         if let urgent {
-            startThread("mig-urgent") { [self] in receive(on: urgent, isMain: false) }
+            startThread("mig-urgent") { [self] in receive(on: urgent, kind: .urgent) }
+        }
+        for (index, channel) in multifd.enumerated() {
+            startThread("mig-multifd\(index)") { [self] in receive(on: channel, kind: .multifd(index)) }
         }
     }
 
@@ -190,7 +212,8 @@ public final class IncomingMigration: @unchecked Sendable {
 
     /// Hot path: reads frames and places pages. One buffer per receiver, allocated once;
     /// every count and offset is checked against the region before a byte is written.
-    private func receive(on channel: Channel, isMain: Bool) {
+    private func receive(on channel: Channel, kind: ChannelKind) {
+        let isMain = kind == .main
         let pageSize = memory.pageSize
         let pageCount = memory.pageCount
         let buffer = UnsafeMutableRawPointer.allocate(byteCount: maxFrameBytes, alignment: 4096)
@@ -254,6 +277,15 @@ public final class IncomingMigration: @unchecked Sendable {
                     hooks?.resumeVCPUs()
                     // After a precopy that converged, every page is here already.
                     if receivedPages.value == UInt64(pageCount) { finish() }
+                case .sync:
+                    guard case let .multifd(index) = kind else { throw ProtocolError.unexpectedFrame(.sync, while: "reading a channel that is not multifd") }
+                    multifdSynced.update { $0[index] = header.argument }
+                case .syncWait:
+                    guard isMain else { throw ProtocolError.unexpectedFrame(.syncWait, while: "reading a channel that is not main") }
+                    // Pages still in flight on a multifd channel must be placed before what follows here.
+                    while !multifdSynced.wait(timeout: 0.2, until: { $0.allSatisfy { $0 >= header.argument } }) {
+                        if status == "failed" { throw ProtocolError.truncated("a multifd channel (it failed)") }
+                    }
                 case .complete:
                     break   // completion is counted in pages received, whichever channel brought them
                 case .error:
@@ -378,9 +410,12 @@ public final class IncomingMigration: @unchecked Sendable {
             s.error = "\(error)"
             s.endNs = monotonicNanoseconds()
         }
-        let (main, urgent) = state.read { ($0.main, $0.urgent) }
-        main?.shutdown()
-        urgent?.shutdown()
+        shutdownChannels()
+    }
+
+    private func shutdownChannels() {
+        let channels = state.read { [$0.main, $0.urgent].compactMap { $0 } + $0.multifd }
+        for channel in channels { channel.shutdown() }
     }
 
     // MARK: stats

@@ -11,14 +11,10 @@ extension OutgoingMigration {
         while interrupt.value == 0 {
             // One pass over what is pending now.
             let passStart = monotonicNanoseconds()
-            var bytes = 0
-            var page = 0
-            while interrupt.value == 0, page < memory.pageCount, let first = pending.firstSet(from: page), first >= page {
-                let (next, sent) = try sendRun(from: first, maxRun: maxRun, on: main)
-                bytes += sent
-                page = next
-                throttle(bytes: bytes, since: passStart, bandwidth: settings.maxBandwidth)
-            }
+            var pace = Pace(bandwidth: settings.maxBandwidth)
+            let bytes = multifd.isEmpty
+                ? try sendPass(pages: 0..<memory.pageCount, maxRun: maxRun, on: main, pace: &pace)
+                : try sendPassOnMultifd(maxRun: maxRun)
             if interrupt.value != 0 { break }
             let passNs = monotonicNanoseconds() - passStart
             if bytes > 1 << 20, passNs > 0 {
@@ -42,6 +38,72 @@ extension OutgoingMigration {
         return false
     }
 
+    /// Sends the pending pages of `pages` on one channel, keeping `pace` under its bandwidth;
+    /// returns the bytes sent.
+    func sendPass(pages: Range<Int>, maxRun: Int, on channel: Channel, pace: inout Pace) throws -> Int {
+        var bytes = 0
+        var page = pages.lowerBound
+        while interrupt.value == 0, page < pages.upperBound, let first = pending.firstSet(from: page), first >= page, first < pages.upperBound {
+            let (next, sent) = try sendRun(from: first, maxRun: maxRun, upTo: pages.upperBound, on: channel)
+            bytes += sent
+            page = next
+            pace.bytes += sent
+            throttle(bytes: pace.bytes, since: pace.start, bandwidth: pace.bandwidth)
+        }
+        return bytes
+    }
+
+    struct Pace {
+        var start = monotonicNanoseconds()
+        var bytes = 0
+        var bandwidth: Int64
+    }
+
+    /// A pass spread over the multifd channels, one sending thread each (zero-page detection runs
+    /// there too). Chunk c of 256 pages always goes on channel c % N, so a page resent in a later
+    /// pass can never overtake its older copy on another channel.
+    func sendPassOnMultifd(maxRun: Int) throws -> Int {
+        let channels = multifd
+        let n = channels.count
+        let chunk = 256
+        let chunks = (memory.pageCount + chunk - 1) / chunk
+        let outcome = Guarded((done: 0, bytes: 0, error: String?.none))
+        let bandwidth = settings.maxBandwidth / Int64(n)
+        for i in 0..<n {
+            startThread("mig-multifd\(i)") { [self] in
+                var pace = Pace(bandwidth: bandwidth)
+                var failure: String?
+                do {
+                    var c = i
+                    while c < chunks, interrupt.value == 0 {
+                        let range = (c * chunk)..<min(memory.pageCount, (c + 1) * chunk)
+                        _ = try sendPass(pages: range, maxRun: maxRun, on: channels[i], pace: &pace)
+                        c += n
+                    }
+                } catch {
+                    failure = "\(error)"
+                }
+                outcome.update { o in
+                    o.done += 1
+                    o.bytes += pace.bytes
+                    if o.error == nil { o.error = failure }
+                }
+            }
+        }
+        outcome.wait { $0.done == n }
+        let result = outcome.read { $0 }
+        if let error = result.error { throw MonitorError("multifd channel: \(error)") }
+        return result.bytes
+    }
+
+    /// Every page sent so far on the multifd channels is placed before what follows on main.
+    func syncMultifd(_ main: Channel) throws {
+        guard !multifd.isEmpty else { return }
+        syncGeneration += 1
+        for channel in multifd { try channel.write(FrameHeader(.sync, argument: syncGeneration)) }
+        try main.write(FrameHeader(.syncWait, argument: syncGeneration))
+    }
+
     /// The remainder fits in the downtime: pause, final sync, send it, the device state, and run.
     func completeInPrecopy(_ main: Channel, tracker: DirtyTracker) throws {
         try pauseVCPUs()
@@ -50,7 +112,8 @@ extension OutgoingMigration {
         }
         tracker.stop()
         state.update { $0.dirtySyncCount += 1 }
-        let before = main.bytesWritten.value
+        let before = totalWritten()
+        try syncMultifd(main)
         var page = 0
         while page < memory.pageCount, let first = pending.firstSet(from: page), first >= page {
             page = try sendRun(from: first, maxRun: Int(settings.xPagesPerFrame), on: main).next
@@ -72,7 +135,8 @@ extension OutgoingMigration {
         }
         tracker.stop()
         state.update { $0.dirtySyncCount += 1 }
-        precopyEndBytes.store(main.bytesWritten.value)
+        precopyEndBytes.store(totalWritten())
+        try syncMultifd(main)
         // Discard ranges: pending pages the destination already got in precopy.
         var runStart = -1
         for p in 0...memory.pageCount {
@@ -83,11 +147,12 @@ extension OutgoingMigration {
                 runStart = stale ? p : -1
             }
         }
-        try sendDeviceStateAndRun(main)
-        postcopyStartBytes.store(main.bytesWritten.value)
+        // Postcopy from here: the destination's first request may arrive right after "run".
+        postcopyStartBytes.store(totalWritten())
         interrupt.store(0)
         state.update { s in
             if s.status == "active" { s.status = "postcopy-active" }
         }
+        try sendDeviceStateAndRun(main)
     }
 }

@@ -14,7 +14,8 @@ extension OutgoingMigration {
             info.expectedDowntimeMs = s.expectedDowntimeMs ?? UInt64(settings.downtimeLimitMs)
         }
         var ram = MigrationInfo.RAM()
-        let transferred = (main?.bytesWritten.value ?? 0) + (urgent?.bytesWritten.value ?? 0)
+        let multifdBytes = s.setupNs == nil ? 0 : multifd.reduce(0) { $0 + $1.bytesWritten.value }
+        let transferred = totalWritten()
         ram.transferred = transferred
         ram.total = UInt64(memory.size)
         ram.remaining = UInt64(pending.population()) * pageSize
@@ -22,14 +23,17 @@ extension OutgoingMigration {
         ram.normal = normalPages.value
         ram.normalBytes = normalPages.value * pageSize
         ram.pageSize = pageSize
+        ram.multifdBytes = multifdBytes
         ram.postcopyRequests = requests.value
         ram.dirtySyncCount = s.dirtySyncCount
         ram.dirtyPagesRate = s.dirtyPagesRate
         let precopyEnd = precopyEndBytes.value
         let postcopyStart = postcopyStartBytes.value
         ram.precopyBytes = precopyEnd == 0 ? transferred : precopyEnd
-        ram.postcopyBytes = postcopyStart == 0 ? 0 : transferred - postcopyStart
-        ram.downtimeBytes = precopyEnd == 0 ? 0 : (postcopyStart == 0 ? transferred - precopyEnd : postcopyStart - precopyEnd)
+        // Downtime bytes: what went while the vCPUs were paused (final pages or discards, device state).
+        let device = deviceStateBytes.value
+        ram.postcopyBytes = postcopyStart == 0 ? 0 : transferred - postcopyStart - min(device, transferred - postcopyStart)
+        ram.downtimeBytes = precopyEnd == 0 ? 0 : (postcopyStart == 0 ? transferred - precopyEnd : postcopyStart - precopyEnd + device)
         let elapsed = Double(now - (s.setupNs ?? s.startNs)) / 1e9
         if elapsed > 0 {
             ram.mbps = Double(transferred) * 8 / elapsed / 1e6

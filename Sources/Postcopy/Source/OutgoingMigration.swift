@@ -34,6 +34,9 @@ public final class OutgoingMigration: @unchecked Sendable {
 
     var main: Channel?
     var urgent: Channel?
+    /// The multifd data channels (with the `multifd` capability): they carry the precopy stream.
+    var multifd: [Channel] = []
+    var syncGeneration: UInt64 = 0
 
     struct SourceState {
         var status = "setup"
@@ -100,8 +103,7 @@ public final class OutgoingMigration: @unchecked Sendable {
             return s.vcpusPaused
         }
         interrupt.store(1)
-        main?.shutdown()
-        urgent?.shutdown()
+        shutdownChannels()
         if wasPaused { hooks?.resumeVCPUs() }
     }
 
@@ -115,11 +117,13 @@ public final class OutgoingMigration: @unchecked Sendable {
     }
 
     private func run() throws {
+        // The channels are published (self.main, ...) only once set up, under the state lock,
+        // so `info()` and `cancel()` on other threads never see them half made.
         let main = try Channel.connect(to: endpoint)
-        self.main = main
         let session = UInt64.random(in: 1...UInt64.max)
         var hello = Handshake(role: .main, session: session, pageSize: memory.pageSize, regionSize: memory.size,
                               flags: settings.postcopyPreempt ? Handshake.preemptFlag : 0)
+        hello.multifdChannels = settings.multifd ? settings.multifdChannels : 0
         try send(hello, on: main)
         // The destination accepts or explains why not.
         let scratch = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 16)
@@ -130,16 +134,29 @@ public final class OutgoingMigration: @unchecked Sendable {
         case .error: throw ProtocolError.peer(try readMessage(reply, from: main, scratch: scratch))
         default: throw ProtocolError.unexpectedFrame(reply.kind, while: "waiting for the handshake reply")
         }
+        var urgent: Channel?
         if settings.postcopyPreempt {
-            let urgent = try Channel.connect(to: endpoint)
+            let channel = try Channel.connect(to: endpoint)
             hello.role = .urgent
-            try send(hello, on: urgent)
-            self.urgent = urgent
+            try send(hello, on: channel)
+            urgent = channel
+        }
+        var multifd: [Channel] = []
+        for index in 0..<hello.multifdChannels {
+            let channel = try Channel.connect(to: endpoint)
+            var data = hello
+            data.role = .multifd
+            data.multifdIndex = index
+            try send(data, on: channel)
+            multifd.append(channel)
         }
         // Track writes from before the first page is read, so none is missed.
         let tracker = try DirtyTracker(memory: memory)
         try state.update { s in
             if s.status == "cancelled" { throw MigrationCancelled() }
+            self.main = main
+            self.urgent = urgent
+            self.multifd = multifd
             s.setupNs = monotonicNanoseconds()
             s.status = "active"
             s.dirtySyncCount = 1
@@ -174,8 +191,8 @@ public final class OutgoingMigration: @unchecked Sendable {
     /// Claims and sends the run of pending pages starting at `first` (same kind: data or zero),
     /// up to `maxRun` data pages or 1024 zero pages. Returns the page after the run and the bytes sent.
     @inline(__always)
-    func sendRun(from first: Int, maxRun: Int, on channel: Channel) throws -> (next: Int, bytes: Int) {
-        let pageCount = memory.pageCount
+    func sendRun(from first: Int, maxRun: Int, upTo bound: Int? = nil, on channel: Channel) throws -> (next: Int, bytes: Int) {
+        let pageCount = bound ?? memory.pageCount
         guard pending.testAndClear(first) else { return (first + 1, 0) }
         let zero = isZero(page: first)
         var end = first + 1
@@ -294,8 +311,7 @@ public final class OutgoingMigration: @unchecked Sendable {
                             s.endNs = monotonicNanoseconds()
                         }
                     }
-                    main.shutdown()
-                    urgent?.shutdown()
+                    shutdownChannels()
                     return
                 case .error:
                     throw ProtocolError.peer(try readMessage(header, from: main, scratch: scratch))
@@ -320,9 +336,21 @@ public final class OutgoingMigration: @unchecked Sendable {
             return s.vcpusPaused && !wasPostcopy
         }
         interrupt.store(1)
+        shutdownChannels()
+        if resume { hooks?.resumeVCPUs() }
+    }
+
+    /// Bytes written on every channel so far.
+    func totalWritten() -> UInt64 {
+        guard state.read({ $0.setupNs != nil }) else { return 0 }
+        return (main?.bytesWritten.value ?? 0) + (urgent?.bytesWritten.value ?? 0) + multifd.reduce(0) { $0 + $1.bytesWritten.value }
+    }
+
+    func shutdownChannels() {
+        guard state.read({ $0.setupNs != nil }) else { return }
         main?.shutdown()
         urgent?.shutdown()
-        if resume { hooks?.resumeVCPUs() }
+        for channel in multifd { channel.shutdown() }
     }
 
     func pauseVCPUs() throws {

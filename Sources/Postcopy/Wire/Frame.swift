@@ -9,6 +9,8 @@ public enum FrameKind: UInt8, Sendable {
     case run = 5            // start the vCPUs on the destination
     case complete = 6       // argument: pages the source has sent in all
     case discard = 7        // argument: first page; count: pages the destination must drop (sent, then dirtied)
+    case sync = 8           // multifd channel: argument: generation; every page sent before it on this channel is placed first
+    case syncWait = 9       // main: argument: generation; wait until every multifd channel has passed that sync
     // destination -> source, return path (the main channel's other direction)
     case helloAck = 16      // the handshake is accepted
     case request = 17       // argument: first page; count: pages

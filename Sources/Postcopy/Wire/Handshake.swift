@@ -8,6 +8,8 @@ public struct Handshake: Sendable, Equatable {
     public enum Role: UInt32, Sendable {
         case main = 0
         case urgent = 1
+        /// One of the multifd data channels (its index in `multifdIndex`).
+        case multifd = 2
     }
 
     public var version: UInt32 = Handshake.version
@@ -20,6 +22,17 @@ public struct Handshake: Sendable, Equatable {
     public var flags: UInt64
 
     public static let preemptFlag: UInt64 = 1
+
+    /// Bits 8-15 of the flags: how many multifd channels follow (0: none).
+    public var multifdChannels: Int {
+        get { Int((flags >> 8) & 0xFF) }
+        set { flags = (flags & ~(0xFF << 8)) | (UInt64(newValue & 0xFF) << 8) }
+    }
+    /// Bits 16-23 of the flags, on a multifd channel: which one it is.
+    public var multifdIndex: Int {
+        get { Int((flags >> 16) & 0xFF) }
+        set { flags = (flags & ~(0xFF << 16)) | (UInt64(newValue & 0xFF) << 16) }
+    }
 
     public init(role: Role, session: UInt64, pageSize: Int, regionSize: Int, flags: UInt64) {
         self.role = role

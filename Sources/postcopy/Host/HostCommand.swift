@@ -44,6 +44,11 @@ struct HostCommand: ParsableCommand {
     }
 
     func run() throws {
+        // A parent (a test runner, a service manager) may have left signals blocked; the host
+        // must stop on SIGTERM/SIGINT, and its threads inherit this mask.
+        var none = sigset_t()
+        sigemptyset(&none)
+        pthread_sigmask(SIG_SETMASK, &none, nil)
         let vm = try VirtualMachine(memorySize: try parseSize(memory), vcpus: vcpus, workload: Workload(rawValue: workload)!,
                                     serialPath: serial, incoming: incoming != nil)
         let controller = MigrationController(memory: vm.memory, host: vm)

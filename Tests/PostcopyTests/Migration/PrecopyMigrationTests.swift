@@ -33,7 +33,8 @@ struct PrecopyMigrationTests {
     @Test("precopy then postcopy: memory synced several times, stale pages dropped and fetched again, memory exact",
           arguments: [("linear", 1), ("random", 2), ("hotcold", 2)])
     func precopyThenPostcopy(workload: String, vcpus: Int) throws {
-        let (src, dst, _) = try Self.start(workload: workload, vcpus: vcpus, postcopy: true)
+        // A tight downtime limit keeps precopy from finishing by itself before the switch.
+        let (src, dst, _) = try Self.start(workload: workload, vcpus: vcpus, postcopy: true, params: [("downtime-limit", .int(5))])
         // Let precopy send everything once, then switch.
         let t0 = Date()
         while try src.query()["ram"]?["dirty-sync-count"]?.int ?? 0 < 2, Date().timeIntervalSince(t0) < 30 { usleep(20_000) }
@@ -45,7 +46,11 @@ struct PrecopyMigrationTests {
         #expect(info["ram"]!["precopy-bytes"]!.int >= info["ram"]!["total"]!.int, "precopy sent every page once: \(info.jsonText)")
         // Every page was at the destination before the switch, so each request is for a page that
         // was discarded there because the source's vCPUs wrote it again.
-        if before["status"]?.stringValue == "active" {
+        #expect(before["status"]?.stringValue == "active")
+        #expect(info["ram"]!["postcopy-bytes"]!.int > 0, "pages written after precopy sent them went again in postcopy")
+        if workload != "hotcold" {
+            // A sweeping or random guest touches discarded pages before the pusher brings them
+            // (hotcold's small hot set may all arrive first).
             #expect(info["ram"]!["postcopy-requests"]!.int > 0, "discarded pages fault again: \(info.jsonText)")
         }
         try Self.checkDestination(dst)

@@ -8,7 +8,12 @@ import Testing
 struct PrecopyRaceTests {
     final class Hooks: SourceHooks, @unchecked Sendable {
         let paused = Guarded(false)
-        func pauseVCPUs() { paused.update { $0 = true } }
+        /// The "vCPU" keeps running (may still write) until the test lets the pause complete.
+        let vcpuDone = Guarded(false)
+        func pauseVCPUs() {
+            vcpuDone.wait(timeout: 10) { $0 }
+            paused.update { $0 = true }
+        }
         func resumeVCPUs() { paused.update { $0 = false } }
         func saveDeviceState() -> [UInt8] { [1, 2, 3] }
     }
@@ -48,6 +53,7 @@ struct PrecopyRaceTests {
                     // A vCPU writes page 7 just after its content left.
                     UnsafeMutablePointer<UInt64>(bitPattern: memory.address(ofPage: 7))!.pointee = 0xF1A1
                     rewritten = true
+                    hooks.vcpuDone.update { $0 = true }
                 }
             case .zeroPages:
                 break

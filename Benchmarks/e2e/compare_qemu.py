@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Side-by-side migration benchmark: QEMU and our host, same workload, same machine, same run.
+
+For each scenario it runs the anchor harness (qmp-migrate.py) alternately against QEMU and
+against `postcopy host`, N times each, and prints the medians as a table and as JSON.
+
+  Benchmarks/e2e/compare_qemu.py --anchors ../shared/anchors/qemu --runs 3
+
+Needs: qemu-system-x86 (/dev/kvm), a release build (swift build -c release).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
+
+SCENARIOS = {
+    # name: (qemu guest, our workload, mode, extra harness args)
+    "linear-postcopy": ("linear.S", "linear", "postcopy", []),
+    "linear-postcopy-preempt": ("linear.S", "linear", "postcopy", ["--cap", "postcopy-preempt"]),
+    "random-postcopy": (None, "random", "postcopy", []),
+    "hotcold-precopy": ("hotcold.S", "hotcold", "precopy", []),
+}
+
+
+def run_once(anchors, target, scenario, memory_mb, vcpus):
+    guest, workload, mode, extra = SCENARIOS[scenario]
+    cmd = [sys.executable, os.path.join(anchors, "qmp-migrate.py"), "--memory-mb", str(memory_mb), "--mode", mode] + extra
+    if target == "qemu":
+        cmd += ["--guest", os.path.join(anchors, guest)]
+    else:
+        binary = os.path.join(ROOT, ".build", "release", "postcopy")
+        cmd += ["--host-cmd", f"{binary} host --memory {{mb}}M --vcpus {vcpus} --workload {workload} "
+                              "--qmp {qmp} --serial {serial} {incoming}", "--check"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"{target} {scenario}: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def figures(result):
+    src, dst = result["source"], result["destination"]
+    ram = src.get("ram", {})
+    lat = dst.get("postcopy-latency")
+    return {
+        "status": src.get("status"),
+        "total_ms": src.get("total-time"),
+        "downtime_ms": src.get("downtime"),
+        "mbps": ram.get("mbps"),
+        "transferred_mb": round(ram.get("transferred", 0) / 1e6, 1),
+        "blocktime_ms": dst.get("postcopy-blocktime"),
+        "vcpu_blocktime_ms": dst.get("postcopy-vcpu-blocktime"),
+        "requests": ram.get("postcopy-requests"),
+        "dirty_sync_count": ram.get("dirty-sync-count"),
+        "avg_fault_latency_us": None if lat is None else round(lat / 1000, 1),
+        "check_ok": None if result.get("check") is None else result["check"].get("ok"),
+    }
+
+
+def median(values):
+    values = [v for v in values if isinstance(v, (int, float))]
+    return round(statistics.median(values), 2) if values else None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--anchors", default=os.path.join(ROOT, "..", "shared", "anchors", "qemu"))
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--memory-mb", type=int, default=1000)
+    ap.add_argument("--vcpus", type=int, default=1)
+    ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), help="default: all")
+    ap.add_argument("--targets", default="qemu,ours")
+    a = ap.parse_args()
+    targets = a.targets.split(",")
+    report = {}
+    for scenario in a.scenario or list(SCENARIOS):
+        report[scenario] = {}
+        runs = {t: [] for t in targets}
+        for i in range(a.runs):
+            for t in (targets if i % 2 == 0 else list(reversed(targets))):
+                if t == "qemu" and SCENARIOS[scenario][0] is None:
+                    continue
+                f = figures(run_once(a.anchors, t, scenario, a.memory_mb, a.vcpus))
+                runs[t].append(f)
+                print(f"{scenario} {t} run {i + 1}: {json.dumps(f)}", file=sys.stderr)
+        for t in targets:
+            if not runs[t]:
+                continue
+            keys = ["total_ms", "downtime_ms", "mbps", "transferred_mb", "blocktime_ms", "requests",
+                    "dirty_sync_count", "avg_fault_latency_us"]
+            m = {k: median([r[k] for r in runs[t]]) for k in keys}
+            m["statuses"] = [r["status"] for r in runs[t]]
+            m["checks"] = [r["check_ok"] for r in runs[t]]
+            report[scenario][t] = m
+    print("| scenario | target | total ms | downtime ms | Mbit/s | MB sent | blocktime ms | requests | syncs | avg fault µs |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for scenario, per in report.items():
+        for t, m in per.items():
+            print(f"| {scenario} | {t} | {m['total_ms']} | {m['downtime_ms']} | {m['mbps']} | {m['transferred_mb']} | "
+                  f"{m['blocktime_ms']} | {m['requests']} | {m['dirty_sync_count']} | {m['avg_fault_latency_us']} |")
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
