@@ -89,3 +89,51 @@ struct PrecopyMigrationTests {
         #expect(try dst.qmp.execute("query-status")["status"]?.stringValue == "inmigrate")
     }
 }
+
+@Suite("multifd: the precopy stream on several channels", .serialized)
+struct MultifdMigrationTests {
+    static func enableMultifd(_ hosts: [TestHost], channels: Int) throws {
+        for side in hosts {
+            try side.qmp.execute("migrate-set-capabilities", [("capabilities", .array([
+                .object([("capability", .string("multifd")), ("state", .bool(true))]),
+            ]))])
+            try side.qmp.execute("migrate-set-parameters", [("multifd-channels", .int(Int64(channels)))])
+        }
+    }
+
+    @Test("multifd with 1, 2 and 4 channels gives the same, exact memory", arguments: [1, 2, 4])
+    func channelsGiveSameMemory(channels: Int) throws {
+        let bed = try TestBed()
+        let dst = try TestHost(directory: bed.directory, role: "dst", vcpus: 2, workload: "hotcold", incoming: bed.uri)
+        let src = try TestHost(directory: bed.directory, role: "src", vcpus: 2, workload: "hotcold")
+        try src.waitForPasses(1)
+        try Self.enableMultifd([src, dst], channels: channels)
+        try src.qmp.execute("migrate-set-parameters", [("max-bandwidth", .int(100_000_000_000))])
+        try src.qmp.execute("migrate", [("uri", .string(bed.uri))])
+        let info = try src.waitForMigration()
+        #expect(info["status"]?.stringValue == "completed", "\(info.jsonText)\n\(src.log)\n\(dst.log)")
+        #expect(info["ram"]!["multifd-bytes"]!.int >= info["ram"]!["total"]!.int / 2, "the precopy stream went on the multifd channels")
+        try PrecopyMigrationTests.checkDestination(dst)
+    }
+
+    @Test("multifd precopy, then postcopy: discards wait for every channel, memory exact")
+    func multifdThenPostcopy() throws {
+        let bed = try TestBed()
+        let dst = try TestHost(directory: bed.directory, role: "dst", vcpus: 2, workload: "random", incoming: bed.uri)
+        let src = try TestHost(directory: bed.directory, role: "src", vcpus: 2, workload: "random")
+        try src.waitForPasses(1)
+        try Self.enableMultifd([src, dst], channels: 2)
+        for side in [src, dst] {
+            try side.qmp.run("migrate_set_capability postcopy-ram on")
+            try side.qmp.execute("migrate-set-parameters", [("max-bandwidth", .int(100_000_000_000)), ("downtime-limit", .int(5))])
+        }
+        try src.qmp.execute("migrate", [("uri", .string(bed.uri))])
+        let t0 = Date()
+        while try src.query()["ram"]?["dirty-sync-count"]?.int ?? 0 < 3, Date().timeIntervalSince(t0) < 30 { usleep(20_000) }
+        try src.qmp.execute("migrate-start-postcopy")
+        let info = try src.waitForMigration()
+        #expect(info["status"]?.stringValue == "completed", "\(info.jsonText)\n\(src.log)\n\(dst.log)")
+        #expect(info["ram"]!["multifd-bytes"]!.int > 0)
+        try PrecopyMigrationTests.checkDestination(dst)
+    }
+}
