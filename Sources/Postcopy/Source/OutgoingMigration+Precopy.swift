@@ -107,11 +107,7 @@ extension OutgoingMigration {
     /// The remainder fits in the downtime: pause, final sync, send it, the device state, and run.
     func completeInPrecopy(_ main: Channel, tracker: DirtyTracker) throws {
         try pauseVCPUs()
-        try tracker.sync { first, count in
-            for p in first..<(first + count) { _ = pending.testAndSet(p) }
-        }
-        tracker.stop()
-        state.update { $0.dirtySyncCount += 1 }
+        try finalSync(tracker)
         let before = totalWritten()
         try syncMultifd(main)
         var page = 0
@@ -121,6 +117,7 @@ extension OutgoingMigration {
         precopyEndBytes.store(before)
         try sendDeviceStateAndRun(main)
         try main.write(FrameHeader(.complete, argument: UInt64(memory.pageCount)))
+        tracker.stop()
         state.update { s in
             if s.status == "active" { s.status = "device" }
         }
@@ -130,11 +127,7 @@ extension OutgoingMigration {
     /// went stale (it drops them so they fault again), then the device state and run.
     func switchToPostcopy(_ main: Channel, tracker: DirtyTracker) throws {
         try pauseVCPUs()
-        try tracker.sync { first, count in
-            for p in first..<(first + count) { _ = pending.testAndSet(p) }
-        }
-        tracker.stop()
-        state.update { $0.dirtySyncCount += 1 }
+        try finalSync(tracker)
         precopyEndBytes.store(totalWritten())
         try syncMultifd(main)
         // Discard ranges: pending pages the destination already got in precopy.
@@ -154,5 +147,15 @@ extension OutgoingMigration {
             if s.status == "active" { s.status = "postcopy-active" }
         }
         try sendDeviceStateAndRun(main)
+        tracker.stop()
+    }
+
+    /// The last look at what the (now paused) vCPUs wrote: read, not re-armed, and the tracking
+    /// itself is torn down only after the destination runs, off the downtime path.
+    func finalSync(_ tracker: DirtyTracker) throws {
+        try tracker.sync(rearm: false) { first, count in
+            for p in first..<(first + count) { _ = pending.testAndSet(p) }
+        }
+        state.update { $0.dirtySyncCount += 1 }
     }
 }
