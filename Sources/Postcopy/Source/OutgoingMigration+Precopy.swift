@@ -107,6 +107,10 @@ extension OutgoingMigration {
     /// The remainder fits in the downtime: pause, final sync, send it, the device state, and run.
     func completeInPrecopy(_ main: Channel, tracker: DirtyTracker) throws {
         try pauseVCPUs()
+        // QEMU's "device" status; set before anything is sent, since "done" may come back at once.
+        state.update { s in
+            if s.status == "active" { s.status = "device" }
+        }
         try finalSync(tracker)
         let before = totalWritten()
         try syncMultifd(main)
@@ -118,9 +122,6 @@ extension OutgoingMigration {
         try sendDeviceStateAndRun(main)
         try main.write(FrameHeader(.complete, argument: UInt64(memory.pageCount)))
         tracker.stop()
-        state.update { s in
-            if s.status == "active" { s.status = "device" }
-        }
     }
 
     /// migrate_start_postcopy: pause, final sync, tell the destination which of the pages it has

@@ -5,7 +5,7 @@ extension OutgoingMigration {
         let now = s.endNs ?? monotonicNanoseconds()
         let pageSize = UInt64(memory.pageSize)
         var info = MigrationInfo()
-        info.status = s.status == "device" ? "device" : s.status
+        info.status = s.status
         info.totalTimeMs = (now - s.startNs) / 1_000_000
         info.setupTimeMs = s.setupNs.map { ($0 - s.startNs) / 1_000_000 } ?? 0
         if let d = s.downtimeNs {
