@@ -53,12 +53,6 @@ extension OutgoingMigration {
         return bytes
     }
 
-    struct Pace {
-        var start = monotonicNanoseconds()
-        var bytes = 0
-        var bandwidth: Int64
-    }
-
     /// A pass spread over the multifd channels, one sending thread each (zero-page detection runs
     /// there too). Chunk c of 256 pages always goes on channel c % N, so a page resent in a later
     /// pass can never overtake its older copy on another channel.

@@ -29,8 +29,10 @@ public final class OutgoingMigration: @unchecked Sendable {
     let postcopyStartBytes = AtomicCounter()
     /// Set by migrate_start_postcopy or cancel: the precopy loop checks it between frames.
     let interrupt = AtomicCounter()
-    /// Where the pusher continues: set by the request server to just after a requested page.
-    let jumpTo = AtomicCounter(UInt64.max)
+    /// Where the pusher continues: set by the request server to just after a requested page;
+    /// the generation tells each pushing lane that it moved.
+    let jumpTo = AtomicCounter(0)
+    let jumpGeneration = AtomicCounter(0)
 
     var main: Channel?
     var urgent: Channel?
@@ -231,6 +233,13 @@ public final class OutgoingMigration: @unchecked Sendable {
         return acc == 0
     }
 
+    /// A sender's progress against its bandwidth limit (0: unlimited).
+    struct Pace {
+        var start = monotonicNanoseconds()
+        var bytes = 0
+        var bandwidth: Int64
+    }
+
     /// Sleeps as needed to keep `bytes` sent since `start` under `bandwidth` bytes per second.
     func throttle(bytes: Int, since start: UInt64, bandwidth: Int64) {
         guard bandwidth > 0 else { return }
@@ -241,32 +250,73 @@ public final class OutgoingMigration: @unchecked Sendable {
 
     // MARK: background pusher (postcopy)
 
-    /// Streams every page still pending, from the cursor onwards, in runs of up to
-    /// `x-pages-per-frame` pages. Jumps to just after each requested page (spatial locality:
-    /// the vCPU will likely want the next ones soon).
+    /// Streams every page still pending, in runs of up to `x-pages-per-frame` pages: on the main
+    /// channel, or with multifd on every multifd channel at once (one lane each, each lane owning
+    /// every n-th chunk of 256 pages). After each request every lane moves to just after the
+    /// requested page (spatial locality: the vCPU will likely want the next ones soon).
     private func push(_ main: Channel) {
-        let pageCount = memory.pageCount
-        let maxRun = Int(settings.xPagesPerFrame)
-        var cursor = 0
-        let start = monotonicNanoseconds()
-        var pushed = 0
-        do {
-            while interrupt.value == 0 {
-                let jump = jumpTo.value
-                if jump != UInt64.max, jumpTo.compareExchange(expected: jump, desired: UInt64.max) {
-                    cursor = Int(jump) % pageCount
+        let lanes = multifd.isEmpty ? [main] : multifd
+        let outcome = Guarded((done: 0, error: (any Error)?.none))
+        for (i, channel) in lanes.enumerated().dropFirst() {
+            startThread("mig-push\(i)") { [self] in
+                var failure: (any Error)?
+                do { try pushLane(i, of: lanes.count, on: channel) } catch { failure = error }
+                outcome.update { o in
+                    o.done += 1
+                    if o.error == nil { o.error = failure }
                 }
-                guard let first = pending.firstSet(from: cursor) else { break }
-                let (next, bytes) = try sendRun(from: first, maxRun: maxRun, on: main)
-                cursor = next % pageCount
-                pushed += bytes
-                throttle(bytes: pushed, since: start, bandwidth: settings.maxPostcopyBandwidth)
             }
+        }
+        do {
+            try pushLane(0, of: lanes.count, on: lanes[0])
+            outcome.wait { $0.done == lanes.count - 1 }
+            if let error = outcome.read({ $0.error }) { throw error }
             if interrupt.value == 0 {
-                try main.write(FrameHeader(.complete, argument: UInt64(pageCount)))
+                try main.write(FrameHeader(.complete, argument: UInt64(memory.pageCount)))
             }
         } catch {
             fail(error)
+        }
+    }
+
+    private func pushLane(_ lane: Int, of lanes: Int, on channel: Channel) throws {
+        let pageCount = memory.pageCount
+        let chunk = 256
+        let chunks = (pageCount + chunk - 1) / chunk
+        guard lane < chunks else { return }
+        let ownChunks = (chunks - lane + lanes - 1) / lanes
+        let maxRun = Int(settings.xPagesPerFrame)
+        var pace = Pace(bandwidth: settings.maxPostcopyBandwidth / Int64(lanes))
+        var c = lane
+        var from = c * chunk
+        var emptyInARow = 0
+        var seenJump = jumpGeneration.value
+        while interrupt.value == 0 {
+            let generation = jumpGeneration.value
+            if generation != seenJump {
+                seenJump = generation
+                let page = Int(jumpTo.value) % pageCount
+                let pc = page / chunk
+                let next = pc + (lane - pc % lanes + lanes) % lanes
+                c = next < chunks ? next : lane
+                from = c == pc ? page : c * chunk
+                emptyInARow = 0
+            }
+            let end = min(pageCount, (c + 1) * chunk)
+            if let first = pending.firstSet(in: from..<end) {
+                let (next, bytes) = try sendRun(from: first, maxRun: maxRun, upTo: end, on: channel)
+                from = next
+                emptyInARow = 0
+                pace.bytes += bytes
+                throttle(bytes: pace.bytes, since: pace.start, bandwidth: pace.bandwidth)
+                if from < end { continue }
+            } else {
+                emptyInARow += 1
+                if emptyInARow >= ownChunks { return }   // pending only shrinks in postcopy
+            }
+            c += lanes
+            if c >= chunks { c = lane }
+            from = c * chunk
         }
     }
 
@@ -300,6 +350,7 @@ public final class OutgoingMigration: @unchecked Sendable {
                         normalPages.add(1)
                     }
                     jumpTo.store(first + count)
+                    jumpGeneration.add(1)
                 case .running:
                     state.update { s in
                         if let paused = s.pausedNs { s.downtimeNs = monotonicNanoseconds() - paused }

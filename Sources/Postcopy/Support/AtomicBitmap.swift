@@ -52,6 +52,22 @@ public final class AtomicBitmap: @unchecked Sendable {
     /// The first set bit at or after `start` (wrapping around), or nil when no bit is set.
     public func firstSet(from start: Int) -> Int? { first(from: start, set: true) }
 
+    /// The first set bit in `range` (no wrapping), or nil.
+    @inline(__always)
+    public func firstSet(in range: Range<Int>) -> Int? {
+        var i = range.lowerBound
+        while i < range.upperBound {
+            let w = i >> 6
+            let word = cpc_atomic_load_u64(words + w) & (~UInt64(0) << UInt64(i & 63))
+            if word != 0 {
+                let found = w << 6 + word.trailingZeroBitCount
+                return found < range.upperBound ? found : nil
+            }
+            i = (w + 1) << 6
+        }
+        return nil
+    }
+
     @inline(__always)
     private func first(from start: Int, set: Bool) -> Int? {
         if count == 0 { return nil }
