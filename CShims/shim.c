@@ -24,6 +24,9 @@ int cpc_userfaultfd_device(int flags) {
 
 int32_t cpc_gettid(void) { return (int32_t)syscall(SYS_gettid); }
 int cpc_memfd_create(const char *name, unsigned int flags) { return (int)syscall(SYS_memfd_create, name, flags | MFD_CLOEXEC); }
+void *cpc_mremap_fixed(void *old_address, size_t size, void *new_address) {
+    return mremap(old_address, size, size, MREMAP_MAYMOVE | MREMAP_FIXED, new_address);
+}
 int cpc_punch_hole(int fd, int64_t offset, int64_t length) { return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length); }
 
 int cpc_uffdio_api(int fd, struct uffdio_api *arg) { return ioctl(fd, UFFDIO_API, arg); }

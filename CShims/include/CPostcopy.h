@@ -114,6 +114,8 @@ int cpc_userfaultfd_device(int flags);
 int32_t cpc_gettid(void);
 /// memfd_create(2); MFD_CLOEXEC is always added.
 int cpc_memfd_create(const char *name, unsigned int flags);
+/// mremap(MREMAP_MAYMOVE | MREMAP_FIXED) to new_address: variadic in C. MAP_FAILED and errno on failure.
+void *cpc_mremap_fixed(void *old_address, size_t size, void *new_address);
 /// fallocate(PUNCH_HOLE | KEEP_SIZE): needs _GNU_SOURCE, which a Swift-imported header must not define.
 int cpc_punch_hole(int fd, int64_t offset, int64_t length);
 

@@ -99,6 +99,32 @@ public final class GuestMemory: @unchecked Sendable {
         }
     }
 
+    /// Makes every page missing at once, without freeing anything now: the populated pages move
+    /// (mremap, page tables only) to a new address that is returned, and fresh empty memory is
+    /// mapped in their place. The caller moves back what it keeps and unmaps the rest later.
+    /// Dropping most of a large region this way takes about a millisecond where MADV_DONTNEED
+    /// takes ~100 ms per GiB. Only for anonymous regions, and only while nothing touches them.
+    public func moveContentsAside() throws -> UInt {
+        precondition(backing == .anonymous, "only anonymous guest memory can be moved aside")
+        guard let target = mmap(nil, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0), target != MAP_FAILED else {
+            throw SystemError("mmap(\(size) bytes to move guest memory aside)")
+        }
+        let moved = cpc_mremap_fixed(pointer, size, target)
+        guard moved != MAP_FAILED else {
+            let error = SystemError("mremap(guest memory aside)")
+            munmap(target, size)
+            throw error
+        }
+        let fresh = mmap(pointer, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0)
+        guard fresh == pointer else {
+            // Put the old pages back rather than leave the guest without memory.
+            let error = SystemError("mmap(MAP_FIXED fresh guest memory)")
+            _ = cpc_mremap_fixed(moved, size, pointer)
+            throw error
+        }
+        return UInt(bitPattern: moved)
+    }
+
     /// A second, shared mapping of a `.memfd` region: writing a page through it fills the page cache,
     /// after which a MINOR fault on the region is resolved with `UserfaultFD.continue`.
     public func makeAlias() throws -> UnsafeMutableRawPointer {

@@ -328,6 +328,7 @@ public final class OutgoingMigration: @unchecked Sendable {
         let scratch = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 16)
         defer { scratch.deallocate() }
         let pageSize = memory.pageSize
+        let readAhead = Int(settings.xPostcopyReadAhead)
         do {
             while true {
                 let header = try main.readHeader(scratch: scratch)
@@ -349,7 +350,14 @@ public final class OutgoingMigration: @unchecked Sendable {
                     for p in firstPage..<(firstPage + Int(count)) where pending.testAndClear(p) {
                         normalPages.add(1)
                     }
-                    jumpTo.store(first + count)
+                    // Read-ahead: the pages right after a faulting one are the likeliest next
+                    // faults; the pending ones among them follow on the same channel.
+                    let readAheadEnd = min(memory.pageCount, firstPage + Int(count) + readAhead)
+                    var next = firstPage + Int(count)
+                    while let p = pending.firstSet(in: next..<readAheadEnd) {
+                        next = try sendRun(from: p, maxRun: readAhead, upTo: readAheadEnd, on: channel).next
+                    }
+                    jumpTo.store(UInt64(readAheadEnd))
                     jumpGeneration.add(1)
                 case .running:
                     state.update { s in

@@ -35,6 +35,9 @@ struct HostCommand: ParsableCommand {
     @Option(help: "Start as a migration destination listening on tcp:HOST:PORT; the vCPUs wait for the switchover.")
     var incoming: String?
 
+    @Option(help: "Pace each vCPU to at most one touch per this many nanoseconds (0: full speed). 3900 sweeps 1000 MiB once a second, as QEMU's linear.S guest does under KVM.")
+    var touchNs: UInt64 = 0
+
     func validate() throws {
         guard vcpus >= 1, vcpus <= 64 else { throw ValidationError("--vcpus must be between 1 and 64") }
         guard Workload(rawValue: workload) != nil else {
@@ -50,7 +53,7 @@ struct HostCommand: ParsableCommand {
         sigemptyset(&none)
         pthread_sigmask(SIG_SETMASK, &none, nil)
         let vm = try VirtualMachine(memorySize: try parseSize(memory), vcpus: vcpus, workload: Workload(rawValue: workload)!,
-                                    serialPath: serial, incoming: incoming != nil)
+                                    serialPath: serial, incoming: incoming != nil, touchIntervalNs: touchNs)
         let controller = MigrationController(memory: vm.memory, host: vm)
         var servers: [AnyObject] = []
         if let qmp { servers.append(try QMPServer(path: qmp, backend: controller)) }

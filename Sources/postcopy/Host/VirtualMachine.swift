@@ -28,7 +28,11 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
         var runStatus: String
     }
 
-    init(memorySize: Int, vcpus: Int, workload: Workload, serialPath: String?, incoming: Bool) throws {
+    /// Minimum time between two touches of one vCPU (0: as fast as the CPU goes).
+    let touchIntervalNs: UInt64
+
+    init(memorySize: Int, vcpus: Int, workload: Workload, serialPath: String?, incoming: Bool, touchIntervalNs: UInt64 = 0) throws {
+        self.touchIntervalNs = touchIntervalNs
         memory = try GuestMemory(size: memorySize)
         self.workload = workload
         vcpuCount = vcpus
@@ -67,8 +71,17 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
         let base = memory.base
         let pageSize = UInt(memory.pageSize)
         let slice = UInt64(slicePages)
+        var due: UInt64 = 0
         while true {
             if pauseFlag.value != 0 { park() }
+            if touchIntervalNs > 0 {
+                // Paced like a slower guest: spin until the next touch is due; after a long
+                // stall (a missing page) start afresh rather than rush to catch up.
+                var now = monotonicNanoseconds()
+                if now > due + 1_000_000 { due = now }
+                while now < due { now = monotonicNanoseconds() }
+                due += touchIntervalNs
+            }
             let page: UInt64
             switch workload {
             case .linear:

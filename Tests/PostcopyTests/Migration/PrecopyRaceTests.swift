@@ -26,6 +26,7 @@ struct PrecopyRaceTests {
         let listener = try Listener(endpoint: Endpoint(host: "127.0.0.1", port: 0))
         var settings = MigrationSettings()
         settings.postcopyPreempt = false
+        settings.multifd = false   // the test plays a destination with one channel
         settings.maxBandwidth = 100_000_000_000
         settings.xPagesPerFrame = 1
         let hooks = Hooks()
