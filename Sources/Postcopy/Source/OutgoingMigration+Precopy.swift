@@ -126,13 +126,27 @@ extension OutgoingMigration {
         precopyEndBytes.store(totalWritten())
         try syncMultifd(main)
         // Discard ranges: pending pages the destination already got in precopy.
+        let stale = { (p: Int) in self.pending.contains(p) && self.sentOnce.contains(p) }
+        var ranges = 0
+        for p in 0..<memory.pageCount where stale(p) && (p == 0 || !stale(p - 1)) { ranges += 1 }
+        if ranges > 1024 {
+            // Scattered writes (a random guest): dropping tens of thousands of small ranges costs
+            // the destination a syscall each while the guest is paused. Drop whole 256 KiB chunks
+            // instead and send their clean pages again in postcopy: more bytes, far less downtime.
+            let chunk = 64
+            for c in stride(from: 0, to: memory.pageCount, by: chunk) {
+                let end = min(memory.pageCount, c + chunk)
+                guard (c..<end).contains(where: stale) else { continue }
+                for p in c..<end where sentOnce.contains(p) { _ = pending.testAndSet(p) }
+            }
+        }
         var runStart = -1
         for p in 0...memory.pageCount {
-            let stale = p < memory.pageCount && pending.contains(p) && sentOnce.contains(p)
-            if stale && runStart < 0 { runStart = p }
-            if (!stale || p - runStart == 65536) && runStart >= 0 {
+            let isStale = p < memory.pageCount && stale(p)
+            if isStale && runStart < 0 { runStart = p }
+            if (!isStale || p - runStart == 65536) && runStart >= 0 {
                 try main.write(FrameHeader(.discard, count: UInt32(p - runStart), argument: UInt64(runStart)))
-                runStart = stale ? p : -1
+                runStart = isStale ? p : -1
             }
         }
         // Postcopy from here: the destination's first request may arrive right after "run".
