@@ -25,6 +25,7 @@ public final class IncomingMigration: @unchecked Sendable {
     /// 1 once the vCPUs run here (postcopy, or the end of a precopy that converged).
     private let running = AtomicCounter()
     private let discardedPages = AtomicCounter()
+    private let bytesAtRun = AtomicCounter()
     /// Set while a failed session is torn down; the fault thread leaves when it sees it.
     private let sessionEnded = AtomicCounter()
     private let faultThreads = Guarded(0)
@@ -136,6 +137,7 @@ public final class IncomingMigration: @unchecked Sendable {
         receivedPages.store(0)
         receivedZeroPages.store(0)
         receivedBytes.store(0)
+        bytesAtRun.store(0)
         requestsSent.store(0)
         discardedPages.store(0)
     }
@@ -279,6 +281,7 @@ public final class IncomingMigration: @unchecked Sendable {
                         s.status = "postcopy-active"
                         s.runningNs = monotonicNanoseconds()
                     }
+                    bytesAtRun.store(receivedBytes.value)
                     running.store(1)
                     // Told before the vCPUs start, so it precedes their first request.
                     try channel.write(FrameHeader(.running))
@@ -476,7 +479,9 @@ public final class IncomingMigration: @unchecked Sendable {
         ram.normal = receivedPages.value - ram.duplicate
         ram.normalBytes = ram.normal * UInt64(memory.pageSize)
         ram.postcopyRequests = requestsSent.value
-        ram.postcopyBytes = ram.transferred
+        let atRun = bytesAtRun.value
+        ram.precopyBytes = running.value == 0 ? ram.transferred : atRun
+        ram.postcopyBytes = running.value == 0 ? 0 : ram.transferred - atRun
         if let running = s.runningNs {
             let seconds = Double((s.endNs ?? now) - running) / 1e9
             if seconds > 0 {

@@ -14,6 +14,7 @@ struct DemoCommand: ParsableCommand {
     @Option(help: "Workload: linear, random, hotcold or idle.") var workload: String = "linear"
     @Option(help: "Seconds between migrate and migrate_start_postcopy.") var precopySeconds: Double = 1
     @Option(help: "TCP port for the migration (0: pick a free one).") var port: Int = 0
+    @Option(help: "Precopy bandwidth limit in bytes per second (K, M, G suffixes).") var maxBandwidth: String = "100G"
 
     func run() throws {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("postcopy-demo-\(getpid())").path
@@ -38,9 +39,13 @@ struct DemoCommand: ParsableCommand {
         }
         for side in [source, destination] {
             for cap in ["postcopy-ram", "postcopy-blocktime"] {
+                print("(\(side === source ? "src" : "dst")) migrate_set_capability \(cap) on")
                 _ = try side.qmp.run("migrate_set_capability \(cap) on")
             }
         }
+        // QEMU's default max-bandwidth is 128 MiB/s; on one machine the link is much faster.
+        print("(src) migrate_set_parameter max-bandwidth \(maxBandwidth)")
+        try source.qmp.execute("migrate-set-parameters", [("max-bandwidth", .int(Int64(try parseSize(maxBandwidth))))])
         print("(src) migrate -d \(uri)")
         try check(source.qmp.run("migrate -d \(uri)"))
         Thread.sleep(forTimeInterval: precopySeconds)
