@@ -49,7 +49,9 @@ struct DirtyBenchCommand: ParsableCommand {
             print("{\"method\": \"\(method)\", \"region_bytes\": \(region.size), \"runs\": \(runs), \(body)}")
         } else {
             print("Dirty tracking (\(method)) of \(memory), medians of \(runs) runs")
-            for (name, value) in figures { print(String(format: "  %-30@ %10.3f", name as NSString, value)) }
+            for (name, value) in figures {
+                print("  " + name.padding(toLength: 30, withPad: " ", startingAt: 0) + String(format: "%10.3f", value))
+            }
         }
     }
 
