@@ -21,6 +21,9 @@ public struct MigrationSettings: Sendable, Equatable {
     public var downtimeLimitMs: Int64 = 300
     /// Pages per background frame (batching; 16 × 4 KiB = 64 KiB per UFFDIO_COPY).
     public var xPagesPerFrame: Int64 = 16
+    /// With postcopy-ram: switch to postcopy by itself after this many precopy passes (0: wait
+    /// for migrate_start_postcopy).
+    public var xPostcopyAfterPasses: Int64 = 0
     /// Pages after a requested one that go with it on the urgent channel (0: just the page).
     /// 16 halved blocktime on the linear and random 1000 MiB runs (BENCHMARKS.md).
     public var xPostcopyReadAhead: Int64 = 16
@@ -59,7 +62,8 @@ public struct MigrationSettings: Sendable, Equatable {
          ("multifd-channels", .int(Int64(multifdChannels))),
          ("max-postcopy-bandwidth", .int(maxPostcopyBandwidth)),
          ("x-pages-per-frame", .int(xPagesPerFrame)),
-         ("x-postcopy-readahead", .int(xPostcopyReadAhead))]
+         ("x-postcopy-readahead", .int(xPostcopyReadAhead)),
+         ("x-postcopy-after-passes", .int(xPostcopyAfterPasses))]
     }
 
     public mutating func setParameter(_ name: String, _ value: MonitorValue) throws {
@@ -86,6 +90,7 @@ public struct MigrationSettings: Sendable, Equatable {
         case "x-postcopy-readahead":
             guard (0...256).contains(number) else { throw MonitorError("Parameter 'x-postcopy-readahead' expects a value between 0 and 256") }
             xPostcopyReadAhead = number
+        case "x-postcopy-after-passes": xPostcopyAfterPasses = number
         default: throw MonitorError("Parameter '\(name)' not found")
         }
     }

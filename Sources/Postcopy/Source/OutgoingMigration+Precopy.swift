@@ -8,6 +8,7 @@ extension OutgoingMigration {
         let pageSize = memory.pageSize
         let maxRun = Int(settings.xPagesPerFrame)
         var bandwidth = Double(settings.maxBandwidth)
+        var passes: Int64 = 0
         while interrupt.value == 0 {
             // One pass over what is pending now.
             let passStart = monotonicNanoseconds()
@@ -32,6 +33,12 @@ extension OutgoingMigration {
                 s.expectedDowntimeMs = UInt64(min(expectedMs, 1e12))
             }
             if expectedMs <= Double(settings.downtimeLimitMs) { return true }
+            passes += 1
+            if settings.postcopyRAM, settings.xPostcopyAfterPasses > 0, passes >= settings.xPostcopyAfterPasses {
+                // The switch without a migrate_start_postcopy, as the parameter asks.
+                state.update { $0.postcopyRequested = true }
+                return false
+            }
             // Nothing written and nothing left would spin: wait a little for the guest to write.
             if remaining == 0 { usleep(10_000) }
         }

@@ -137,3 +137,52 @@ struct MultifdMigrationTests {
         try PrecopyMigrationTests.checkDestination(dst)
     }
 }
+
+@Suite("Driven as QEMU's users drive it", .serialized)
+struct MonitorDrivenMigrationTests {
+    @Test("the seed's HMP sequence, typed verbatim at the text monitor, migrates the guest")
+    func seedHMPSequence() throws {
+        let bed = try TestBed()
+        let dst = try TestHost(directory: bed.directory, role: "dst", vcpus: 2, incoming: bed.uri)
+        let src = try TestHost(directory: bed.directory, role: "src", vcpus: 2)
+        try src.waitForPasses(1)
+        let dstHMP = try MonitorClient.connect(path: dst.hmpPath)
+        let srcHMP = try MonitorClient.connect(path: src.hmpPath)
+        #expect(srcHMP.dialect == .hmp)
+        for line in ["migrate_set_capability postcopy-ram on", "migrate_set_capability postcopy-blocktime on"] {
+            #expect(try dstHMP.run(line).isEmpty)
+        }
+        for line in ["migrate_set_capability postcopy-ram on", "migrate_set_capability postcopy-blocktime on",
+                     "migrate -d \(bed.uri)", "migrate_start_postcopy"] {
+            #expect(try srcHMP.run(line).isEmpty, "\(line) printed an error")
+        }
+        let info = try src.waitForMigration()
+        #expect(info["status"]?.stringValue == "completed", "\(info.jsonText)")
+        let text = try srcHMP.run("info migrate")
+        #expect(text.contains("Migration status: completed"))
+        #expect(text.contains("postcopy request count:") || info["ram"]?["postcopy-requests"]?.int == 0)
+        let dstText = try dstHMP.run("info migrate")
+        #expect(dstText.contains("postcopy blocktime:") && dstText.contains("postcopy vcpu blocktime:"), "\(dstText)")
+        #expect(try dstHMP.run("stop").isEmpty)
+        #expect(try dstHMP.run("info check-memory").contains("memory check: ok"))
+    }
+
+    @Test("x-postcopy-after-passes switches to postcopy by itself")
+    func automaticSwitch() throws {
+        let bed = try TestBed()
+        let dst = try TestHost(directory: bed.directory, role: "dst", incoming: bed.uri)
+        let src = try TestHost(directory: bed.directory, role: "src")
+        try src.waitForPasses(1)
+        for side in [src, dst] {
+            try side.qmp.run("migrate_set_capability postcopy-ram on")
+            try side.qmp.execute("migrate-set-parameters", [("downtime-limit", .int(1)), ("x-postcopy-after-passes", .int(2)),
+                                                            ("max-bandwidth", .int(100_000_000_000))])
+        }
+        try src.qmp.execute("migrate", [("uri", .string(bed.uri))])
+        let info = try src.waitForMigration()
+        #expect(info["status"]?.stringValue == "completed", "\(info.jsonText)")
+        #expect(info["ram"]!["dirty-sync-count"]!.int >= 3, "two precopy passes, then the final sync")
+        #expect(info["ram"]!["postcopy-bytes"]!.int > 0, "the rest went in postcopy")
+        try PrecopyMigrationTests.checkDestination(dst)
+    }
+}
