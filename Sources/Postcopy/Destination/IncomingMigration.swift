@@ -6,7 +6,13 @@ import Glibc
 /// channel, and asks the source for each page a vCPU touches before it is here.
 ///
 /// Threads: `incoming` (accept, handshake, then the main-channel receiver), `urgent` (the
-/// postcopy-preempt receiver) and `faults` (the fault thread).
+/// postcopy-preempt receiver), one receiver per multifd channel, and `faults` (the fault thread).
+///
+/// Hot path (the receivers and the fault thread): nothing is allocated per page or per fault
+/// (buffers and bitmaps are made once per migration), and no lock is taken that a vCPU could
+/// wait behind: a blocked vCPU sleeps in the kernel until UFFDIO_COPY wakes it. The only locks
+/// on the way are the return path's write lock (fault thread, one small frame) and the
+/// blocktime tracker's, both between runtime threads.
 public final class IncomingMigration: @unchecked Sendable {
     public let memory: GuestMemory
     public let endpoint: Endpoint

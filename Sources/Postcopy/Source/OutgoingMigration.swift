@@ -8,7 +8,8 @@ import Glibc
 /// let the background pusher and the request server deliver the rest while the guest runs there.
 ///
 /// Threads: `control` (connect, precopy, switchover, then the pusher), `requests` (reads the
-/// return path and answers page requests on the urgent channel).
+/// return path and answers page requests on the urgent channel), and with multifd one sending
+/// thread per channel during precopy passes and the postcopy background stream.
 public final class OutgoingMigration: @unchecked Sendable {
     public let memory: GuestMemory
     public let settings: MigrationSettings

@@ -5,26 +5,16 @@ import Testing
 /// Two real host processes, a real TCP migration, real userfaultfd on the destination.
 @Suite("Postcopy migration between two host processes", .serialized)
 struct PostcopyMigrationTests {
-    /// Migrates with postcopy (after `precopySeconds` of waiting, with no page sent before the
-    /// switch) and returns both hosts and the source's final answer.
+    /// Migrates with postcopy after `precopySeconds` of precopy at QEMU's default bandwidth
+    /// limit (128 MiB/s, so most pages go in postcopy); returns both hosts and the source's
+    /// final answer.
     static func migrate(workload: String, vcpus: Int, memory: String = "256M", blocktime: Bool = true,
                         precopySeconds: Double = 0.3) throws -> (src: TestHost, dst: TestHost, info: MonitorValue) {
-        let bed = try TestBed()
-        let dst = try TestHost(directory: bed.directory, role: "dst", memory: memory, vcpus: vcpus, workload: workload, incoming: bed.uri)
-        let src = try TestHost(directory: bed.directory, role: "src", memory: memory, vcpus: vcpus, workload: workload)
-        try src.waitForPasses(1)
-        let caps: [MonitorValue] = [
-            .object([("capability", .string("postcopy-ram")), ("state", .bool(true))]),
-            .object([("capability", .string("postcopy-blocktime")), ("state", .bool(blocktime))]),
-        ]
-        for side in [src, dst] {
-            try side.qmp.execute("migrate-set-capabilities", [("capabilities", .array(caps))])
-        }
-        try src.qmp.execute("migrate", [("uri", .string(bed.uri))])
+        let (src, dst, _) = try startMigration(workload: workload, vcpus: vcpus, memory: memory, postcopy: true,
+                                               blocktime: blocktime, maxBandwidth: nil)
         usleep(UInt32(precopySeconds * 1e6))
         try src.qmp.execute("migrate-start-postcopy")
-        let info = try src.waitForMigration()
-        return (src, dst, info)
+        return (src, dst, try src.waitForMigration())
     }
 
     @Test("postcopy of each workload completes and the destination's memory checks out",

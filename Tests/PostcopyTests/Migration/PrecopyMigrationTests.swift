@@ -5,24 +5,6 @@ import Testing
 /// Precopy (alone, or followed by postcopy) between two real host processes.
 @Suite("Precopy migration between two host processes", .serialized)
 struct PrecopyMigrationTests {
-    static func start(workload: String, vcpus: Int, memory: String = "256M", postcopy: Bool,
-                      params: [(String, MonitorValue)] = []) throws -> (src: TestHost, dst: TestHost, bed: TestBed) {
-        let bed = try TestBed()
-        let dst = try TestHost(directory: bed.directory, role: "dst", memory: memory, vcpus: vcpus, workload: workload, incoming: bed.uri)
-        let src = try TestHost(directory: bed.directory, role: "src", memory: memory, vcpus: vcpus, workload: workload)
-        try src.waitForPasses(1)
-        let caps: [MonitorValue] = [
-            .object([("capability", .string("postcopy-ram")), ("state", .bool(postcopy))]),
-            .object([("capability", .string("postcopy-blocktime")), ("state", .bool(postcopy))]),
-        ]
-        for side in [src, dst] {
-            try side.qmp.execute("migrate-set-capabilities", [("capabilities", .array(caps))])
-            try side.qmp.execute("migrate-set-parameters", [("max-bandwidth", .int(100_000_000_000))] + params)
-        }
-        try src.qmp.execute("migrate", [("uri", .string(bed.uri))])
-        return (src, dst, bed)
-    }
-
     static func checkDestination(_ dst: TestHost) throws {
         try dst.qmp.execute("stop")
         let check = try dst.qmp.execute("x-check-memory")
@@ -34,7 +16,7 @@ struct PrecopyMigrationTests {
           arguments: [("linear", 1), ("random", 2), ("hotcold", 2)])
     func precopyThenPostcopy(workload: String, vcpus: Int) throws {
         // A tight downtime limit keeps precopy from finishing by itself before the switch.
-        let (src, dst, _) = try Self.start(workload: workload, vcpus: vcpus, postcopy: true, params: [("downtime-limit", .int(5))])
+        let (src, dst, _) = try startMigration(workload: workload, vcpus: vcpus, postcopy: true, params: [("downtime-limit", .int(5))])
         // Let precopy send everything once, then switch.
         let t0 = Date()
         while try src.query()["ram"]?["dirty-sync-count"]?.int ?? 0 < 2, Date().timeIntervalSince(t0) < 30 { usleep(20_000) }
@@ -59,7 +41,7 @@ struct PrecopyMigrationTests {
     @Test("precopy alone completes for a guest whose writes converge; downtime is reported",
           arguments: [("idle", 2), ("hotcold", 1)])
     func precopyOnlyConverges(workload: String, vcpus: Int) throws {
-        let (src, dst, _) = try Self.start(workload: workload, vcpus: vcpus, postcopy: false)
+        let (src, dst, _) = try startMigration(workload: workload, vcpus: vcpus, postcopy: false)
         let info = try src.waitForMigration()
         #expect(info["status"]?.stringValue == "completed", "\(info.jsonText)\n\(src.log)\n\(dst.log)")
         #expect(info["downtime"] != nil)
@@ -72,7 +54,7 @@ struct PrecopyMigrationTests {
 
     @Test("precopy of a guest rewriting all its memory does not converge; cancel leaves the source running and correct")
     func linearDoesNotConvergeAndCancels() throws {
-        let (src, dst, _) = try Self.start(workload: "linear", vcpus: 1, postcopy: false, params: [("downtime-limit", .int(10))])
+        let (src, dst, _) = try startMigration(workload: "linear", vcpus: 1, postcopy: false, params: [("downtime-limit", .int(10))])
         let t0 = Date()
         while try src.query()["ram"]?["dirty-sync-count"]?.int ?? 0 < 4, Date().timeIntervalSince(t0) < 60 { usleep(50_000) }
         let info = try src.query()

@@ -97,3 +97,25 @@ struct TestBed {
 extension MonitorValue {
     var int: Int64 { intValue ?? -1 }
 }
+
+/// A destination and a source host running the same guest, the source warmed up (one pass),
+/// capabilities and parameters set on both sides, and `migrate` issued.
+func startMigration(workload: String, vcpus: Int, memory: String = "256M", postcopy: Bool, blocktime: Bool? = nil,
+                    maxBandwidth: Int64? = 100_000_000_000, params: [(String, MonitorValue)] = []) throws
+    -> (src: TestHost, dst: TestHost, bed: TestBed) {
+    let bed = try TestBed()
+    let dst = try TestHost(directory: bed.directory, role: "dst", memory: memory, vcpus: vcpus, workload: workload, incoming: bed.uri)
+    let src = try TestHost(directory: bed.directory, role: "src", memory: memory, vcpus: vcpus, workload: workload)
+    try src.waitForPasses(1)
+    let caps: [MonitorValue] = [
+        .object([("capability", .string("postcopy-ram")), ("state", .bool(postcopy))]),
+        .object([("capability", .string("postcopy-blocktime")), ("state", .bool(blocktime ?? postcopy))]),
+    ]
+    let parameters = (maxBandwidth.map { [("max-bandwidth", MonitorValue.int($0))] } ?? []) + params
+    for side in [src, dst] {
+        try side.qmp.execute("migrate-set-capabilities", [("capabilities", .array(caps))])
+        if !parameters.isEmpty { try side.qmp.execute("migrate-set-parameters", parameters) }
+    }
+    try src.qmp.execute("migrate", [("uri", .string(bed.uri))])
+    return (src, dst, bed)
+}
