@@ -3,15 +3,9 @@ import Glibc
 /// What a host embeds to be migratable and to answer QEMU's monitor commands: it keeps the
 /// capabilities and parameters, starts outgoing and incoming migrations over the host's guest
 /// memory, and reports `query-migrate`. A host adds its run state and its own commands.
-public protocol MigratableHost: SourceHooks, DestinationHooks {
+public protocol MigratableHost: SourceHooks, DestinationHooks, HostControl {
     /// The vCPU threads' kernel tids, vCPU 0 first (for per-vCPU blocktime).
     var vcpuThreadIDs: [Int32] { get }
-    func runState() -> (running: Bool, status: String)
-    func stop() throws
-    func cont() throws
-    func quit()
-    func extraCommand(_ name: String, arguments: [String: MonitorValue]) throws -> MonitorValue?
-    func extraInfo(_ topic: String) throws -> String?
 }
 
 public final class MigrationController: MonitorBackend, @unchecked Sendable {

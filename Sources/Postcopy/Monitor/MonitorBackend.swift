@@ -1,7 +1,7 @@
 /// What a monitor (QMP or HMP) drives: the host's migration and run state.
 /// The host implements it; the monitor servers translate QEMU's commands into these calls.
 /// Every call may be made from any monitor connection's thread.
-public protocol MonitorBackend: AnyObject, Sendable {
+public protocol MonitorBackend: HostControl, Sendable {
     /// Capability names and states in QEMU's order (`info migrate_capabilities`).
     func capabilities() -> [(name: String, enabled: Bool)]
     /// Throws a `MonitorError` to refuse the change. The monitors check `name` against
@@ -22,7 +22,11 @@ public protocol MonitorBackend: AnyObject, Sendable {
     func pauseMigration() throws
     func recoverMigration(uri: String) throws
     func queryMigrate() -> MigrationInfo
+}
 
+/// The host's own part of the monitor: its run state and the commands only it knows. A
+/// migratable host implements it; the monitor reaches it through `MonitorBackend`.
+public protocol HostControl: AnyObject {
     /// `query-status`: whether the vCPUs run, and QEMU's RunState name
     /// ("running", "paused", "inmigrate", "postmigrate", "finish-migrate").
     func runState() -> (running: Bool, status: String)
