@@ -24,7 +24,6 @@ public final class IncomingMigration: @unchecked Sendable {
     private let received: AtomicBitmap
     private let requested: AtomicBitmap
     private let receivedPages = AtomicCounter()
-    private let receivedZeroPages = AtomicCounter()
     private let requestsSent = AtomicCounter()
     private let receivedBytes = AtomicCounter()
     private let finished = AtomicCounter()
@@ -39,7 +38,11 @@ public final class IncomingMigration: @unchecked Sendable {
     private let multifdSynced = Guarded([UInt64]())
     private let state = Guarded(DestinationState())
     /// An eventfd that wakes the fault thread when the migration ends.
-    private let stopFaults = eventfd(0, Int32(EFD_CLOEXEC))
+    private let stopFaults: Int32
+    /// Receiver threads of the urgent and multifd channels still running.
+    private let receivers = Guarded(0)
+    private let normalPlaced = AtomicCounter()
+    private let zeroPlaced = AtomicCounter()
 
     struct DestinationState {
         var status = "setup"
@@ -70,6 +73,7 @@ public final class IncomingMigration: @unchecked Sendable {
         self.memory = memory
         self.settings = settings
         self.hooks = hooks
+        stopFaults = try syscallValue("eventfd") { eventfd(0, Int32(EFD_CLOEXEC)) }
         listener = try Listener(endpoint: endpoint)
         self.endpoint = listener.endpoint
         blocktime = BlocktimeTracker(vcpuCount: vcpuCount)
@@ -113,7 +117,11 @@ public final class IncomingMigration: @unchecked Sendable {
                 continue
             }
             receive(on: channel, kind: .main)
-            guard finished.value == 0, running.value == 0 else { return }
+            guard finished.value == 0, running.value == 0 else {
+                // Done (or failed after the guest ran here): this host takes no other migration.
+                listener.shutdown()
+                return
+            }
             // Failed or cancelled before the switchover: the source still runs the guest.
             // Drop everything that came and wait for the next attempt.
             reset()
@@ -127,6 +135,7 @@ public final class IncomingMigration: @unchecked Sendable {
         var one: UInt64 = 1
         _ = Glibc.write(stopFaults, &one, 8)
         faultThreads.wait { $0 == 0 }
+        receivers.wait { $0 == 0 }
         var drain: UInt64 = 0
         _ = Glibc.read(stopFaults, &drain, 8)
         sessionEnded.store(0)
@@ -141,8 +150,9 @@ public final class IncomingMigration: @unchecked Sendable {
             _ = requested.testAndClear(p)
         }
         receivedPages.store(0)
-        receivedZeroPages.store(0)
         receivedBytes.store(0)
+        normalPlaced.store(0)
+        zeroPlaced.store(0)
         bytesAtRun.store(0)
         requestsSent.store(0)
         discardedPages.store(0)
@@ -155,6 +165,9 @@ public final class IncomingMigration: @unchecked Sendable {
     }
 
     private func handshake(_ main: Channel) throws {
+        // A peer that connects and stays silent must not block the port: 10 s per step.
+        main.setReceiveTimeout(seconds: 10)
+        defer { main.setReceiveTimeout(seconds: 0) }
         let hello = try readHandshake(main)
         guard hello.role == .main else { throw ProtocolError.unexpectedFrame(.hello, while: "expecting the main channel first") }
         try hello.validate(pageSize: memory.pageSize, regionSize: memory.size)
@@ -164,7 +177,9 @@ public final class IncomingMigration: @unchecked Sendable {
         try main.write(FrameHeader(.helloAck))
         var urgent: Channel?
         if hello.flags & Handshake.preemptFlag != 0 {
-            let channel = try listener.accept()
+            let channel = try listener.accept(timeout: 10)
+            channel.setReceiveTimeout(seconds: 10)
+            defer { channel.setReceiveTimeout(seconds: 0) }
             let second = try readHandshake(channel)
             guard second.role == .urgent, second.session == hello.session else {
                 throw ProtocolError.unexpectedFrame(.hello, while: "expecting the urgent channel of session \(hello.session)")
@@ -173,7 +188,9 @@ public final class IncomingMigration: @unchecked Sendable {
         }
         var multifd: [Channel] = []
         for index in 0..<hello.multifdChannels {
-            let channel = try listener.accept()
+            let channel = try listener.accept(timeout: 10)
+            channel.setReceiveTimeout(seconds: 10)
+            defer { channel.setReceiveTimeout(seconds: 0) }
             let data = try readHandshake(channel)
             guard data.role == .multifd, data.session == hello.session, data.multifdIndex == index else {
                 throw ProtocolError.unexpectedFrame(.hello, while: "expecting multifd channel \(index) of session \(hello.session)")
@@ -197,11 +214,18 @@ public final class IncomingMigration: @unchecked Sendable {
             faultLoop(uffd, returnPath: main, stop: stop)
             faultThreads.update { $0 -= 1 }
         }
+        receivers.update { $0 = (urgent == nil ? 0 : 1) + multifd.count }
         if let urgent {
-            startThread("mig-urgent") { [self] in receive(on: urgent, kind: .urgent) }
+            startThread("mig-urgent") { [self] in
+                receive(on: urgent, kind: .urgent)
+                receivers.update { $0 -= 1 }
+            }
         }
         for (index, channel) in multifd.enumerated() {
-            startThread("mig-multifd\(index)") { [self] in receive(on: channel, kind: .multifd(index)) }
+            startThread("mig-multifd\(index)") { [self] in
+                receive(on: channel, kind: .multifd(index))
+                receivers.update { $0 -= 1 }
+            }
         }
     }
 
@@ -251,14 +275,14 @@ public final class IncomingMigration: @unchecked Sendable {
                     if finished.value != 0 { continue }
                     if running.value == 0 {
                         // Precopy: a page may come again with newer content; the vCPUs are not running here.
-                        try place(firstPage, count, from: zero ? nil : buffer, uffd: uffd, overwrite: true)
+                        try place(firstPage, count, from: zero ? nil : buffer, uffd: uffd, overwrite: true, zeroPage: buffer)
                     } else if !allReceived(firstPage, count) {
                         // Postcopy: the content is final; a page already here stays as it is.
-                        try place(firstPage, count, from: zero ? nil : buffer, uffd: uffd, overwrite: false)
+                        try place(firstPage, count, from: zero ? nil : buffer, uffd: uffd, overwrite: false, zeroPage: buffer)
                     }
                     markReceived(firstPage, count, zero: zero)
                 case .discard:
-                    guard isMain, running.value == 0 else { throw ProtocolError.unexpectedFrame(.discard, while: "in postcopy") }
+                    guard isMain, running.value == 0 else { throw ProtocolError.unexpectedFrame(.discard, while: isMain ? "in postcopy" : "reading a channel that is not main") }
                     let first = header.argument, count = Int(header.count)
                     guard count >= 1, first < UInt64(pageCount), first + UInt64(count) <= UInt64(pageCount) else {
                         throw ProtocolError.pagesOutOfRange(first: first, count: header.count, pageCount: pageCount)
@@ -268,7 +292,7 @@ public final class IncomingMigration: @unchecked Sendable {
                     _ = receivedPages.fetchAdd(0 &- dropped)
                     discards.append((Int(first), count))
                 case .deviceState:
-                    guard isMain else { throw ProtocolError.unexpectedFrame(.deviceState, while: "reading the urgent channel") }
+                    guard isMain else { throw ProtocolError.unexpectedFrame(.deviceState, while: "reading a channel that is not main") }
                     if !discards.isEmpty {
                         try applyDiscards(discards, uffd: uffd)
                         discards = []
@@ -282,7 +306,7 @@ public final class IncomingMigration: @unchecked Sendable {
                     guard let hooks else { throw MonitorError("the host went away") }
                     try hooks.restoreDeviceState(device)
                 case .run:
-                    guard isMain else { throw ProtocolError.unexpectedFrame(.run, while: "reading the urgent channel") }
+                    guard isMain else { throw ProtocolError.unexpectedFrame(.run, while: "reading a channel that is not main") }
                     state.update { s in
                         s.status = "postcopy-active"
                         s.runningNs = monotonicNanoseconds()
@@ -301,7 +325,7 @@ public final class IncomingMigration: @unchecked Sendable {
                     guard isMain else { throw ProtocolError.unexpectedFrame(.syncWait, while: "reading a channel that is not main") }
                     // Pages still in flight on a multifd channel must be placed before what follows here.
                     while !multifdSynced.wait(timeout: 0.2, until: { $0.allSatisfy { $0 >= header.argument } }) {
-                        if status == "failed" { throw ProtocolError.truncated("a multifd channel (it failed)") }
+                        if status == "failed" { throw MonitorError("a multifd channel failed while main waited for it") }
                     }
                 case .complete:
                     break   // completion is counted in pages received, whichever channel brought them
@@ -321,7 +345,8 @@ public final class IncomingMigration: @unchecked Sendable {
     /// Places a run: with `overwrite`, pages already here get the new content by a plain copy
     /// (only before the vCPUs run); missing ones go in with UFFDIO_COPY / UFFDIO_ZEROPAGE.
     @inline(__always)
-    private func place(_ first: Int, _ count: Int, from buffer: UnsafeMutableRawPointer?, uffd: UserfaultFD, overwrite: Bool) throws {
+    private func place(_ first: Int, _ count: Int, from buffer: UnsafeMutableRawPointer?, uffd: UserfaultFD, overwrite: Bool,
+                       zeroPage: UnsafeMutableRawPointer) throws {
         let pageSize = memory.pageSize
         var p = first
         while p < first + count {
@@ -339,6 +364,12 @@ public final class IncomingMigration: @unchecked Sendable {
                 }
             } else if let source {
                 _ = try uffd.copyRun(to: address, from: source, length: length, pageSize: pageSize)
+            } else if memory.backing == .hugetlbfs {
+                // UFFDIO_ZEROPAGE does not exist for hugetlbfs: copy a zeroed page instead.
+                memset(zeroPage, 0, pageSize)
+                for offset in stride(from: 0, to: length, by: pageSize) {
+                    _ = try uffd.copyRun(to: address + UInt(offset), from: zeroPage, length: pageSize, pageSize: pageSize)
+                }
             } else {
                 try uffd.zeroRun(at: address, length: length, pageSize: pageSize)
             }
@@ -370,7 +401,10 @@ public final class IncomingMigration: @unchecked Sendable {
             while end < memory.pageCount, received.contains(end) { end += 1 }
             let offset = UInt(p * pageSize), length = (end - p) * pageSize
             do {
-                _ = try uffd.move(to: memory.base + offset, from: aside + offset, length: length)
+                if try uffd.move(to: memory.base + offset, from: aside + offset, length: length) == .alreadyPresent {
+                    // Part of the run was there already: place the rest one page at a time.
+                    _ = try uffd.copyRun(to: memory.base + offset, from: UnsafeRawPointer(bitPattern: aside + offset)!, length: length, pageSize: pageSize)
+                }
             } catch {
                 // Pages shared with a forked child cannot be moved (EBUSY): copy them.
                 _ = try uffd.copyRun(to: memory.base + offset, from: UnsafeRawPointer(bitPattern: aside + offset)!, length: length, pageSize: pageSize)
@@ -392,7 +426,7 @@ public final class IncomingMigration: @unchecked Sendable {
         var newly: UInt64 = 0
         for p in first..<(first + count) where received.testAndSet(p) { newly += 1 }
         blocktime.pagesArrived(first: first, count: count, now: monotonicNanoseconds())
-        if zero { receivedZeroPages.add(newly) }
+        if zero { zeroPlaced.add(newly) } else { normalPlaced.add(newly) }
         if newly > 0, receivedPages.fetchAdd(newly) + newly == UInt64(memory.pageCount), running.value != 0 {
             finish()
         }
@@ -446,11 +480,17 @@ public final class IncomingMigration: @unchecked Sendable {
     }
 
     private func fail(_ error: any Error) {
-        state.update { s in
-            guard !["completed", "failed"].contains(s.status) else { return }
+        let first = state.update { s -> Bool in
+            guard !["completed", "failed"].contains(s.status) else { return false }
             s.status = "failed"
             s.error = "\(error)"
             s.endNs = monotonicNanoseconds()
+            return true
+        }
+        // Before the guest ran here, the source may take it back: say so on the return path.
+        if first, running.value == 0, let main = state.read({ $0.main }) {
+            let bytes = Array("the destination did not run the guest: \(error)".utf8.prefix(4096))
+            try? bytes.withUnsafeBytes { try main.write(FrameHeader(.error, count: UInt32($0.count)), payload: $0.baseAddress, length: $0.count) }
         }
         shutdownChannels()
     }
@@ -479,10 +519,11 @@ public final class IncomingMigration: @unchecked Sendable {
         var ram = MigrationInfo.RAM()
         ram.transferred = receivedBytes.value
         ram.total = UInt64(memory.size)
-        ram.remaining = UInt64(memory.pageCount - Int(receivedPages.value)) * UInt64(memory.pageSize)
+        let present = min(UInt64(memory.pageCount), receivedPages.value)   // counters may lag a discard by a moment
+        ram.remaining = (UInt64(memory.pageCount) - present) * UInt64(memory.pageSize)
         ram.pageSize = UInt64(memory.pageSize)
-        ram.duplicate = receivedZeroPages.value
-        ram.normal = receivedPages.value - ram.duplicate
+        ram.duplicate = zeroPlaced.value
+        ram.normal = normalPlaced.value
         ram.normalBytes = ram.normal * UInt64(memory.pageSize)
         ram.postcopyRequests = requestsSent.value
         let atRun = bytesAtRun.value
@@ -492,7 +533,7 @@ public final class IncomingMigration: @unchecked Sendable {
             let seconds = Double((s.endNs ?? now) - running) / 1e9
             if seconds > 0 {
                 ram.mbps = Double(ram.transferred) * 8 / seconds / 1e6
-                ram.pagesPerSecond = UInt64(Double(receivedPages.value) / seconds)
+                ram.pagesPerSecond = UInt64(Double(ram.normal + ram.duplicate) / seconds)
             }
         }
         info.ram = ram

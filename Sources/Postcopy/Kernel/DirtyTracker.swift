@@ -7,6 +7,7 @@ public enum DirtyTrackingMethod: String, Sendable {
     /// returns the written pages and protects them again.
     case pagemapScan = "pagemap-scan"
     /// The soft-dirty bit: /proc/self/clear_refs + pagemap bit 55 (needs CONFIG_MEM_SOFT_DIRTY).
+    /// Reading and clearing are two steps, so writers must hold still during `sync`.
     case softDirty = "soft-dirty"
 }
 

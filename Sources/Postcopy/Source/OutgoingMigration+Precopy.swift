@@ -6,7 +6,7 @@ extension OutgoingMigration {
     /// measured bandwidth (finish in precopy), false when postcopy was asked for.
     func precopy(_ main: Channel, tracker: DirtyTracker) throws -> Bool {
         let pageSize = memory.pageSize
-        let maxRun = Int(settings.xPagesPerFrame)
+        let maxRun = maxPagesPerFrame
         var bandwidth = Double(settings.maxBandwidth)
         var passes: Int64 = 0
         while interrupt.value == 0 {
@@ -21,10 +21,15 @@ extension OutgoingMigration {
             if bytes > 1 << 20, passNs > 0 {
                 bandwidth = min(Double(settings.maxBandwidth), Double(bytes) / (Double(passNs) / 1e9))
             }
-            // Sync: what did the vCPUs write meanwhile?
-            let dirty = try tracker.sync { first, count in
+            // Sync: what did the vCPUs write meanwhile? Soft-dirty reads the bits and clears them
+            // in two steps, and a write between the two would be lost: the vCPUs hold still for it.
+            let quiesce = tracker.method == .softDirty
+            if quiesce { hooks?.pauseVCPUs() }
+            let synced = Result { try tracker.sync { first, count in
                 for p in first..<(first + count) { _ = pending.testAndSet(p) }
-            }
+            } }
+            if quiesce { hooks?.resumeVCPUs() }
+            let dirty = try synced.get()
             let remaining = Double(pending.population() * pageSize)
             let expectedMs = bandwidth > 0 ? remaining / bandwidth * 1000 : .infinity
             state.update { s in
@@ -39,8 +44,6 @@ extension OutgoingMigration {
                 state.update { $0.postcopyRequested = true }
                 return false
             }
-            // Nothing written and nothing left would spin: wait a little for the guest to write.
-            if remaining == 0 { usleep(10_000) }
         }
         return false
     }
@@ -50,7 +53,7 @@ extension OutgoingMigration {
     func sendPass(pages: Range<Int>, maxRun: Int, on channel: Channel, pace: inout Pace) throws -> Int {
         var bytes = 0
         var page = pages.lowerBound
-        while interrupt.value == 0, page < pages.upperBound, let first = pending.firstSet(from: page), first >= page, first < pages.upperBound {
+        while interrupt.value == 0, let first = pending.firstSet(in: page..<pages.upperBound) {
             let (next, sent) = try sendRun(from: first, maxRun: maxRun, upTo: pages.upperBound, on: channel)
             bytes += sent
             page = next
@@ -117,7 +120,7 @@ extension OutgoingMigration {
         try syncMultifd(main)
         var page = 0
         while page < memory.pageCount, let first = pending.firstSet(from: page), first >= page {
-            page = try sendRun(from: first, maxRun: Int(settings.xPagesPerFrame), on: main).next
+            page = try sendRun(from: first, maxRun: maxPagesPerFrame, on: main).next
         }
         precopyEndBytes.store(before)
         try sendDeviceStateAndRun(main)

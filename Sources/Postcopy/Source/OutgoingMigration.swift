@@ -14,7 +14,7 @@ public final class OutgoingMigration: @unchecked Sendable {
     public let memory: GuestMemory
     public let settings: MigrationSettings
     public let endpoint: Endpoint
-    private weak var hooks: (any SourceHooks)?
+    weak var hooks: (any SourceHooks)?
 
     let state = Guarded(SourceState())
     /// Pages whose current content the destination lacks. Claimed (cleared) by whoever sends them.
@@ -51,6 +51,13 @@ public final class OutgoingMigration: @unchecked Sendable {
         var error: String?
         var postcopyRequested = false
         var vcpusPaused = false
+        /// "run" has been written: from here the destination may be running the guest, so the
+        /// source must never resume it (that would run the guest twice).
+        var runSent = false
+        /// The destination said it runs the guest.
+        var destinationRunning = false
+        /// The destination refused the switch before running (an error frame before "running").
+        var destinationRefused = false
         var dirtySyncCount: UInt64 = 0
         var dirtyPagesRate: UInt64 = 0
         var expectedDowntimeMs: UInt64?
@@ -98,7 +105,7 @@ public final class OutgoingMigration: @unchecked Sendable {
     public func cancel() throws {
         let wasPaused: Bool = try state.update { s in
             if ["completed", "failed", "cancelled"].contains(s.status) { return false }
-            if s.status == "postcopy-active" {
+            if s.status == "postcopy-active" || s.runSent {
                 throw MonitorError("cannot cancel a migration in postcopy: the guest's memory is split between both hosts")
             }
             s.status = "cancelled"
@@ -168,7 +175,8 @@ public final class OutgoingMigration: @unchecked Sendable {
         startThread("mig-requests") { [self] in serveReturnPath(main) }
 
         let converged = try precopy(main, tracker: tracker)
-        if state.read({ $0.status == "cancelled" }) { return }
+        // Precopy also ends when the migration failed or was cancelled: then nothing more.
+        guard state.read({ $0.status == "active" && (converged || $0.postcopyRequested) }) else { return }
         if converged {
             try completeInPrecopy(main, tracker: tracker)
         } else {
@@ -234,6 +242,12 @@ public final class OutgoingMigration: @unchecked Sendable {
         return acc == 0
     }
 
+    /// Pages per data frame: `x-pages-per-frame`, but never more bytes than the destination
+    /// takes in one frame (FrameHeader.maxPayload, or one page where pages are larger).
+    var maxPagesPerFrame: Int {
+        max(1, min(Int(settings.xPagesPerFrame), FrameHeader.maxPayload / memory.pageSize))
+    }
+
     /// A sender's progress against its bandwidth limit (0: unlimited).
     struct Pace {
         var start = monotonicNanoseconds()
@@ -244,7 +258,7 @@ public final class OutgoingMigration: @unchecked Sendable {
     /// Sleeps as needed to keep `bytes` sent since `start` under `bandwidth` bytes per second.
     func throttle(bytes: Int, since start: UInt64, bandwidth: Int64) {
         guard bandwidth > 0 else { return }
-        let due = start + UInt64(bytes) * 1_000_000_000 / UInt64(bandwidth)
+        let due = start + UInt64(Double(bytes) / Double(bandwidth) * 1e9)
         let now = monotonicNanoseconds()
         if due > now { usleep(UInt32(min((due - now) / 1000, 1_000_000))) }
     }
@@ -256,6 +270,9 @@ public final class OutgoingMigration: @unchecked Sendable {
     /// every n-th chunk of 256 pages). After each request every lane moves to just after the
     /// requested page (spatial locality: the vCPU will likely want the next ones soon).
     private func push(_ main: Channel) {
+        // Background pages on the multifd channels must not reach the destination before it has
+        // processed the discards and "run" on main: wait for its "running" (one round trip).
+        state.wait { $0.destinationRunning || $0.status != "postcopy-active" }
         let lanes = multifd.isEmpty ? [main] : multifd
         let outcome = Guarded((done: 0, error: (any Error)?.none))
         for (i, channel) in lanes.enumerated().dropFirst() {
@@ -272,6 +289,10 @@ public final class OutgoingMigration: @unchecked Sendable {
             try pushLane(0, of: lanes.count, on: lanes[0])
             outcome.wait { $0.done == lanes.count - 1 }
             if let error = outcome.read({ $0.error }) { throw error }
+            // Whatever a lane may have passed over after a jump goes now, on main.
+            while interrupt.value == 0, let first = pending.firstSet(from: 0) {
+                _ = try sendRun(from: first, maxRun: maxPagesPerFrame, on: main)
+            }
             if interrupt.value == 0 {
                 try main.write(FrameHeader(.complete, argument: UInt64(memory.pageCount)))
             }
@@ -286,11 +307,12 @@ public final class OutgoingMigration: @unchecked Sendable {
         let chunks = (pageCount + chunk - 1) / chunk
         guard lane < chunks else { return }
         let ownChunks = (chunks - lane + lanes - 1) / lanes
-        let maxRun = Int(settings.xPagesPerFrame)
+        let maxRun = maxPagesPerFrame
         var pace = Pace(bandwidth: settings.maxPostcopyBandwidth / Int64(lanes))
         var c = lane
         var from = c * chunk
         var emptyInARow = 0
+        var partial = false   // the chunk a jump landed in, scanned only from the jump on
         var seenJump = jumpGeneration.value
         while interrupt.value == 0 {
             let generation = jumpGeneration.value
@@ -301,6 +323,7 @@ public final class OutgoingMigration: @unchecked Sendable {
                 let next = pc + (lane - pc % lanes + lanes) % lanes
                 c = next < chunks ? next : lane
                 from = c == pc ? page : c * chunk
+                partial = from != c * chunk
                 emptyInARow = 0
             }
             let end = min(pageCount, (c + 1) * chunk)
@@ -311,10 +334,11 @@ public final class OutgoingMigration: @unchecked Sendable {
                 pace.bytes += bytes
                 throttle(bytes: pace.bytes, since: pace.start, bandwidth: pace.bandwidth)
                 if from < end { continue }
-            } else {
+            } else if !partial {
                 emptyInARow += 1
                 if emptyInARow >= ownChunks { return }   // pending only shrinks in postcopy
             }
+            partial = false
             c += lanes
             if c >= chunks { c = lane }
             from = c * chunk
@@ -356,12 +380,13 @@ public final class OutgoingMigration: @unchecked Sendable {
                     let readAheadEnd = min(memory.pageCount, firstPage + Int(count) + readAhead)
                     var next = firstPage + Int(count)
                     while let p = pending.firstSet(in: next..<readAheadEnd) {
-                        next = try sendRun(from: p, maxRun: readAhead, upTo: readAheadEnd, on: channel).next
+                        next = try sendRun(from: p, maxRun: min(readAhead, maxPagesPerFrame), upTo: readAheadEnd, on: channel).next
                     }
                     jumpTo.store(UInt64(readAheadEnd))
                     jumpGeneration.add(1)
                 case .running:
                     state.update { s in
+                        s.destinationRunning = true
                         if let paused = s.pausedNs { s.downtimeNs = monotonicNanoseconds() - paused }
                     }
                 case .done:
@@ -374,7 +399,11 @@ public final class OutgoingMigration: @unchecked Sendable {
                     shutdownChannels()
                     return
                 case .error:
-                    throw ProtocolError.peer(try readMessage(header, from: main, scratch: scratch))
+                    let message = try readMessage(header, from: main, scratch: scratch)
+                    state.update { s in
+                        if !s.destinationRunning { s.destinationRefused = true }
+                    }
+                    throw ProtocolError.peer(message)
                 default:
                     throw ProtocolError.unexpectedFrame(header.kind, while: "reading the return path")
                 }
@@ -388,12 +417,13 @@ public final class OutgoingMigration: @unchecked Sendable {
         if error is MigrationCancelled { return }
         let resume: Bool = state.update { s in
             guard !["completed", "failed", "cancelled"].contains(s.status) else { return false }
-            let wasPostcopy = s.status == "postcopy-active"
             s.status = "failed"
             s.error = "\(error)"
             s.endNs = monotonicNanoseconds()
-            // Before the switchover the source still owns the guest: it keeps running.
-            return s.vcpusPaused && !wasPostcopy
+            // The source still owns the guest until "run" went out, or when the destination
+            // said it refused the switch: then it keeps running here. Otherwise it stays paused
+            // (the destination may be running it).
+            return s.vcpusPaused && (!s.runSent || s.destinationRefused && !s.destinationRunning)
         }
         interrupt.store(1)
         shutdownChannels()
@@ -413,12 +443,21 @@ public final class OutgoingMigration: @unchecked Sendable {
         for channel in multifd { channel.shutdown() }
     }
 
+    /// Pauses the source's vCPUs for the switch, unless the migration ended meanwhile (then the
+    /// guest keeps running here and this throws).
     func pauseVCPUs() throws {
         guard let hooks else { throw MonitorError("the host went away") }
+        guard state.read({ $0.status == "active" }) else { throw MigrationCancelled() }
         hooks.pauseVCPUs()
-        state.update { s in
+        let paused = state.update { s -> Bool in
+            guard s.status == "active" else { return false }
             s.pausedNs = monotonicNanoseconds()
             s.vcpusPaused = true
+            return true
+        }
+        if !paused {
+            hooks.resumeVCPUs()
+            throw MigrationCancelled()
         }
     }
 
@@ -429,6 +468,7 @@ public final class OutgoingMigration: @unchecked Sendable {
             try main.write(FrameHeader(.deviceState, count: UInt32(raw.count)), payload: raw.baseAddress, length: raw.count)
         }
         deviceStateBytes.store(UInt64(device.count + FrameHeader.size))
+        state.update { $0.runSent = true }
         try main.write(FrameHeader(.run))
     }
 }

@@ -30,6 +30,13 @@ public final class Channel: @unchecked Sendable {
         }
     }
 
+    /// Makes reads give up after `seconds` (0: wait forever), so a silent peer cannot hold a
+    /// handshake hostage.
+    public func setReceiveTimeout(seconds: Int) {
+        var tv = timeval(tv_sec: seconds, tv_usec: 0)
+        setsockopt(descriptor, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
     /// Shuts both directions down, waking a thread blocked reading it.
     public func shutdown() { Glibc.shutdown(descriptor, Int32(SHUT_RDWR)) }
 
@@ -44,6 +51,7 @@ public final class Channel: @unchecked Sendable {
             if n > 0 { done += n; continue }
             if n == 0 { throw done == 0 && count == FrameHeader.size ? ProtocolError.closed : ProtocolError.truncated(what()) }
             if errno == EINTR { continue }
+            if errno == EAGAIN { throw ProtocolError.truncated("\(what()) (the peer went silent)") }
             throw SystemError("recv(\(what()))")
         }
     }
@@ -151,7 +159,9 @@ public struct Endpoint: Sendable, Equatable, CustomStringConvertible {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
         }
         if rc != 0 {
-            let error = SystemError("connect(\(self))")
+            let error = SystemError(errno == ECONNREFUSED
+                ? "connect(\(self)): nothing listens there; start the destination with --incoming \(self) (or migrate_incoming)"
+                : "connect(\(self))")
             close(fd)
             throw error
         }
@@ -188,8 +198,15 @@ public final class Listener: @unchecked Sendable {
 
     deinit { close(descriptor) }
 
-    public func accept() throws -> Channel {
+    /// Accepts the next connection; with `timeout` (seconds), gives up with ETIMEDOUT.
+    public func accept(timeout: Int32? = nil) throws -> Channel {
+        if let timeout {
+            var p = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
+            let n = try syscallValue("poll(\(endpoint))") { poll(&p, 1, timeout * 1000) }
+            if n == 0 { throw SystemError("accept(\(endpoint)): no connection within \(timeout) s", errno: ETIMEDOUT) }
+        }
         let fd = try syscallValue("accept(\(endpoint))") { Glibc.accept(descriptor, nil, nil) }
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
         return Channel(descriptor: fd)
     }
 

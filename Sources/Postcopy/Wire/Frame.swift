@@ -2,7 +2,7 @@
 /// 16-byte little-endian header: kind (u8), flags (u8), reserved (u16), count (u32), argument (u64).
 public enum FrameKind: UInt8, Sendable {
     // source -> destination, main or urgent channel
-    case hello = 1          // count: payload bytes (Hello)
+    case hello = 1          // not sent as a frame: names the handshake in errors
     case pages = 2          // argument: first page; count: pages; payload: count * pageSize bytes
     case zeroPages = 3      // argument: first page; count: pages; no payload
     case deviceState = 4    // count: payload bytes
@@ -22,6 +22,8 @@ public enum FrameKind: UInt8, Sendable {
 
 public struct FrameHeader: Sendable, Equatable {
     public static let size = 16
+    /// The most payload bytes a page frame carries (one page, where pages are larger).
+    public static let maxPayload = 1 << 20
     public var kind: FrameKind
     public var count: UInt32
     public var argument: UInt64
@@ -81,7 +83,7 @@ public enum ProtocolError: Error, Equatable, CustomStringConvertible, Sendable {
         case let .unexpectedFrame(k, state):
             "unexpected \(k) frame while \(state)"
         case let .pagesOutOfRange(first, count, pageCount):
-            "pages \(first)..<\(first + UInt64(count)) are outside the guest memory (\(pageCount) pages)"
+            "\(count) pages from page \(first) are outside the guest memory (\(pageCount) pages)"
         case let .oversized(k, bytes, limit):
             "\(k) frame of \(bytes) bytes exceeds the limit of \(limit) bytes"
         case let .truncated(what):

@@ -110,8 +110,21 @@ struct DestinationInputTests {
             try source.main.write(FrameHeader(.pages, count: 2, argument: UInt64(Self.pages - 1)), payload: $0.baseAddress, length: $0.count)
         }
         #expect(incoming.waitUntilFinished(timeout: 10) == "failed")
-        #expect(incoming.info().errorDescription?.contains("pages 63..<65 are outside the guest memory (64 pages)") == true,
+        #expect(incoming.info().errorDescription?.contains("2 pages from page 63 are outside the guest memory (64 pages)") == true,
                 "\(incoming.info().errorDescription ?? "")")
+    }
+
+    @Test("a page index at the end of the number range is refused, not a crash")
+    func hugeIndexIsRefused() throws {
+        let (incoming, memory, _) = try Self.makeDestination()
+        let source = try FakeSource(port: incoming.endpoint.port)
+        try source.sendHandshake(pageSize: Self.pageSize, regionSize: memory.size)
+        #expect(try source.readReply().0.kind == .helloAck)
+        try source.main.write(FrameHeader(.zeroPages, count: UInt32.max, argument: UInt64.max))
+        #expect(incoming.waitUntilFinished(timeout: 10) == "failed")
+        #expect(incoming.info().errorDescription?.contains("outside the guest memory") == true, "\(incoming.info().errorDescription ?? "")")
+        let (reply, message) = try source.readReply()
+        #expect(reply.kind == .error && message?.contains("the destination did not run the guest") == true, "\(message ?? "")")
     }
 
     @Test("a stream cut in the middle of a page frame ends the migration with a clear error")

@@ -20,4 +20,24 @@ struct SourceFailureTests {
         try src.waitForPasses(before + 1, timeout: 20)
         #expect(try dst.qmp.execute("query-migrate")["status"]?.stringValue == "failed")
     }
+
+    @Test("a destination that refuses the device state at the switch gives the guest back to the source")
+    func refusedDeviceStateResumesSource() throws {
+        let bed = try TestBed()
+        let dst = try TestHost(directory: bed.directory, role: "dst", vcpus: 1, incoming: bed.uri)
+        let src = try TestHost(directory: bed.directory, role: "src", vcpus: 2)
+        try src.waitForPasses(1)
+        for side in [src, dst] { try side.qmp.run("migrate_set_capability postcopy-ram on") }
+        try src.qmp.execute("migrate", [("uri", .string(bed.uri))])
+        usleep(200_000)
+        try src.qmp.execute("migrate-start-postcopy")
+        let info = try src.waitForMigration(timeout: 20)
+        #expect(info["status"]?.stringValue == "failed")
+        #expect(info["error-desc"]?.stringValue?.contains("device state has 2 vCPUs, this host has 1") == true, "\(info.jsonText)")
+        #expect(try src.qmp.execute("query-status")["running"]?.boolValue == true, "the source runs the guest again")
+        let before = src.passes
+        try src.waitForPasses(before + 1, timeout: 20)
+        try src.qmp.execute("stop")
+        #expect(try src.qmp.execute("x-check-memory")["ok"]?.boolValue == true)
+    }
 }
