@@ -103,16 +103,13 @@ public final class BlocktimeTracker: @unchecked Sendable {
                 allBlocked.unlock()
             }
         }
-        // Non-vCPU faults, looked up by slot.
-        if count <= Self.otherSlots {
-            for page in first..<(first + count) {
-                let slot = page & (Self.otherSlots - 1)
-                if cpc_atomic_load_u64(otherPage + slot) == UInt64(page),
-                   cpc_atomic_cas_u64(otherPage + slot, UInt64(page), Self.none) != 0 {
-                    let waited = now > otherStart[slot] ? now - otherStart[slot] : 0
-                    nonVCPULatency.record(nanoseconds: waited)
-                    latency.record(nanoseconds: waited)
-                }
+        // Non-vCPU faults: each of the few slots is checked against the run.
+        for slot in 0..<Self.otherSlots {
+            let page = cpc_atomic_load_u64(otherPage + slot)
+            if page >= lo, page < hi, cpc_atomic_cas_u64(otherPage + slot, page, Self.none) != 0 {
+                let waited = now > otherStart[slot] ? now - otherStart[slot] : 0
+                nonVCPULatency.record(nanoseconds: waited)
+                latency.record(nanoseconds: waited)
             }
         }
     }

@@ -19,6 +19,8 @@ public final class GuestMemory: @unchecked Sendable {
     public let backing: GuestMemoryBacking
     /// The memfd behind a `.memfd` region, else -1.
     public let memfd: Int32
+    /// The NUMA node the region is bound to, if any.
+    public let numaNode: Int?
 
     public static let hugePageSize = 2 << 20
 
@@ -56,6 +58,7 @@ public final class GuestMemory: @unchecked Sendable {
         self.pageSize = page
         self.backing = backing
         self.memfd = fd
+        self.numaNode = numaNode
         if let numaNode {
             if cpc_mbind_preferred_node(mapping, UInt(size), Int32(numaNode), 1) != 0 {
                 let error = SystemError("mbind(node \(numaNode))")
@@ -122,6 +125,7 @@ public final class GuestMemory: @unchecked Sendable {
             _ = cpc_mremap_fixed(moved, size, pointer)
             throw error
         }
+        if let numaNode { _ = cpc_mbind_preferred_node(pointer, UInt(size), Int32(numaNode), 1) }
         return UInt(bitPattern: moved)
     }
 

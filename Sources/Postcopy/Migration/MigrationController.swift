@@ -48,7 +48,12 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
     public func parameters() -> [(name: String, value: MonitorValue)] { currentSettings.parameters }
 
     public func setParameter(_ name: String, value: MonitorValue) throws {
-        try lock.withLock { try settings.setParameter(name, value) }
+        let (running, limits) = try lock.withLock {
+            try settings.setParameter(name, value)
+            return (outgoing, (settings.maxBandwidth, settings.maxPostcopyBandwidth))
+        }
+        // Bandwidth limits apply to a migration under way, as in QEMU.
+        running?.setBandwidth(precopy: limits.0, postcopy: limits.1)
     }
 
     // MARK: migration

@@ -7,19 +7,21 @@ extension OutgoingMigration {
     func precopy(_ main: Channel, tracker: DirtyTracker) throws -> Bool {
         let pageSize = memory.pageSize
         let maxRun = maxPagesPerFrame
-        var bandwidth = Double(settings.maxBandwidth)
+        var bandwidth = Double(bandwidthLimit.value == 0 ? UInt64(1) << 40 : bandwidthLimit.value)
         var passes: Int64 = 0
         while interrupt.value == 0 {
             // One pass over what is pending now.
             let passStart = monotonicNanoseconds()
-            var pace = Pace(bandwidth: settings.maxBandwidth)
+            var pace = Pace(limit: bandwidthLimit)
             let bytes = multifd.isEmpty
                 ? try sendPass(pages: 0..<memory.pageCount, maxRun: maxRun, on: main, pace: &pace)
                 : try sendPassOnMultifd(maxRun: maxRun)
             if interrupt.value != 0 { break }
             let passNs = monotonicNanoseconds() - passStart
             if bytes > 1 << 20, passNs > 0 {
-                bandwidth = min(Double(settings.maxBandwidth), Double(bytes) / (Double(passNs) / 1e9))
+                let limit = Double(bandwidthLimit.value)
+                bandwidth = Double(bytes) / (Double(passNs) / 1e9)
+                if limit > 0 { bandwidth = min(limit, bandwidth) }
             }
             // Sync: what did the vCPUs write meanwhile? Soft-dirty reads the bits and clears them
             // in two steps, and a write between the two would be lost: the vCPUs hold still for it.
@@ -57,8 +59,7 @@ extension OutgoingMigration {
             let (next, sent) = try sendRun(from: first, maxRun: maxRun, upTo: pages.upperBound, on: channel)
             bytes += sent
             page = next
-            pace.bytes += sent
-            throttle(bytes: pace.bytes, since: pace.start, bandwidth: pace.bandwidth)
+            throttle(&pace, sent: sent)
         }
         return bytes
     }
@@ -72,10 +73,9 @@ extension OutgoingMigration {
         let chunk = 256
         let chunks = (memory.pageCount + chunk - 1) / chunk
         let outcome = Guarded((done: 0, bytes: 0, error: String?.none))
-        let bandwidth = settings.maxBandwidth / Int64(n)
         for i in 0..<n {
             startThread("mig-multifd\(i)") { [self] in
-                var pace = Pace(bandwidth: bandwidth)
+                var pace = Pace(limit: bandwidthLimit, share: Int64(n))
                 var failure: String?
                 do {
                     var c = i

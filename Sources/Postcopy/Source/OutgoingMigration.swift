@@ -30,6 +30,9 @@ public final class OutgoingMigration: @unchecked Sendable {
     let postcopyStartBytes = AtomicCounter()
     /// Set by migrate_start_postcopy or cancel: the precopy loop checks it between frames.
     let interrupt = AtomicCounter()
+    /// Bytes per second (0: unlimited), read live by the senders.
+    let bandwidthLimit: AtomicCounter
+    let postcopyBandwidthLimit: AtomicCounter
     /// Where the pusher continues: set by the request server to just after a requested page;
     /// the generation tells each pushing lane that it moved.
     let jumpTo = AtomicCounter(0)
@@ -71,6 +74,8 @@ public final class OutgoingMigration: @unchecked Sendable {
         self.hooks = hooks
         pending = AtomicBitmap(count: memory.pageCount)
         pending.setAll()
+        bandwidthLimit = AtomicCounter(UInt64(max(0, settings.maxBandwidth)))
+        postcopyBandwidthLimit = AtomicCounter(UInt64(max(0, settings.maxPostcopyBandwidth)))
         sentOnce = AtomicBitmap(count: memory.pageCount)
     }
 
@@ -248,19 +253,46 @@ public final class OutgoingMigration: @unchecked Sendable {
         max(1, min(Int(settings.xPagesPerFrame), FrameHeader.maxPayload / memory.pageSize))
     }
 
-    /// A sender's progress against its bandwidth limit (0: unlimited).
+    /// One sender's share of a bandwidth limit, kept in 100 ms windows. The limit is read live,
+    /// so `migrate_set_parameter max-bandwidth` applies to a running migration, as in QEMU.
     struct Pace {
-        var start = monotonicNanoseconds()
+        let limit: AtomicCounter
+        /// How many senders share the limit.
+        let share: Int64
+        var windowStart = monotonicNanoseconds()
+        var windowBytes = 0
+        /// Bytes sent in all.
         var bytes = 0
-        var bandwidth: Int64
+        init(limit: AtomicCounter, share: Int64 = 1) {
+            self.limit = limit
+            self.share = share
+        }
     }
 
-    /// Sleeps as needed to keep `bytes` sent since `start` under `bandwidth` bytes per second.
-    func throttle(bytes: Int, since start: UInt64, bandwidth: Int64) {
+    /// Counts `sent` bytes against the pace, sleeping out the window once its budget is spent.
+    @inline(__always)
+    func throttle(_ pace: inout Pace, sent: Int) {
+        pace.bytes += sent
+        let bandwidth = Int64(bitPattern: pace.limit.value) / pace.share
         guard bandwidth > 0 else { return }
-        let due = start + UInt64(Double(bytes) / Double(bandwidth) * 1e9)
+        pace.windowBytes += sent
+        let window: UInt64 = 100_000_000
         let now = monotonicNanoseconds()
-        if due > now { usleep(UInt32(min((due - now) / 1000, 1_000_000))) }
+        if pace.windowBytes >= Int(bandwidth / 10) {
+            let end = pace.windowStart + window
+            if end > now { usleep(UInt32((end - now) / 1000)) }
+            pace.windowStart = monotonicNanoseconds()
+            pace.windowBytes = 0
+        } else if now - pace.windowStart >= window {
+            pace.windowStart = now
+            pace.windowBytes = 0
+        }
+    }
+
+    /// Applies new bandwidth limits (bytes per second, 0: unlimited) to the running migration.
+    public func setBandwidth(precopy: Int64, postcopy: Int64) {
+        bandwidthLimit.store(UInt64(max(0, precopy)))
+        postcopyBandwidthLimit.store(UInt64(max(0, postcopy)))
     }
 
     // MARK: background pusher (postcopy)
@@ -308,7 +340,7 @@ public final class OutgoingMigration: @unchecked Sendable {
         guard lane < chunks else { return }
         let ownChunks = (chunks - lane + lanes - 1) / lanes
         let maxRun = maxPagesPerFrame
-        var pace = Pace(bandwidth: settings.maxPostcopyBandwidth / Int64(lanes))
+        var pace = Pace(limit: postcopyBandwidthLimit, share: Int64(lanes))
         var c = lane
         var from = c * chunk
         var emptyInARow = 0
@@ -331,8 +363,7 @@ public final class OutgoingMigration: @unchecked Sendable {
                 let (next, bytes) = try sendRun(from: first, maxRun: maxRun, upTo: end, on: channel)
                 from = next
                 emptyInARow = 0
-                pace.bytes += bytes
-                throttle(bytes: pace.bytes, since: pace.start, bandwidth: pace.bandwidth)
+                throttle(&pace, sent: bytes)
                 if from < end { continue }
             } else if !partial {
                 emptyInARow += 1

@@ -77,5 +77,7 @@ func parseSize(_ text: String) throws -> Int {
         digits = digits.dropLast()
     }
     guard let n = Int(digits), n > 0 else { throw ValidationError("invalid size '\(text)': expected e.g. 1000M or 1G") }
-    return n * unit
+    let (bytes, overflow) = n.multipliedReportingOverflow(by: unit)
+    guard !overflow else { throw ValidationError("size '\(text)' is too large") }
+    return bytes
 }

@@ -167,4 +167,18 @@ struct MonitorDrivenMigrationTests {
         #expect(info["ram"]!["postcopy-bytes"]!.int > 0, "the rest went in postcopy")
         try PrecopyMigrationTests.checkDestination(dst)
     }
+
+    @Test("max-bandwidth changed during a migration applies to it, as in QEMU")
+    func liveBandwidthChange() throws {
+        // At 1 MiB/s, 256 MiB of precopy would take over four minutes.
+        let (src, dst, _) = try startMigration(workload: "idle", vcpus: 1, postcopy: false, maxBandwidth: 1 << 20)
+        usleep(500_000)
+        let early = try src.query()
+        #expect(early["status"]?.stringValue == "active")
+        #expect(early["ram"]!["transferred"]!.int < 8 << 20, "held to about 1 MiB/s: \(early.jsonText)")
+        try src.qmp.run("migrate_set_parameter max-bandwidth 100G")
+        let info = try src.waitForMigration(timeout: 60)
+        #expect(info["status"]?.stringValue == "completed", "\(info.jsonText)")
+        try PrecopyMigrationTests.checkDestination(dst)
+    }
 }
