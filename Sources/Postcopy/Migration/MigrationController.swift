@@ -87,7 +87,7 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
     }
 
     public func startPostcopy() throws {
-        guard let o = outgoingMigration else { throw MonitorError("No migration is running: start one with migrate first") }
+        guard let o = outgoingMigration else { throw MonitorError("Postcopy must be started after migration has been started (run migrate first)") }
         try o.startPostcopy()
     }
 

@@ -97,12 +97,12 @@ public final class OutgoingMigration: @unchecked Sendable {
             guard settings.postcopyRAM else {
                 throw MonitorError("Enable postcopy with migrate_set_capability before the start of migration")
             }
-            guard ["setup", "active"].contains(s.status), !s.postcopyRequested else {
-                throw MonitorError("Postcopy must be started after migration has been started (status: \(s.status))")
-            }
+            // As QEMU: once a migration exists the request is taken; when precopy is already
+            // finishing (it converged) or the migration ended, it has nothing left to switch.
+            guard ["setup", "active"].contains(s.status) else { return }
             s.postcopyRequested = true
+            interrupt.store(1)
         }
-        interrupt.store(1)
     }
 
     /// Cancels before the switchover: the source keeps running, the destination drops what it got.
