@@ -20,7 +20,7 @@ final class TestHost {
     }
 
     init(directory: String, role: String, memory: String = "256M", vcpus: Int = 1, workload: String = "linear",
-         incoming: String? = nil, extra: [String] = []) throws {
+         incoming: String? = nil, extra: [String] = [], netns: String? = nil) throws {
         self.directory = directory
         self.role = role
         qmpPath = "\(directory)/\(role).qmp"
@@ -29,11 +29,17 @@ final class TestHost {
         logPath = "\(directory)/\(role).log"
         FileManager.default.createFile(atPath: serialPath, contents: nil)
         FileManager.default.createFile(atPath: logPath, contents: nil)
-        process.executableURL = URL(fileURLWithPath: Self.executable)
         var arguments = ["host", "--memory", memory, "--vcpus", String(vcpus), "--workload", workload,
                          "--qmp", qmpPath, "--monitor", hmpPath, "--serial", serialPath]
         if let incoming { arguments += ["--incoming", incoming] }
-        process.arguments = arguments + extra
+        if let netns {
+            // `ip netns exec` execs the host in place: the pid stays the host's.
+            process.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
+            process.arguments = ["netns", "exec", netns, Self.executable] + arguments + extra
+        } else {
+            process.executableURL = URL(fileURLWithPath: Self.executable)
+            process.arguments = arguments + extra
+        }
         process.standardError = FileHandle(forWritingAtPath: logPath)
         process.standardOutput = FileHandle.nullDevice
         try process.run()
