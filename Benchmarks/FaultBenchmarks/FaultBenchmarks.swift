@@ -34,6 +34,8 @@ let benchmarks: @Sendable () -> Void = {
         benchmark.stopMeasurement()
     }
 
+    receiverBenchmarks()
+
     Benchmark("UFFDIO_COPY 64 KiB batches") { benchmark in
         let batch = 64 << 10
         let memory = try GuestMemory(size: benchmark.scaledIterations.count * batch)
