@@ -446,6 +446,12 @@ public final class OutgoingMigration: @unchecked Sendable {
 
     func fail(_ error: any Error) {
         if error is MigrationCancelled { return }
+        // A broken connection right after "run" may be the destination refusing the switch: its
+        // error frame, read by the request server, says the guest can be taken back. Wait for it
+        // a moment, so that the guest is not left paused on both sides.
+        state.wait(timeout: 0.2) { s in
+            !s.runSent || s.destinationRunning || s.destinationRefused || ["completed", "failed", "cancelled"].contains(s.status)
+        }
         let resume: Bool = state.update { s in
             guard !["completed", "failed", "cancelled"].contains(s.status) else { return false }
             s.status = "failed"

@@ -34,6 +34,8 @@ struct SourceFailureTests {
         let info = try src.waitForMigration(timeout: 20)
         #expect(info["status"]?.stringValue == "failed")
         #expect(info["error-desc"]?.stringValue?.contains("device state has 2 vCPUs, this host has 1") == true, "\(info.jsonText)")
+        let t0 = Date()
+        while try src.qmp.execute("query-status")["running"]?.boolValue != true, Date().timeIntervalSince(t0) < 5 { usleep(20_000) }
         #expect(try src.qmp.execute("query-status")["running"]?.boolValue == true, "the source runs the guest again")
         let before = src.passes
         try src.waitForPasses(before + 1, timeout: 20)
