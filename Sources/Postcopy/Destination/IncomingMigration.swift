@@ -235,8 +235,7 @@ public final class IncomingMigration: @unchecked Sendable {
             s.status = "failed"
             s.error = message
         }
-        let bytes = Array(message.utf8.prefix(4096))
-        try? bytes.withUnsafeBytes { try channel.write(FrameHeader(.error, count: UInt32($0.count)), payload: $0.baseAddress, length: $0.count) }
+        try? channel.writeError(message)
         channel.shutdown()
     }
 
@@ -262,7 +261,6 @@ public final class IncomingMigration: @unchecked Sendable {
                         throw ProtocolError.pagesOutOfRange(first: first, count: header.count, pageCount: pageCount)
                     }
                     let firstPage = Int(first)
-                    let address = memory.address(ofPage: firstPage)
                     let zero = header.kind == .zeroPages
                     if !zero {
                         let bytes = count * pageSize
@@ -330,9 +328,7 @@ public final class IncomingMigration: @unchecked Sendable {
                 case .complete:
                     break   // completion is counted in pages received, whichever channel brought them
                 case .error:
-                    let length = min(Int(header.count), maxFrameBytes)
-                    try channel.read(into: buffer, exactly: length, what: "an error message")
-                    throw ProtocolError.peer(String(decoding: UnsafeRawBufferPointer(start: buffer, count: length), as: UTF8.self))
+                    throw ProtocolError.peer(try channel.readErrorMessage(header, scratch: buffer))
                 default:
                     throw ProtocolError.unexpectedFrame(header.kind, while: "receiving pages")
                 }
@@ -489,8 +485,7 @@ public final class IncomingMigration: @unchecked Sendable {
         }
         // Before the guest ran here, the source may take it back: say so on the return path.
         if first, running.value == 0, let main = state.read({ $0.main }) {
-            let bytes = Array("the destination did not run the guest: \(error)".utf8.prefix(4096))
-            try? bytes.withUnsafeBytes { try main.write(FrameHeader(.error, count: UInt32($0.count)), payload: $0.baseAddress, length: $0.count) }
+            try? main.writeError("the destination did not run the guest: \(error)")
         }
         shutdownChannels()
     }

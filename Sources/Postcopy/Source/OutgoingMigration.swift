@@ -146,7 +146,7 @@ public final class OutgoingMigration: @unchecked Sendable {
         let reply = try main.readHeader(scratch: scratch)
         switch reply.kind {
         case .helloAck: break
-        case .error: throw ProtocolError.peer(try readMessage(reply, from: main, scratch: scratch))
+        case .error: throw ProtocolError.peer(try main.readErrorMessage(reply, scratch: scratch))
         default: throw ProtocolError.unexpectedFrame(reply.kind, while: "waiting for the handshake reply")
         }
         var urgent: Channel?
@@ -194,12 +194,6 @@ public final class OutgoingMigration: @unchecked Sendable {
         var bytes = [UInt8](repeating: 0, count: Handshake.size)
         bytes.withUnsafeMutableBytes { hello.encode(into: $0.baseAddress!) }
         try bytes.withUnsafeBytes { try channel.writeRaw($0.baseAddress!, length: Handshake.size) }
-    }
-
-    func readMessage(_ header: FrameHeader, from channel: Channel, scratch: UnsafeMutableRawPointer) throws -> String {
-        let length = min(Int(header.count), 4096)
-        try channel.read(into: scratch, exactly: length, what: "an error message")
-        return String(decoding: UnsafeRawBufferPointer(start: scratch, count: length), as: UTF8.self)
     }
 
     // MARK: sending pages
@@ -430,7 +424,7 @@ public final class OutgoingMigration: @unchecked Sendable {
                     shutdownChannels()
                     return
                 case .error:
-                    let message = try readMessage(header, from: main, scratch: scratch)
+                    let message = try main.readErrorMessage(header, scratch: scratch)
                     state.update { s in
                         if !s.destinationRunning { s.destinationRefused = true }
                     }

@@ -77,6 +77,26 @@ public final class Channel: @unchecked Sendable {
         }
     }
 
+    /// The longest error message an error frame carries.
+    public static let maxMessageBytes = 4096
+
+    /// Sends an error frame with `message` (cut to `maxMessageBytes`).
+    public func writeError(_ message: String) throws {
+        let bytes = Array(message.utf8.prefix(Self.maxMessageBytes))
+        try bytes.withUnsafeBytes { try write(FrameHeader(.error, count: UInt32($0.count)), payload: $0.baseAddress, length: $0.count) }
+    }
+
+    /// Reads the message of an error frame whose header was just read; `scratch` holds at least
+    /// `maxMessageBytes`. A longer message is a protocol error, not a read past the frame.
+    public func readErrorMessage(_ header: FrameHeader, scratch: UnsafeMutableRawPointer) throws -> String {
+        let length = Int(header.count)
+        guard length <= Self.maxMessageBytes else {
+            throw ProtocolError.oversized(.error, bytes: UInt64(length), limit: Self.maxMessageBytes)
+        }
+        try read(into: scratch, exactly: length, what: "an error message")
+        return String(decoding: UnsafeRawBufferPointer(start: scratch, count: length), as: UTF8.self)
+    }
+
     /// Writes raw bytes (a handshake) under the write lock.
     public func writeRaw(_ bytes: UnsafeRawPointer, length: Int) throws {
         writeLock.lock()

@@ -28,10 +28,7 @@ final class FakeSource {
     /// The next frame on the return path, and its message when it is an error.
     func readReply() throws -> (FrameHeader, String?) {
         let header = try main.readHeader(scratch: scratch)
-        if header.kind == .error {
-            try main.read(into: scratch, exactly: Int(header.count), what: "an error")
-            return (header, String(decoding: UnsafeRawBufferPointer(start: scratch, count: Int(header.count)), as: UTF8.self))
-        }
+        if header.kind == .error { return (header, try main.readErrorMessage(header, scratch: scratch)) }
         return (header, nil)
     }
 

@@ -85,10 +85,7 @@ struct MultifdMigrationTests {
 
     @Test("multifd with 1, 2 and 4 channels gives the same, exact memory", arguments: [1, 2, 4])
     func channelsGiveSameMemory(channels: Int) throws {
-        let bed = try TestBed()
-        let dst = try TestHost(directory: bed.directory, role: "dst", vcpus: 2, workload: "hotcold", incoming: bed.uri)
-        let src = try TestHost(directory: bed.directory, role: "src", vcpus: 2, workload: "hotcold")
-        try src.waitForPasses(1)
+        let (src, dst, bed) = try startHosts(workload: "hotcold", vcpus: 2)
         try Self.enableMultifd([src, dst], channels: channels)
         try src.qmp.execute("migrate-set-parameters", [("max-bandwidth", .int(100_000_000_000))])
         try src.qmp.execute("migrate", [("uri", .string(bed.uri))])
@@ -100,10 +97,7 @@ struct MultifdMigrationTests {
 
     @Test("multifd precopy, then postcopy: discards wait for every channel, memory exact")
     func multifdThenPostcopy() throws {
-        let bed = try TestBed()
-        let dst = try TestHost(directory: bed.directory, role: "dst", vcpus: 2, workload: "random", incoming: bed.uri)
-        let src = try TestHost(directory: bed.directory, role: "src", vcpus: 2, workload: "random")
-        try src.waitForPasses(1)
+        let (src, dst, bed) = try startHosts(workload: "random", vcpus: 2)
         try Self.enableMultifd([src, dst], channels: 2)
         for side in [src, dst] {
             try side.qmp.run("migrate_set_capability postcopy-ram on")
@@ -124,10 +118,7 @@ struct MultifdMigrationTests {
 struct MonitorDrivenMigrationTests {
     @Test("the seed's HMP sequence, typed verbatim at the text monitor, migrates the guest")
     func seedHMPSequence() throws {
-        let bed = try TestBed()
-        let dst = try TestHost(directory: bed.directory, role: "dst", vcpus: 2, incoming: bed.uri)
-        let src = try TestHost(directory: bed.directory, role: "src", vcpus: 2)
-        try src.waitForPasses(1)
+        let (src, dst, bed) = try startHosts(vcpus: 2)
         let dstHMP = try MonitorClient.connect(path: dst.hmpPath)
         let srcHMP = try MonitorClient.connect(path: src.hmpPath)
         #expect(srcHMP.dialect == .hmp)
@@ -151,10 +142,7 @@ struct MonitorDrivenMigrationTests {
 
     @Test("x-postcopy-after-passes switches to postcopy by itself")
     func automaticSwitch() throws {
-        let bed = try TestBed()
-        let dst = try TestHost(directory: bed.directory, role: "dst", incoming: bed.uri)
-        let src = try TestHost(directory: bed.directory, role: "src")
-        try src.waitForPasses(1)
+        let (src, dst, bed) = try startHosts()
         for side in [src, dst] {
             try side.qmp.run("migrate_set_capability postcopy-ram on")
             try side.qmp.execute("migrate-set-parameters", [("downtime-limit", .int(1)), ("x-postcopy-after-passes", .int(2)),

@@ -6,10 +6,7 @@ import Testing
 struct SourceFailureTests {
     @Test("a destination with another memory size refuses the stream; the source keeps running")
     func mismatchKeepsSourceRunning() throws {
-        let bed = try TestBed()
-        let dst = try TestHost(directory: bed.directory, role: "dst", memory: "128M", incoming: bed.uri)
-        let src = try TestHost(directory: bed.directory, role: "src", memory: "256M")
-        try src.waitForPasses(1)
+        let (src, dst, bed) = try startHosts(memory: "256M", destinationMemory: "128M")
         try src.qmp.run("migrate_set_capability postcopy-ram on")
         try src.qmp.execute("migrate", [("uri", .string(bed.uri))])
         let info = try src.waitForMigration(timeout: 20)
@@ -23,10 +20,7 @@ struct SourceFailureTests {
 
     @Test("a destination that refuses the device state at the switch gives the guest back to the source")
     func refusedDeviceStateResumesSource() throws {
-        let bed = try TestBed()
-        let dst = try TestHost(directory: bed.directory, role: "dst", vcpus: 1, incoming: bed.uri)
-        let src = try TestHost(directory: bed.directory, role: "src", vcpus: 2)
-        try src.waitForPasses(1)
+        let (src, dst, bed) = try startHosts(vcpus: 2, destinationVCPUs: 1)
         for side in [src, dst] { try side.qmp.run("migrate_set_capability postcopy-ram on") }
         try src.qmp.execute("migrate", [("uri", .string(bed.uri))])
         usleep(200_000)
