@@ -10,19 +10,20 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
     ],
     targets: [
         // The only C the runtime needs: ioctl numbers, variadic syscalls, kernel ABI newer than the headers.
-        .target(
-            name: "CPostcopy",
-            path: "CShims",
-            linkerSettings: [.linkedLibrary("uring"), .linkedLibrary("numa")]
-        ),
+        // It needs no C library beyond libc: NUMA calls are raw syscalls.
+        .target(name: "CPostcopy", path: "CShims"),
         // The C floor for the fault benchmarks: the same loops as the Swift path, in plain C.
         .target(name: "CFaultFloor", dependencies: ["CPostcopy"], path: "Sources/CFaultFloor"),
         .target(
             name: "Postcopy",
-            dependencies: ["CPostcopy"],
+            dependencies: [
+                "CPostcopy",
+                .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         .executableTarget(
             name: "postcopy",
@@ -30,6 +31,7 @@ let package = Package(
                 "Postcopy",
                 "CFaultFloor",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
         .testTarget(name: "PostcopyTests", dependencies: ["Postcopy", "CPostcopy", "postcopy"]),

@@ -3,10 +3,9 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <numa.h>
-#include <numaif.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -22,6 +21,7 @@ int cpc_userfaultfd_device(int flags) {
     return fd;
 }
 
+int cpc_set_thread_name(const char *name) { return prctl(PR_SET_NAME, (unsigned long)name, 0UL, 0UL, 0UL); }
 int32_t cpc_gettid(void) { return (int32_t)syscall(SYS_gettid); }
 int cpc_memfd_create(const char *name, unsigned int flags) { return (int)syscall(SYS_memfd_create, name, flags | MFD_CLOEXEC); }
 void *cpc_mremap_fixed(void *old_address, size_t size, void *new_address) {
@@ -41,34 +41,32 @@ int cpc_uffdio_move(int fd, struct uffdio_move *arg) { return ioctl(fd, UFFDIO_M
 int cpc_uffdio_poison(int fd, struct uffdio_poison *arg) { return ioctl(fd, UFFDIO_POISON, arg); }
 long cpc_pagemap_scan(int pagemap_fd, struct pm_scan_arg *arg) { return ioctl(pagemap_fd, PAGEMAP_SCAN, arg); }
 
+// The kernel's policy modes (include/uapi/linux/mempolicy.h), which libc does not export.
+enum { CPC_MPOL_PREFERRED = 1, CPC_MPOL_BIND = 2, CPC_MPOL_F_ADDR = 1 << 1 };
+
 long cpc_mbind_preferred_node(void *addr, unsigned long len, int node, int strict) {
+    if (node < 0 || node >= 64) { errno = EINVAL; return -1; }
     unsigned long mask = 1UL << node;
-    return mbind(addr, len, strict ? MPOL_BIND : MPOL_PREFERRED, &mask, sizeof(mask) * 8, 0);
+    return syscall(SYS_mbind, addr, len, strict ? CPC_MPOL_BIND : CPC_MPOL_PREFERRED, &mask, sizeof(mask) * 8, 0);
 }
 
 int cpc_mempolicy_of(void *addr, int *mode, int *node) {
     unsigned long mask = 0;
     int m = 0;
-    if (get_mempolicy(&m, &mask, sizeof(mask) * 8, addr, MPOL_F_ADDR) != 0) return -1;
+    if (syscall(SYS_get_mempolicy, &m, &mask, sizeof(mask) * 8, addr, CPC_MPOL_F_ADDR) != 0) return -1;
     *mode = m;
     *node = mask ? __builtin_ctzl(mask) : -1;
     return 0;
 }
 
-int cpc_numa_available(void) { return numa_available(); }
-int cpc_numa_max_node(void) { return numa_max_node(); }
+int cpc_numa_available(void) {
+    int m = 0;
+    return syscall(SYS_get_mempolicy, &m, NULL, 0, NULL, 0) == 0 ? 0 : -1;
+}
 
 int cpc_node_of_page(void *addr) {
     void *pages[1] = { addr };
     int status[1] = { -1 };
-    if (move_pages(0, 1, pages, NULL, status, 0) != 0) return -errno;
+    if (syscall(SYS_move_pages, 0, 1UL, pages, NULL, status, 0) != 0) return -errno;
     return status[0];
 }
-
-struct io_uring_sqe *cpc_uring_get_sqe(struct io_uring *ring) { return io_uring_get_sqe(ring); }
-void cpc_uring_prep_send(struct io_uring_sqe *sqe, int fd, const void *buf, size_t len, int flags) { io_uring_prep_send(sqe, fd, buf, len, flags); }
-void cpc_uring_prep_recv(struct io_uring_sqe *sqe, int fd, void *buf, size_t len, int flags) { io_uring_prep_recv(sqe, fd, buf, len, flags); }
-void cpc_uring_prep_nop(struct io_uring_sqe *sqe) { io_uring_prep_nop(sqe); }
-void cpc_uring_sqe_set_data64(struct io_uring_sqe *sqe, uint64_t data) { io_uring_sqe_set_data64(sqe, data); }
-int cpc_uring_wait_cqe(struct io_uring *ring, struct io_uring_cqe **cqe) { return io_uring_wait_cqe(ring, cqe); }
-void cpc_uring_cqe_seen(struct io_uring *ring, struct io_uring_cqe *cqe) { io_uring_cqe_seen(ring, cqe); }

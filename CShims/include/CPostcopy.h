@@ -17,8 +17,6 @@
 #include <sys/eventfd.h>
 #include <linux/userfaultfd.h>
 #include <linux/fs.h>
-#include <linux/io_uring.h>   // before liburing.h, as liburing expects
-#include <liburing.h>
 
 // MARK: userfaultfd ABI newer than linux-libc-dev 6.1
 
@@ -110,6 +108,8 @@ _Static_assert(sizeof(struct page_region) == 24, "page_region is 24 bytes");
 int cpc_userfaultfd_syscall(int flags);
 /// A userfaultfd from /dev/userfaultfd (USERFAULTFD_IOC_NEW, Linux 6.1). -1 and errno on failure.
 int cpc_userfaultfd_device(int flags);
+/// Names the calling thread (prctl PR_SET_NAME, at most 15 bytes): variadic in C.
+int cpc_set_thread_name(const char *name);
 /// gettid(2): the kernel thread id that UFFD_FEATURE_THREAD_ID reports.
 int32_t cpc_gettid(void);
 /// memfd_create(2); MFD_CLOEXEC is always added.
@@ -133,36 +133,15 @@ int cpc_uffdio_poison(int fd, struct uffdio_poison *arg);
 /// PAGEMAP_SCAN on an open /proc/self/pagemap: number of regions filled, or -1 and errno.
 long cpc_pagemap_scan(int pagemap_fd, struct pm_scan_arg *arg);
 
-// MARK: NUMA (mbind/get_mempolicy through libnuma's syscall wrappers)
+// MARK: NUMA (mbind, get_mempolicy, move_pages: raw syscalls, so libnuma is not needed)
 
 long cpc_mbind_preferred_node(void *addr, unsigned long len, int node, int strict);
 /// The policy mode and the first node of the policy's mask for addr; -1 and errno on failure.
 int cpc_mempolicy_of(void *addr, int *mode, int *node);
+/// 0 when the kernel answers NUMA policy calls, -1 when it does not (no CONFIG_NUMA).
 int cpc_numa_available(void);
-int cpc_numa_max_node(void);
 /// The NUMA node a page is on now (move_pages query), or -errno.
 int cpc_node_of_page(void *addr);
-
-// MARK: io_uring (liburing's static inline helpers are not importable one by one)
-
-struct io_uring_sqe *cpc_uring_get_sqe(struct io_uring *ring);
-void cpc_uring_prep_send(struct io_uring_sqe *sqe, int fd, const void *buf, size_t len, int flags);
-void cpc_uring_prep_recv(struct io_uring_sqe *sqe, int fd, void *buf, size_t len, int flags);
-void cpc_uring_prep_nop(struct io_uring_sqe *sqe);
-void cpc_uring_sqe_set_data64(struct io_uring_sqe *sqe, uint64_t data);
-int cpc_uring_wait_cqe(struct io_uring *ring, struct io_uring_cqe **cqe);
-void cpc_uring_cqe_seen(struct io_uring *ring, struct io_uring_cqe *cqe);
-
-// MARK: atomics on raw memory (bitmaps shared between threads, one bit a page)
-
-static inline uint64_t cpc_atomic_fetch_or_u64(uint64_t *p, uint64_t v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
-static inline uint64_t cpc_atomic_fetch_and_u64(uint64_t *p, uint64_t v) { return __atomic_fetch_and(p, v, __ATOMIC_SEQ_CST); }
-static inline uint64_t cpc_atomic_load_u64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
-static inline void cpc_atomic_store_u64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
-static inline uint64_t cpc_atomic_fetch_add_u64(uint64_t *p, uint64_t v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
-static inline int cpc_atomic_cas_u64(uint64_t *p, uint64_t expected, uint64_t desired) {
-    return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
-}
 
 // MARK: constants Swift sees as macros it cannot import
 

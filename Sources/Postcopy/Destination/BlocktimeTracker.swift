@@ -1,4 +1,4 @@
-import CPostcopy
+import Synchronization
 
 /// Postcopy blocktime with QEMU's meaning: for each vCPU, the time it spent blocked on missing
 /// pages; in total, the time during which *all* vCPUs were blocked at once. Also fault latency.
@@ -13,19 +13,19 @@ public final class BlocktimeTracker: @unchecked Sendable {
     static let none = UInt64.max
 
     private let threadIDs: UnsafeMutablePointer<Int32>
-    private let waitingPage: UnsafeMutablePointer<UInt64>
+    private let waitingPage: AtomicWords
     private let faultStart: UnsafeMutablePointer<UInt64>
-    private let blockedNs: UnsafeMutablePointer<UInt64>
-    private let vcpuLatencySum: UnsafeMutablePointer<UInt64>
-    private let vcpuFaults: UnsafeMutablePointer<UInt64>
-    private let allBlocked = PthreadMutex()
-    private var blockedCount = 0
-    private var allBlockedSince: UInt64 = 0
+    private let blockedNs: AtomicWords
+    private let vcpuLatencySum: AtomicWords
+    private let vcpuFaults: AtomicWords
+    /// How many vCPUs are blocked now, and since when all of them are.
+    private struct AllBlocked { var count = 0; var since: UInt64 = 0 }
+    private let allBlocked = Mutex(AllBlocked())
     private let totalBlockedNs = AtomicCounter()
 
     /// Faults from threads that are not registered vCPUs: a small table of (page, since).
     private static let otherSlots = 64
-    private let otherPage: UnsafeMutablePointer<UInt64>
+    private let otherPage = AtomicWords(count: otherSlots, repeating: none)
     private let otherStart: UnsafeMutablePointer<UInt64>
     public let nonVCPULatency = LatencyHistogram()
 
@@ -36,17 +36,17 @@ public final class BlocktimeTracker: @unchecked Sendable {
         self.vcpuCount = vcpuCount
         let n = max(vcpuCount, 1)
         threadIDs = .allocate(capacity: n); threadIDs.initialize(repeating: 0, count: n)
-        waitingPage = .allocate(capacity: n); waitingPage.initialize(repeating: Self.none, count: n)
+        waitingPage = AtomicWords(count: n, repeating: Self.none)
         faultStart = .allocate(capacity: n); faultStart.initialize(repeating: 0, count: n)
-        blockedNs = .allocate(capacity: n); blockedNs.initialize(repeating: 0, count: n)
-        vcpuLatencySum = .allocate(capacity: n); vcpuLatencySum.initialize(repeating: 0, count: n)
-        vcpuFaults = .allocate(capacity: n); vcpuFaults.initialize(repeating: 0, count: n)
-        otherPage = .allocate(capacity: Self.otherSlots); otherPage.initialize(repeating: Self.none, count: Self.otherSlots)
+        blockedNs = AtomicWords(count: n)
+        vcpuLatencySum = AtomicWords(count: n)
+        vcpuFaults = AtomicWords(count: n)
         otherStart = .allocate(capacity: Self.otherSlots); otherStart.initialize(repeating: 0, count: Self.otherSlots)
     }
 
     deinit {
-        for p in [waitingPage, faultStart, blockedNs, vcpuLatencySum, vcpuFaults, otherPage, otherStart] { p.deallocate() }
+        faultStart.deallocate()
+        otherStart.deallocate()
         threadIDs.deallocate()
     }
 
@@ -68,18 +68,18 @@ public final class BlocktimeTracker: @unchecked Sendable {
         guard let v = vcpu(of: tid) else {
             let slot = page & (Self.otherSlots - 1)
             otherStart[slot] = now
-            cpc_atomic_store_u64(otherPage + slot, UInt64(page))
+            otherPage.store(slot, UInt64(page))
             return
         }
-        allBlocked.lock()
-        // A vCPU woken without its page (a signal, a spurious wake) faults again: same wait, counted once.
-        if cpc_atomic_load_u64(waitingPage + v) == Self.none {
-            faultStart[v] = now
-            blockedCount += 1
-            if blockedCount == vcpuCount { allBlockedSince = now }
+        allBlocked.withLock { all in
+            // A vCPU woken without its page (a signal, a spurious wake) faults again: same wait, counted once.
+            if waitingPage.load(v) == Self.none {
+                faultStart[v] = now
+                all.count += 1
+                if all.count == vcpuCount { all.since = now }
+            }
+            waitingPage.store(v, UInt64(page))
         }
-        cpc_atomic_store_u64(waitingPage + v, UInt64(page))
-        allBlocked.unlock()
     }
 
     /// Pages [first, first+count) were placed at `now`: every vCPU waiting on one of them is unblocked.
@@ -87,26 +87,25 @@ public final class BlocktimeTracker: @unchecked Sendable {
     public func pagesArrived(first: Int, count: Int, now: UInt64) {
         let lo = UInt64(first), hi = UInt64(first + count)
         for v in 0..<vcpuCount {
-            let p = cpc_atomic_load_u64(waitingPage + v)
+            let p = waitingPage.load(v)
             guard p >= lo, p < hi else { continue }
-            allBlocked.lock()
-            if cpc_atomic_cas_u64(waitingPage + v, p, Self.none) != 0 {
-                let waited = now > faultStart[v] ? now - faultStart[v] : 0
-                if blockedCount == vcpuCount { totalBlockedNs.add(now > allBlockedSince ? now - allBlockedSince : 0) }
-                blockedCount -= 1
-                allBlocked.unlock()
-                _ = cpc_atomic_fetch_add_u64(blockedNs + v, waited)
-                _ = cpc_atomic_fetch_add_u64(vcpuLatencySum + v, waited)
-                _ = cpc_atomic_fetch_add_u64(vcpuFaults + v, 1)
+            let waited: UInt64? = allBlocked.withLock { all in
+                guard waitingPage.compareExchange(v, expected: p, desired: Self.none) else { return nil }
+                if all.count == vcpuCount { totalBlockedNs.add(now > all.since ? now - all.since : 0) }
+                all.count -= 1
+                return now > faultStart[v] ? now - faultStart[v] : 0
+            }
+            if let waited {
+                blockedNs.add(v, waited)
+                vcpuLatencySum.add(v, waited)
+                vcpuFaults.add(v, 1)
                 latency.record(nanoseconds: waited)
-            } else {
-                allBlocked.unlock()
             }
         }
         // Non-vCPU faults: each of the few slots is checked against the run.
         for slot in 0..<Self.otherSlots {
-            let page = cpc_atomic_load_u64(otherPage + slot)
-            if page >= lo, page < hi, cpc_atomic_cas_u64(otherPage + slot, page, Self.none) != 0 {
+            let page = otherPage.load(slot)
+            if page >= lo, page < hi, otherPage.compareExchange(slot, expected: page, desired: Self.none) {
                 let waited = now > otherStart[slot] ? now - otherStart[slot] : 0
                 nonVCPULatency.record(nanoseconds: waited)
                 latency.record(nanoseconds: waited)
@@ -117,8 +116,8 @@ public final class BlocktimeTracker: @unchecked Sendable {
     /// Per-vCPU blocked time so far (ms), counting a wait still in progress up to `now`.
     public func vcpuBlocktimeMs(now: UInt64) -> [UInt64] {
         (0..<vcpuCount).map { v in
-            var ns = cpc_atomic_load_u64(blockedNs + v)
-            if cpc_atomic_load_u64(waitingPage + v) != Self.none, now > faultStart[v] { ns += now - faultStart[v] }
+            var ns = blockedNs.load(v)
+            if waitingPage.load(v) != Self.none, now > faultStart[v] { ns += now - faultStart[v] }
             return ns / 1_000_000
         }
     }
@@ -126,16 +125,16 @@ public final class BlocktimeTracker: @unchecked Sendable {
     /// Time all vCPUs were blocked at once (ms), counting an ongoing all-blocked period.
     public func totalBlocktimeMs(now: UInt64) -> UInt64 {
         var ns = totalBlockedNs.value
-        allBlocked.withLock {
-            if vcpuCount > 0, blockedCount == vcpuCount, now > allBlockedSince { ns += now - allBlockedSince }
+        allBlocked.withLock { all in
+            if vcpuCount > 0, all.count == vcpuCount, now > all.since { ns += now - all.since }
         }
         return ns / 1_000_000
     }
 
     public func vcpuAverageLatencyUs() -> [UInt64] {
         (0..<vcpuCount).map { v in
-            let n = cpc_atomic_load_u64(vcpuFaults + v)
-            return n == 0 ? 0 : cpc_atomic_load_u64(vcpuLatencySum + v) / n / 1000
+            let n = vcpuFaults.load(v)
+            return n == 0 ? 0 : vcpuLatencySum.load(v) / n / 1000
         }
     }
 

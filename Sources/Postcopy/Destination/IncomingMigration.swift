@@ -45,7 +45,7 @@ public final class IncomingMigration: @unchecked Sendable {
     private let zeroPlaced = AtomicCounter()
 
     struct DestinationState {
-        var status = "setup"
+        var status = MigrationStatus.setup
         var startNs: UInt64 = monotonicNanoseconds()
         var runningNs: UInt64?
         var endNs: UInt64?
@@ -87,17 +87,26 @@ public final class IncomingMigration: @unchecked Sendable {
         blocktime.registerVCPU(index, threadID: threadID)
     }
 
-    public var status: String { state.read { $0.status } }
+    public var status: MigrationStatus { state.read { $0.status } }
+
+    /// Calls `body` with each new status, in order, as it is entered (for QMP's `MIGRATION`
+    /// event and the logs). Set it before `start()`; it runs under the state lock, so it must
+    /// only hand the status on.
+    public func onStatusChange(_ body: @escaping @Sendable (MigrationStatus) -> Void) {
+        state.observe { old, new in
+            if old.status != new.status { body(new.status) }
+        }
+    }
 
     @discardableResult
-    public func waitUntilFinished(timeout: Double? = nil) -> String {
-        state.wait(timeout: timeout) { ["completed", "failed", "cancelled"].contains($0.status) }
+    public func waitUntilFinished(timeout: Double? = nil) -> MigrationStatus {
+        state.wait(timeout: timeout) { $0.status.isTerminal }
         return status
     }
 
     /// Starts accepting. A stream refused during the handshake leaves this side listening.
     public func start() {
-        startThread("mig-incoming") { [self] in acceptLoop() }
+        startDetachedThread("mig-incoming") { [self] in acceptLoop() }
     }
 
     private func acceptLoop() {
@@ -200,7 +209,7 @@ public final class IncomingMigration: @unchecked Sendable {
         multifdSynced.update { $0 = Array(repeating: 0, count: multifd.count) }
         let stop = stopFaults
         state.update { s in
-            s.status = "active"
+            s.status = .active
             s.startNs = monotonicNanoseconds()
             s.endNs = nil
             s.error = nil
@@ -210,19 +219,19 @@ public final class IncomingMigration: @unchecked Sendable {
             s.multifd = multifd
         }
         faultThreads.update { $0 += 1 }
-        startThread("mig-faults") { [self] in
+        startDetachedThread("mig-faults") { [self] in
             faultLoop(uffd, returnPath: main, stop: stop)
             faultThreads.update { $0 -= 1 }
         }
         receivers.update { $0 = (urgent == nil ? 0 : 1) + multifd.count }
         if let urgent {
-            startThread("mig-urgent") { [self] in
+            startDetachedThread("mig-urgent") { [self] in
                 receive(on: urgent, kind: .urgent)
                 receivers.update { $0 -= 1 }
             }
         }
         for (index, channel) in multifd.enumerated() {
-            startThread("mig-multifd\(index)") { [self] in
+            startDetachedThread("mig-multifd\(index)") { [self] in
                 receive(on: channel, kind: .multifd(index))
                 receivers.update { $0 -= 1 }
             }
@@ -232,7 +241,7 @@ public final class IncomingMigration: @unchecked Sendable {
     private func refuse(_ channel: Channel, _ error: any Error) {
         let message = "\(error)"
         state.update { s in
-            s.status = "failed"
+            s.status = .failed
             s.error = message
         }
         try? channel.writeError(message)
@@ -306,7 +315,7 @@ public final class IncomingMigration: @unchecked Sendable {
                 case .run:
                     guard isMain else { throw ProtocolError.unexpectedFrame(.run, while: "reading a channel that is not main") }
                     state.update { s in
-                        s.status = "postcopy-active"
+                        s.status = .postcopyActive
                         s.runningNs = monotonicNanoseconds()
                     }
                     bytesAtRun.store(receivedBytes.value)
@@ -323,7 +332,7 @@ public final class IncomingMigration: @unchecked Sendable {
                     guard isMain else { throw ProtocolError.unexpectedFrame(.syncWait, while: "reading a channel that is not main") }
                     // Pages still in flight on a multifd channel must be placed before what follows here.
                     while !multifdSynced.wait(timeout: 0.2, until: { $0.allSatisfy { $0 >= header.argument } }) {
-                        if status == "failed" { throw MonitorError("a multifd channel failed while main waited for it") }
+                        if status == .failed { throw MonitorError("a multifd channel failed while main waited for it") }
                     }
                 case .complete:
                     break   // completion is counted in pages received, whichever channel brought them
@@ -408,7 +417,7 @@ public final class IncomingMigration: @unchecked Sendable {
             p = end
         }
         let size = memory.size
-        startThread("mig-free-stale") { munmap(UnsafeMutableRawPointer(bitPattern: aside), size) }
+        startDetachedThread("mig-free-stale") { munmap(UnsafeMutableRawPointer(bitPattern: aside), size) }
     }
 
     @inline(__always)
@@ -469,7 +478,7 @@ public final class IncomingMigration: @unchecked Sendable {
         _ = Glibc.write(stopFaults, &one, 8)
         try? main?.write(FrameHeader(.done, argument: receivedPages.value))
         state.update { s in
-            s.status = "completed"
+            s.status = .completed
             s.endNs = monotonicNanoseconds()
             s.uffd = nil
         }
@@ -477,8 +486,8 @@ public final class IncomingMigration: @unchecked Sendable {
 
     private func fail(_ error: any Error) {
         let first = state.update { s -> Bool in
-            guard !["completed", "failed"].contains(s.status) else { return false }
-            s.status = "failed"
+            guard s.status != .completed, s.status != .failed else { return false }
+            s.status = .failed
             s.error = "\(error)"
             s.endNs = monotonicNanoseconds()
             return true
@@ -501,8 +510,8 @@ public final class IncomingMigration: @unchecked Sendable {
         let s = state.read { $0 }
         let now = monotonicNanoseconds()
         var info = MigrationInfo()
-        info.status = s.status
-        if s.status != "setup" {
+        info.status = s.status.rawValue
+        if s.status != .setup {
             info.totalTimeMs = ((s.endNs ?? now) - s.startNs) / 1_000_000
         }
         if settings().postcopyBlocktime {

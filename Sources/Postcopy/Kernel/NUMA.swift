@@ -1,11 +1,9 @@
 import CPostcopy
 
-/// The machine's NUMA topology as libnuma sees it.
+/// NUMA policy as the kernel reports it (raw mbind/get_mempolicy/move_pages; no libnuma).
 public enum NUMA {
     /// Whether the kernel supports NUMA policy calls at all.
     public static var isAvailable: Bool { cpc_numa_available() >= 0 }
-    /// The highest node number (0 on a single-node machine).
-    public static var maxNode: Int { Int(cpc_numa_max_node()) }
     /// MPOL_BIND as get_mempolicy reports it.
     public static let bindMode: Int32 = 2
     /// The node a (present) page sits on now, or nil when the kernel will not say.

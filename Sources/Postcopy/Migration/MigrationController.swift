@@ -1,4 +1,5 @@
 import Glibc
+import Synchronization
 
 /// What a host embeds to be migratable and to answer QEMU's monitor commands: it keeps the
 /// capabilities and parameters, starts outgoing and incoming migrations over the host's guest
@@ -11,7 +12,7 @@ public protocol MigratableHost: SourceHooks, DestinationHooks, HostControl {
 public final class MigrationController: MonitorBackend, @unchecked Sendable {
     public let memory: GuestMemory
     private weak var host: (any MigratableHost)?
-    private let lock = PthreadMutex()
+    private let lock = Mutex(())
     private var settings = MigrationSettings()
     private var outgoing: OutgoingMigration?
     private var incoming: IncomingMigration?
@@ -21,13 +22,13 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
         self.host = host
     }
 
-    public var currentSettings: MigrationSettings { lock.withLock { settings } }
-    public var incomingMigration: IncomingMigration? { lock.withLock { incoming } }
-    public var outgoingMigration: OutgoingMigration? { lock.withLock { outgoing } }
+    public var currentSettings: MigrationSettings { lock.withLock { _ in settings } }
+    public var incomingMigration: IncomingMigration? { lock.withLock { _ in incoming } }
+    public var outgoingMigration: OutgoingMigration? { lock.withLock { _ in outgoing } }
 
     private var isMigrating: Bool {
-        if let o = outgoing, !["completed", "failed", "cancelled"].contains(o.status) { return true }
-        if let i = incoming, !["completed", "failed", "setup"].contains(i.status) { return true }
+        if let o = outgoing, o.status.isInProgress { return true }
+        if let i = incoming, i.status.isInProgress, i.status != .setup { return true }
         return false
     }
 
@@ -39,7 +40,7 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
     }
 
     public func setCapability(_ name: String, enabled: Bool) throws {
-        try lock.withLock {
+        try lock.withLock { _ in
             guard !isMigrating else { throw MonitorError("There's a migration process in progress") }
             try settings.setCapability(name, enabled)
         }
@@ -48,7 +49,7 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
     public func parameters() -> [(name: String, value: MonitorValue)] { currentSettings.parameters }
 
     public func setParameter(_ name: String, value: MonitorValue) throws {
-        let (running, limits) = try lock.withLock {
+        let (running, limits) = try lock.withLock { _ in
             try settings.setParameter(name, value)
             return (outgoing, (settings.maxBandwidth, settings.maxPostcopyBandwidth))
         }
@@ -62,7 +63,7 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
         if resume { throw MonitorError("migrate -r: postcopy recovery is not available yet") }
         let endpoint = try Endpoint(uri: uri)
         guard let host else { throw MonitorError("the host went away") }
-        let migration: OutgoingMigration = try lock.withLock {
+        let migration: OutgoingMigration = try lock.withLock { _ in
             guard !isMigrating else { throw MonitorError("There's a migration process in progress") }
             guard incoming == nil else { throw MonitorError("this host is a migration destination (-incoming)") }
             let m = OutgoingMigration(memory: memory, settings: settings, endpoint: endpoint, hooks: host)
@@ -76,7 +77,7 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
     public func migrateIncoming(uri: String) throws {
         let endpoint = try Endpoint(uri: uri)
         guard let host else { throw MonitorError("the host went away") }
-        try lock.withLock {
+        try lock.withLock { _ in
             guard incoming == nil else { throw MonitorError("an incoming migration is already set up on \(incoming!.endpoint)") }
             let m = try IncomingMigration(memory: memory, endpoint: endpoint, vcpuCount: host.vcpuThreadIDs.count,
                                           settings: { [weak self] in self?.currentSettings ?? MigrationSettings() }, hooks: host)

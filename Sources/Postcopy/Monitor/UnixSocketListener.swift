@@ -51,7 +51,7 @@ final class UnixSocketListener: Sendable {
         }
         descriptor = fd
         state.update { $0.running += 1 }
-        startThread("\(name) accept") { [self] in
+        startDetachedThread("\(name) accept") { [self] in
             self.acceptLoop(name: name, serve: serve)
         }
     }
@@ -83,7 +83,7 @@ final class UnixSocketListener: Sendable {
                 return true
             }
             guard admitted else { return }
-            startThread("\(name) connection") { [self] in
+            startDetachedThread("\(name) connection") { [self] in
                 let tid = currentThreadID()
                 state.update { _ = $0.threadIDs.insert(tid) }
                 serve(connection)

@@ -74,7 +74,7 @@ extension OutgoingMigration {
         let chunks = (memory.pageCount + chunk - 1) / chunk
         let outcome = Guarded((done: 0, bytes: 0, error: String?.none))
         for i in 0..<n {
-            startThread("mig-multifd\(i)") { [self] in
+            startDetachedThread("mig-multifd\(i)") { [self] in
                 var pace = Pace(limit: bandwidthLimit, share: Int64(n))
                 var failure: String?
                 do {
@@ -113,7 +113,7 @@ extension OutgoingMigration {
         try pauseVCPUs()
         // QEMU's "device" status; set before anything is sent, since "done" may come back at once.
         state.update { s in
-            if s.status == "active" { s.status = "device" }
+            if s.status == .active { s.status = .device }
         }
         try finalSync(tracker)
         let before = totalWritten()
@@ -163,7 +163,7 @@ extension OutgoingMigration {
         postcopyStartBytes.store(totalWritten())
         interrupt.store(0)
         state.update { s in
-            if s.status == "active" { s.status = "postcopy-active" }
+            if s.status == .active { s.status = .postcopyActive }
         }
         try sendDeviceStateAndRun(main)
         tracker.stop()

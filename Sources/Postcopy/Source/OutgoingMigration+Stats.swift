@@ -5,12 +5,12 @@ extension OutgoingMigration {
         let now = s.endNs ?? monotonicNanoseconds()
         let pageSize = UInt64(memory.pageSize)
         var info = MigrationInfo()
-        info.status = s.status
+        info.status = s.status.rawValue
         info.totalTimeMs = (now - s.startNs) / 1_000_000
         info.setupTimeMs = s.setupNs.map { ($0 - s.startNs) / 1_000_000 } ?? 0
         if let d = s.downtimeNs {
             info.downtimeMs = d / 1_000_000
-        } else if !["completed", "failed", "cancelled"].contains(s.status) {
+        } else if !s.status.isTerminal {
             info.expectedDowntimeMs = s.expectedDowntimeMs ?? UInt64(settings.downtimeLimitMs)
         }
         var ram = MigrationInfo.RAM()

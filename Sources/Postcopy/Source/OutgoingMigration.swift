@@ -45,7 +45,7 @@ public final class OutgoingMigration: @unchecked Sendable {
     var syncGeneration: UInt64 = 0
 
     struct SourceState {
-        var status = "setup"
+        var status = MigrationStatus.setup
         var startNs: UInt64 = monotonicNanoseconds()
         var setupNs: UInt64?
         var pausedNs: UInt64?
@@ -83,7 +83,7 @@ public final class OutgoingMigration: @unchecked Sendable {
 
     /// Starts the migration in the background; `info()` shows its progress.
     public func start() {
-        startThread("mig-control") { [self] in
+        startDetachedThread("mig-control") { [self] in
             do {
                 try run()
             } catch {
@@ -99,7 +99,7 @@ public final class OutgoingMigration: @unchecked Sendable {
             }
             // As QEMU: once a migration exists the request is taken; when precopy is already
             // finishing (it converged) or the migration ended, it has nothing left to switch.
-            guard ["setup", "active"].contains(s.status) else { return }
+            guard s.status == .setup || s.status == .active else { return }
             s.postcopyRequested = true
             interrupt.store(1)
         }
@@ -109,11 +109,11 @@ public final class OutgoingMigration: @unchecked Sendable {
     /// After the switch the guest's state is split between the hosts, so cancelling is refused.
     public func cancel() throws {
         let wasPaused: Bool = try state.update { s in
-            if ["completed", "failed", "cancelled"].contains(s.status) { return false }
-            if s.status == "postcopy-active" || s.runSent {
+            if s.status.isTerminal { return false }
+            if s.status == .postcopyActive || s.runSent {
                 throw MonitorError("cannot cancel a migration in postcopy: the guest's memory is split between both hosts")
             }
-            s.status = "cancelled"
+            s.status = .cancelled
             s.endNs = monotonicNanoseconds()
             return s.vcpusPaused
         }
@@ -122,12 +122,21 @@ public final class OutgoingMigration: @unchecked Sendable {
         if wasPaused { hooks?.resumeVCPUs() }
     }
 
-    public var status: String { state.read { $0.status } }
+    public var status: MigrationStatus { state.read { $0.status } }
+
+    /// Calls `body` with each new status, in order, as it is entered (for QMP's `MIGRATION`
+    /// event and the logs). Set it before `start()`; it runs under the state lock, so it must
+    /// only hand the status on.
+    public func onStatusChange(_ body: @escaping @Sendable (MigrationStatus) -> Void) {
+        state.observe { old, new in
+            if old.status != new.status { body(new.status) }
+        }
+    }
 
     /// Blocks until the migration ends (completed, failed or cancelled); returns the final status.
     @discardableResult
-    public func waitUntilFinished(timeout: Double? = nil) -> String {
-        state.wait(timeout: timeout) { ["completed", "failed", "cancelled"].contains($0.status) }
+    public func waitUntilFinished(timeout: Double? = nil) -> MigrationStatus {
+        state.wait(timeout: timeout) { $0.status.isTerminal }
         return status
     }
 
@@ -168,20 +177,20 @@ public final class OutgoingMigration: @unchecked Sendable {
         // Track writes from before the first page is read, so none is missed.
         let tracker = try DirtyTracker(memory: memory)
         try state.update { s in
-            if s.status == "cancelled" { throw MigrationCancelled() }
+            if s.status == .cancelled { throw MigrationCancelled() }
             self.main = main
             self.urgent = urgent
             self.multifd = multifd
             s.setupNs = monotonicNanoseconds()
-            s.status = "active"
+            s.status = .active
             s.dirtySyncCount = 1
             s.dirtyTracking = tracker.method
         }
-        startThread("mig-requests") { [self] in serveReturnPath(main) }
+        startDetachedThread("mig-requests") { [self] in serveReturnPath(main) }
 
         let converged = try precopy(main, tracker: tracker)
         // Precopy also ends when the migration failed or was cancelled: then nothing more.
-        guard state.read({ $0.status == "active" && (converged || $0.postcopyRequested) }) else { return }
+        guard state.read({ $0.status == .active && (converged || $0.postcopyRequested) }) else { return }
         if converged {
             try completeInPrecopy(main, tracker: tracker)
         } else {
@@ -298,11 +307,11 @@ public final class OutgoingMigration: @unchecked Sendable {
     private func push(_ main: Channel) {
         // Background pages on the multifd channels must not reach the destination before it has
         // processed the discards and "run" on main: wait for its "running" (one round trip).
-        state.wait { $0.destinationRunning || $0.status != "postcopy-active" }
+        state.wait { $0.destinationRunning || $0.status != .postcopyActive }
         let lanes = multifd.isEmpty ? [main] : multifd
         let outcome = Guarded((done: 0, error: (any Error)?.none))
         for (i, channel) in lanes.enumerated().dropFirst() {
-            startThread("mig-push\(i)") { [self] in
+            startDetachedThread("mig-push\(i)") { [self] in
                 var failure: (any Error)?
                 do { try pushLane(i, of: lanes.count, on: channel) } catch { failure = error }
                 outcome.update { o in
@@ -388,7 +397,7 @@ public final class OutgoingMigration: @unchecked Sendable {
                     guard count >= 1, count <= 256, first < UInt64(memory.pageCount), first + count <= UInt64(memory.pageCount) else {
                         throw ProtocolError.pagesOutOfRange(first: first, count: header.count, pageCount: memory.pageCount)
                     }
-                    guard state.read({ $0.status == "postcopy-active" }) else {
+                    guard state.read({ $0.status == .postcopyActive }) else {
                         throw ProtocolError.unexpectedFrame(.request, while: "not in postcopy")
                     }
                     requests.add(1)
@@ -416,8 +425,8 @@ public final class OutgoingMigration: @unchecked Sendable {
                     }
                 case .done:
                     state.update { s in
-                        if ["postcopy-active", "device"].contains(s.status) {
-                            s.status = "completed"
+                        if s.status == .postcopyActive || s.status == .device {
+                            s.status = .completed
                             s.endNs = monotonicNanoseconds()
                         }
                     }
@@ -444,11 +453,11 @@ public final class OutgoingMigration: @unchecked Sendable {
         // error frame, read by the request server, says the guest can be taken back. Wait for it
         // a moment, so that the guest is not left paused on both sides.
         state.wait(timeout: 0.2) { s in
-            !s.runSent || s.destinationRunning || s.destinationRefused || ["completed", "failed", "cancelled"].contains(s.status)
+            !s.runSent || s.destinationRunning || s.destinationRefused || s.status.isTerminal
         }
         let resume: Bool = state.update { s in
-            guard !["completed", "failed", "cancelled"].contains(s.status) else { return false }
-            s.status = "failed"
+            guard !s.status.isTerminal else { return false }
+            s.status = .failed
             s.error = "\(error)"
             s.endNs = monotonicNanoseconds()
             // The source still owns the guest until "run" went out, or when the destination
@@ -478,10 +487,10 @@ public final class OutgoingMigration: @unchecked Sendable {
     /// guest keeps running here and this throws).
     func pauseVCPUs() throws {
         guard let hooks else { throw MonitorError("the host went away") }
-        guard state.read({ $0.status == "active" }) else { throw MigrationCancelled() }
+        guard state.read({ $0.status == .active }) else { throw MigrationCancelled() }
         hooks.pauseVCPUs()
         let paused = state.update { s -> Bool in
-            guard s.status == "active" else { return false }
+            guard s.status == .active else { return false }
             s.pausedNs = monotonicNanoseconds()
             s.vcpusPaused = true
             return true

@@ -1,5 +1,3 @@
-import CPostcopy
-
 /// Fault latencies recorded by several threads without locks or allocation: a log-linear
 /// histogram in nanoseconds (8 sub-buckets per power of two, so percentiles are within 12.5%),
 /// QEMU's log2 histogram in microseconds, a sum and a max.
@@ -8,20 +6,11 @@ public final class LatencyHistogram: @unchecked Sendable {
     static let bucketCount = 64 << subBits
     static let log2Buckets = 32
 
-    private let buckets: UnsafeMutablePointer<UInt64>
-    private let log2us: UnsafeMutablePointer<UInt64>
-    private let totals: UnsafeMutablePointer<UInt64>   // [count, sumNs, maxNs]
+    private let buckets = AtomicWords(count: bucketCount)
+    private let log2us = AtomicWords(count: log2Buckets)
+    private let totals = AtomicWords(count: 3)   // [count, sumNs, maxNs]
 
-    public init() {
-        buckets = .allocate(capacity: Self.bucketCount)
-        buckets.initialize(repeating: 0, count: Self.bucketCount)
-        log2us = .allocate(capacity: Self.log2Buckets)
-        log2us.initialize(repeating: 0, count: Self.log2Buckets)
-        totals = .allocate(capacity: 3)
-        totals.initialize(repeating: 0, count: 3)
-    }
-
-    deinit { buckets.deallocate(); log2us.deallocate(); totals.deallocate() }
+    public init() {}
 
     @inline(__always)
     static func index(_ ns: UInt64) -> Int {
@@ -42,22 +31,18 @@ public final class LatencyHistogram: @unchecked Sendable {
 
     @inline(__always)
     public func record(nanoseconds ns: UInt64) {
-        _ = cpc_atomic_fetch_add_u64(buckets + Self.index(ns), 1)
+        buckets.add(Self.index(ns), 1)
         let us = ns / 1000
         let l2 = us == 0 ? 0 : min(Self.log2Buckets - 1, 63 - us.leadingZeroBitCount)
-        _ = cpc_atomic_fetch_add_u64(log2us + l2, 1)
-        _ = cpc_atomic_fetch_add_u64(totals, 1)
-        _ = cpc_atomic_fetch_add_u64(totals + 1, ns)
-        var seen = cpc_atomic_load_u64(totals + 2)
-        while ns > seen {
-            if cpc_atomic_cas_u64(totals + 2, seen, ns) != 0 { break }
-            seen = cpc_atomic_load_u64(totals + 2)
-        }
+        log2us.add(l2, 1)
+        totals.add(0, 1)
+        totals.add(1, ns)
+        totals.max(2, ns)
     }
 
-    public var count: UInt64 { cpc_atomic_load_u64(totals) }
-    public var sumNanoseconds: UInt64 { cpc_atomic_load_u64(totals + 1) }
-    public var maxNanoseconds: UInt64 { cpc_atomic_load_u64(totals + 2) }
+    public var count: UInt64 { totals.load(0) }
+    public var sumNanoseconds: UInt64 { totals.load(1) }
+    public var maxNanoseconds: UInt64 { totals.load(2) }
     public var averageNanoseconds: UInt64 { count == 0 ? 0 : sumNanoseconds / count }
 
     /// The latency below which `fraction` of the recorded faults fall (ns), 0 when none.
@@ -67,7 +52,7 @@ public final class LatencyHistogram: @unchecked Sendable {
         let target = UInt64((Double(total) * fraction).rounded(.up))
         var seen: UInt64 = 0
         for i in 0..<Self.bucketCount {
-            seen += cpc_atomic_load_u64(buckets + i)
+            seen += buckets.load(i)
             if seen >= target { return min(Self.value(ofBucket: i), maxNanoseconds) }
         }
         return maxNanoseconds
@@ -75,7 +60,7 @@ public final class LatencyHistogram: @unchecked Sendable {
 
     /// QEMU's postcopy-latency-dist: bucket i counts latencies in [2^i, 2^(i+1)) µs; trailing zeros dropped.
     public func log2Distribution() -> [UInt64] {
-        var d = (0..<Self.log2Buckets).map { cpc_atomic_load_u64(log2us + $0) }
+        var d = (0..<Self.log2Buckets).map { log2us.load($0) }
         while let last = d.last, last == 0 { d.removeLast() }
         return d
     }

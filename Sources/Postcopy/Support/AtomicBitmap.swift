@@ -1,49 +1,46 @@
-import CPostcopy
 
 /// One bit a page, set and tested by several threads without a lock: the destination's
 /// received and requested sets, the source's sent set. Fixed size, allocated once.
 public final class AtomicBitmap: @unchecked Sendable {
     public let count: Int
-    private let words: UnsafeMutablePointer<UInt64>
-    private let wordCount: Int
+    private let words: AtomicWords
+    private var wordCount: Int { words.count }
 
     public init(count: Int) {
+        precondition(count >= 0, "a bitmap cannot have a negative size")
         self.count = count
-        wordCount = (count + 63) / 64
-        words = .allocate(capacity: wordCount)
-        words.initialize(repeating: 0, count: wordCount)
+        words = AtomicWords(count: (count + 63) / 64)
     }
-    deinit { words.deallocate() }
 
     /// Sets the bit; returns true when this call set it (it was clear).
     @inline(__always)
     public func testAndSet(_ i: Int) -> Bool {
         let mask = UInt64(1) << UInt64(i & 63)
-        return cpc_atomic_fetch_or_u64(words + (i >> 6), mask) & mask == 0
+        return words.or(i >> 6, mask) & mask == 0
     }
 
     @inline(__always)
     public func clear(_ i: Int) {
-        _ = cpc_atomic_fetch_and_u64(words + (i >> 6), ~(UInt64(1) << UInt64(i & 63)))
+        words.and(i >> 6, ~(UInt64(1) << UInt64(i & 63)))
     }
 
     @inline(__always)
     public func contains(_ i: Int) -> Bool {
-        cpc_atomic_load_u64(words + (i >> 6)) & (UInt64(1) << UInt64(i & 63)) != 0
+        words.load(i >> 6) & (UInt64(1) << UInt64(i & 63)) != 0
     }
 
     /// Clears the bit; returns true when this call cleared it (it was set).
     @inline(__always)
     public func testAndClear(_ i: Int) -> Bool {
         let mask = UInt64(1) << UInt64(i & 63)
-        return cpc_atomic_fetch_and_u64(words + (i >> 6), ~mask) & mask != 0
+        return words.and(i >> 6, ~mask) & mask != 0
     }
 
     /// Sets every bit.
     public func setAll() {
-        for w in 0..<wordCount { cpc_atomic_store_u64(words + w, ~0) }
+        for w in 0..<wordCount { words.store(w, ~0) }
         let tail = count & 63
-        if tail != 0 { cpc_atomic_store_u64(words + wordCount - 1, (UInt64(1) << UInt64(tail)) - 1) }
+        if tail != 0 { words.store(wordCount - 1, (UInt64(1) << UInt64(tail)) - 1) }
     }
 
     /// The first clear bit at or after `start` (wrapping around), or nil when every bit is set.
@@ -58,7 +55,7 @@ public final class AtomicBitmap: @unchecked Sendable {
         var i = range.lowerBound
         while i < range.upperBound {
             let w = i >> 6
-            let word = cpc_atomic_load_u64(words + w) & (~UInt64(0) << UInt64(i & 63))
+            let word = words.load(w) & (~UInt64(0) << UInt64(i & 63))
             if word != 0 {
                 let found = w << 6 + word.trailingZeroBitCount
                 return found < range.upperBound ? found : nil
@@ -75,7 +72,7 @@ public final class AtomicBitmap: @unchecked Sendable {
         var w = start >> 6
         var mask = ~UInt64(0) << UInt64(start & 63)
         for _ in 0...wordCount {
-            let word = cpc_atomic_load_u64(words + w)
+            let word = words.load(w)
             let bits = (set ? word : ~word) & mask
             if bits != 0 {
                 let i = w << 6 + bits.trailingZeroBitCount
@@ -91,7 +88,7 @@ public final class AtomicBitmap: @unchecked Sendable {
     /// How many bits are set (a scan; for stats, not the hot path).
     public func population() -> Int {
         var n = 0
-        for w in 0..<wordCount { n += cpc_atomic_load_u64(words + w).nonzeroBitCount }
+        for w in 0..<wordCount { n += words.load(w).nonzeroBitCount }
         return n
     }
 }

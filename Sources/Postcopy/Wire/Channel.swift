@@ -1,12 +1,13 @@
 import CPostcopy
 import Glibc
+import Synchronization
 
 /// A TCP connection carrying migration frames. Reads and writes are blocking and whole:
 /// `read(exactly:)` returns only when every byte arrived (or throws on EOF), `write` only
 /// when every byte left. One thread reads; writers that share a channel hold `writeLock`.
 public final class Channel: @unchecked Sendable {
     public let descriptor: Int32
-    private let writeLock = PthreadMutex()
+    private let writeLock = Mutex(())
     /// Bytes written through this channel (frames and payloads).
     public let bytesWritten = AtomicCounter()
 
@@ -71,9 +72,7 @@ public final class Channel: @unchecked Sendable {
         var head = (UInt64(0), UInt64(0))
         try withUnsafeMutableBytes(of: &head) { raw in
             header.encode(into: raw.baseAddress!)
-            writeLock.lock()
-            defer { writeLock.unlock() }
-            try writeAll(raw.baseAddress!, FrameHeader.size, payload, length)
+            try writeLock.withLock { _ in try writeAll(raw.baseAddress!, FrameHeader.size, payload, length) }
         }
     }
 
@@ -99,9 +98,7 @@ public final class Channel: @unchecked Sendable {
 
     /// Writes raw bytes (a handshake) under the write lock.
     public func writeRaw(_ bytes: UnsafeRawPointer, length: Int) throws {
-        writeLock.lock()
-        defer { writeLock.unlock() }
-        try writeAll(bytes, length, nil, 0)
+        try writeLock.withLock { _ in try writeAll(bytes, length, nil, 0) }
     }
 
     @inline(__always)

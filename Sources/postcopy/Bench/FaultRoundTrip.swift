@@ -94,7 +94,7 @@ final class FaultRoundTrip: @unchecked Sendable {
     private func touchAll() throws -> [UInt64] {
         let samples = UnsafeMutableBufferPointer<UInt64>.allocate(capacity: count)
         defer { samples.deallocate() }
-        let handler = try JoinableThread { [self] in serve() }
+        let handler = try JoinableThread("bench-handler") { [self] in serve() }
         let base = memory.base
         let page = memory.pageSize
         var checksum: UInt64 = 0

@@ -48,7 +48,7 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
         if incoming { pauseFlag.store(1) }
         let tidBox = Guarded([Int32](repeating: 0, count: vcpus))
         for i in 0..<vcpus {
-            startThread("vcpu\(i)") { [self] in
+            startDetachedThread("vcpu\(i)") { [self] in
                 let tid = currentThreadID()
                 tidBox.update { $0[i] = tid }
                 control.update { $0.started += 1 }

@@ -31,7 +31,7 @@ struct DestinationInputTests {
         let values = Guarded([UInt64]())
         let registered = Guarded(0)
         for v in 0..<2 {
-            startThread("test-vcpu\(v)") {
+            startDetachedThread("test-vcpu\(v)") {
                 incoming.registerVCPU(v, threadID: currentThreadID())
                 registered.update { $0 += 1 }
                 hooks.resumed.wait { $0 }
@@ -55,7 +55,7 @@ struct DestinationInputTests {
         for p in 0..<Self.pages where p != 5 { try source.sendPage(p, filledWith: UInt8(p)) }
         let done = try source.readReply().0
         #expect(done.kind == .done && done.argument == UInt64(Self.pages))
-        #expect(incoming.waitUntilFinished(timeout: 10) == "completed")
+        #expect(incoming.waitUntilFinished(timeout: 10) == .completed)
         let info = incoming.info()
         #expect(info.ram?.postcopyRequests == 1)
         #expect(UnsafePointer<UInt8>(bitPattern: memory.address(ofPage: 5))!.pointee == 0xAB, "placed once: the second copy did not overwrite")
@@ -109,7 +109,7 @@ struct DestinationInputTests {
         try page.withUnsafeBytes {
             try source.main.write(FrameHeader(.pages, count: 2, argument: UInt64(Self.pages - 1)), payload: $0.baseAddress, length: $0.count)
         }
-        #expect(incoming.waitUntilFinished(timeout: 10) == "failed")
+        #expect(incoming.waitUntilFinished(timeout: 10) == .failed)
         #expect(incoming.info().errorDescription?.contains("2 pages from page 63 are outside the guest memory (64 pages)") == true,
                 "\(incoming.info().errorDescription ?? "")")
     }
@@ -121,7 +121,7 @@ struct DestinationInputTests {
         try source.sendHandshake(pageSize: Self.pageSize, regionSize: memory.size)
         #expect(try source.readReply().0.kind == .helloAck)
         try source.main.write(FrameHeader(.zeroPages, count: UInt32.max, argument: UInt64.max))
-        #expect(incoming.waitUntilFinished(timeout: 10) == "failed")
+        #expect(incoming.waitUntilFinished(timeout: 10) == .failed)
         #expect(incoming.info().errorDescription?.contains("outside the guest memory") == true, "\(incoming.info().errorDescription ?? "")")
         let (reply, message) = try source.readReply()
         #expect(reply.kind == .error && message?.contains("the destination did not run the guest") == true, "\(message ?? "")")
@@ -135,7 +135,7 @@ struct DestinationInputTests {
         #expect(try source.readReply().0.kind == .helloAck)
         try source.main.write(FrameHeader(.pages, count: 1, argument: 3), payload: source.scratch, length: 100)
         source.main.shutdown()
-        #expect(incoming.waitUntilFinished(timeout: 10) == "failed")
+        #expect(incoming.waitUntilFinished(timeout: 10) == .failed)
         #expect(incoming.info().errorDescription?.contains("the stream ended in the middle of a page frame") == true,
                 "\(incoming.info().errorDescription ?? "")")
     }

@@ -71,7 +71,7 @@ struct PrecopyRaceTests {
             }
             if header.kind == .complete { break }
         }
-        #expect(source.waitUntilFinished(timeout: 10) == "completed")
+        #expect(source.waitUntilFinished(timeout: 10) == .completed)
         #expect(sawDeviceState)
         #expect(lastValue.count == pages)
         #expect(lastValue[7] == 0xF1A1, "the last copy of page 7 carries the final write")
