@@ -29,7 +29,8 @@ if [ ${#apt_need[@]} -eq 0 ] && [ ${#pip_need[@]} -eq 0 ]; then
 fi
 
 if [ "$(id -u)" != 0 ]; then
-  echo "setup: missing ${apt_need[*]} ${pip_need[*]}" >&2
+  missing=("${apt_need[@]}" "${pip_need[@]}")
+  echo "setup: missing ${missing[*]}" >&2
   echo "setup: run this once as root, then try again:" >&2
   cmd=""
   [ ${#apt_need[@]} -gt 0 ] && cmd="apt-get install -y ${apt_need[*]}"
