@@ -62,8 +62,10 @@ public final class HMPServer: Sendable {
                 }
                 if pending.count > maxLine { pending.removeAll() }
             }
+        } catch let error as SystemError where error.errno == EPIPE || error.errno == ECONNRESET {
+            Log.monitor.debug("HMP client went away: \(error)")
         } catch {
-            // The client went away mid-conversation: there is no one left to tell.
+            Log.monitor.warning("HMP connection ended: \(error)")
         }
     }
 

@@ -281,7 +281,7 @@ extension MonitorTests {
                 func pauseMigration() throws {}
                 func recoverMigration(uri: String) throws {}
                 func queryMigrate() -> MigrationInfo { MigrationInfo() }
-                func runState() -> (running: Bool, status: String) { (true, "running") }
+                func runState() -> RunState { .running }
                 func stop() throws {}
                 func cont() throws {}
                 func quit() { server?.stop() }
