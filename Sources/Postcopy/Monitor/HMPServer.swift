@@ -73,7 +73,7 @@ public final class HMPServer: Sendable {
     /// `migrate` does (postcopy needs `migrate_start_postcopy` from another monitor, then).
     /// Returns false if the client hung up meanwhile.
     private static func awaitMigration(_ backend: any MonitorBackend, _ socket: MonitorSocket) -> Bool {
-        while ["none", "setup", "active"].contains(backend.queryMigrate().status) {
+        while let status = MigrationStatus(rawValue: backend.queryMigrate().status), status == .none || status == .setup || status == .active {
             if socket.peerHasHungUp { return false }
             usleep(50_000)
         }
