@@ -9,13 +9,25 @@ public protocol MigratableHost: SourceHooks, DestinationHooks, HostControl {
     var vcpuThreadIDs: [Int32] { get }
 }
 
+/// Logs every command it is given, and every migration that fails or is cancelled with the
+/// reason (`Log.controller`). With the `events` capability on, it raises QMP's `MIGRATION` and
+/// `MIGRATION_PASS` events on `events`; the host raises `STOP` and `RESUME` there.
 public final class MigrationController: MonitorBackend, @unchecked Sendable {
     public let memory: GuestMemory
+    /// What QMP connections receive (pass it to `QMPServer`).
+    public let events = MonitorEvents()
     private weak var host: (any MigratableHost)?
     private let lock = Mutex(())
     private var settings = MigrationSettings()
     private var outgoing: OutgoingMigration?
     private var incoming: IncomingMigration?
+    /// One thread per migration waits for its end to log how it ended (the status observer runs
+    /// under the engine's lock, where nothing may be logged or read).
+    private var outgoingWatcher: JoinableThread?
+    private var incomingWatcher: JoinableThread?
+    /// The `events` capability, read by the status observers without the controller's lock
+    /// (which may be held while the engine's is wanted).
+    private let eventsOn = Atomic(false)
 
     public init(memory: GuestMemory, host: any MigratableHost) {
         self.memory = memory
@@ -26,6 +38,7 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
     public var incomingMigration: IncomingMigration? { lock.withLock { _ in incoming } }
     public var outgoingMigration: OutgoingMigration? { lock.withLock { _ in outgoing } }
 
+    /// A destination still waiting for its stream may change its settings, as in QEMU.
     private var isMigrating: Bool {
         if let o = outgoing, o.status.isInProgress { return true }
         if let i = incoming, i.status.isInProgress, i.status != .setup { return true }
@@ -41,8 +54,9 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
 
     public func setCapability(_ name: String, enabled: Bool) throws {
         try lock.withLock { _ in
-            guard !isMigrating else { throw MonitorError("There's a migration process in progress") }
+            guard !isMigrating else { throw MigrationError.inProgress }
             try settings.setCapability(name, enabled)
+            eventsOn.store(settings.events, ordering: .releasing)
         }
     }
 
@@ -60,48 +74,83 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
     // MARK: migration
 
     public func migrate(uri: String, resume: Bool) throws {
-        if resume { throw MonitorError("migrate -r: postcopy recovery is not available yet") }
-        let endpoint = try Endpoint(uri: uri)
-        guard let host else { throw MonitorError("the host went away") }
-        let migration: OutgoingMigration = try lock.withLock { _ in
-            guard !isMigrating else { throw MonitorError("There's a migration process in progress") }
-            guard incoming == nil else { throw MonitorError("this host is a migration destination (-incoming)") }
-            let m = OutgoingMigration(memory: memory, settings: settings, endpoint: endpoint, hooks: host)
-            outgoing = m
-            return m
+        Log.controller.info("migrate \(resume ? "-r " : "")\(uri)")
+        do {
+            if resume { throw MigrationError.notNow("migrate -r: postcopy recovery is not available yet") }
+            let endpoint = try Endpoint(uri: uri)
+            guard let host else { throw MigrationError.hostGone }
+            let migration: OutgoingMigration = try lock.withLock { _ in
+                guard !isMigrating else { throw MigrationError.inProgress }
+                guard incoming == nil else { throw MigrationError.notNow("this host is a migration destination (-incoming)") }
+                let m = OutgoingMigration(memory: memory, settings: settings, endpoint: endpoint, hooks: host)
+                m.onProgress(status: { [weak self] in self?.statusChanged(to: $0) },
+                             pass: { [weak self] in self?.passCompleted($0) })
+                // The previous migration has ended (not migrating), so its watcher returns at once.
+                outgoingWatcher?.join()
+                outgoingWatcher = try watch(side: "outgoing", until: { m.waitUntilFinished() }, info: { m.info() })
+                outgoing = m
+                return m
+            }
+            statusChanged(to: .setup)  // the engine is born in setup; QEMU announces entering it
+            migration.start()
+        } catch {
+            Log.controller.warning("migrate to \(uri) refused: \(error)")
+            throw error
         }
-        migration.start()
     }
 
     /// Starts listening for an incoming migration at `uri` (the host's `--incoming`).
     public func migrateIncoming(uri: String) throws {
-        let endpoint = try Endpoint(uri: uri)
-        guard let host else { throw MonitorError("the host went away") }
-        try lock.withLock { _ in
-            guard incoming == nil else { throw MonitorError("an incoming migration is already set up on \(incoming!.endpoint)") }
-            let m = try IncomingMigration(memory: memory, endpoint: endpoint, vcpuCount: host.vcpuThreadIDs.count,
-                                          settings: { [weak self] in self?.currentSettings ?? MigrationSettings() }, hooks: host)
-            for (i, tid) in host.vcpuThreadIDs.enumerated() { m.registerVCPU(i, threadID: tid) }
-            incoming = m
-            m.start()
+        Log.controller.info("migrate-incoming \(uri)")
+        do {
+            let endpoint = try Endpoint(uri: uri)
+            guard let host else { throw MigrationError.hostGone }
+            try lock.withLock { _ in
+                if let incoming { throw MigrationError.notNow("an incoming migration is already set up on \(incoming.endpoint)") }
+                let m = try IncomingMigration(memory: memory, endpoint: endpoint, vcpuCount: host.vcpuThreadIDs.count,
+                                              settings: { [weak self] in self?.currentSettings ?? MigrationSettings() }, hooks: host)
+                for (i, tid) in host.vcpuThreadIDs.enumerated() { m.registerVCPU(i, threadID: tid) }
+                m.onStatusChange { [weak self] in self?.statusChanged(to: $0) }
+                incomingWatcher = try watch(side: "incoming", until: { m.waitUntilFinished() }, info: { m.info() })
+                incoming = m
+                statusChanged(to: .setup)
+                m.start()
+            }
+        } catch {
+            Log.controller.warning("migrate-incoming \(uri) refused: \(error)")
+            throw error
         }
     }
 
     public func startPostcopy() throws {
-        guard let o = outgoingMigration else { throw MonitorError("Postcopy must be started after migration has been started (run migrate first)") }
-        try o.startPostcopy()
+        Log.controller.info("migrate-start-postcopy")
+        do {
+            guard let o = outgoingMigration else {
+                throw MigrationError.notNow("Postcopy must be started after migration has been started (run migrate first)")
+            }
+            try o.startPostcopy()
+        } catch {
+            Log.controller.warning("migrate-start-postcopy refused: \(error)")
+            throw error
+        }
     }
 
     public func cancelMigration() throws {
-        try outgoingMigration?.cancel()
+        Log.controller.info("migrate_cancel")
+        do {
+            try outgoingMigration?.cancel()
+        } catch {
+            Log.controller.warning("migrate_cancel refused: \(error)")
+            throw error
+        }
     }
 
     public func pauseMigration() throws {
-        throw MonitorError("migrate-pause: postcopy recovery is not available yet")
+        throw MigrationError.notNow("migrate-pause: postcopy recovery is not available yet")
     }
 
     public func recoverMigration(uri: String) throws {
-        throw MonitorError("migrate-recover: postcopy recovery is not available yet")
+        throw MigrationError.notNow("migrate-recover: postcopy recovery is not available yet")
     }
 
     public func queryMigrate() -> MigrationInfo {
@@ -110,9 +159,37 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
         return MigrationInfo()
     }
 
+    // MARK: events and logs
+
+    /// Runs under the engine's state lock: it only queues the event.
+    private func statusChanged(to status: MigrationStatus) {
+        guard eventsOn.load(ordering: .acquiring) else { return }
+        events.emit("MIGRATION", data: [("status", .string(status.rawValue))])
+    }
+
+    /// QEMU's MIGRATION_PASS: one per dirty-bitmap sync, numbered as `dirty-sync-count`.
+    private func passCompleted(_ count: UInt64) {
+        guard eventsOn.load(ordering: .acquiring) else { return }
+        events.emit("MIGRATION_PASS", data: [("pass", .int(Int64(count)))])
+    }
+
+    /// A thread that logs how a migration ended, once it has.
+    private func watch(side: String, until finished: @escaping @Sendable () -> MigrationStatus,
+                       info: @escaping @Sendable () -> MigrationInfo) throws -> JoinableThread {
+        try JoinableThread("mig-watch") {
+            let status = finished()
+            let reason = info().errorDescription
+            switch status {
+            case .completed: Log.controller.info("\(side) migration completed")
+            case .cancelled: Log.controller.notice("\(side) migration cancelled\(reason.map { ": \($0)" } ?? "")")
+            default: Log.controller.error("\(side) migration \(status.rawValue): \(reason ?? "no reason given")")
+            }
+        }
+    }
+
     // MARK: run state, forwarded to the host
 
-    public func runState() -> (running: Bool, status: String) { host?.runState() ?? (false, "shutdown") }
+    public func runState() -> RunState { host?.runState() ?? .shutdown }
     public func stop() throws { try host?.stop() }
     public func cont() throws { try host?.cont() }
     public func quit() { host?.quit() }
@@ -120,4 +197,16 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
         try host?.extraCommand(name, arguments: arguments)
     }
     public func extraInfo(_ topic: String) throws -> String? { try host?.extraInfo(topic) }
+}
+
+extension OutgoingMigration {
+    /// `onStatusChange`, and `pass` with `dirty-sync-count` each time it grows. One call sets
+    /// both, as the engine's state holds a single observer; same rules: quick, only hand on.
+    fileprivate func onProgress(status: @escaping @Sendable (MigrationStatus) -> Void,
+                                pass: @escaping @Sendable (UInt64) -> Void) {
+        state.observe { old, new in
+            if old.status != new.status { status(new.status) }
+            if new.dirtySyncCount > old.dirtySyncCount { pass(new.dirtySyncCount) }
+        }
+    }
 }

@@ -32,8 +32,19 @@ public struct MigrationSettings: Sendable, Equatable {
 
     public static let capabilityNames = ["zero-blocks", "events", "postcopy-ram", "multifd", "postcopy-blocktime", "postcopy-preempt"]
 
+    /// Older names still accepted (QEMU 2.11-3.1 spelt multifd `x-multifd`, with
+    /// `x-multifd-channels` and `x-multifd-page-count`), never listed.
+    public static let aliases = [
+        "x-multifd": "multifd",
+        "x-multifd-channels": "multifd-channels",
+        "x-multifd-page-count": "x-pages-per-frame",
+    ]
+
+    /// The name a capability or parameter is listed under.
+    public static func canonicalName(_ name: String) -> String { aliases[name] ?? name }
+
     public func capability(_ name: String) -> Bool? {
-        switch name {
+        switch Self.canonicalName(name) {
         case "postcopy-ram": postcopyRAM
         case "postcopy-blocktime": postcopyBlocktime
         case "postcopy-preempt": postcopyPreempt
@@ -44,15 +55,15 @@ public struct MigrationSettings: Sendable, Equatable {
         }
     }
 
-    public mutating func setCapability(_ name: String, _ on: Bool) throws {
-        switch name {
+    public mutating func setCapability(_ name: String, _ on: Bool) throws(MigrationError) {
+        switch Self.canonicalName(name) {
         case "postcopy-ram": postcopyRAM = on
         case "postcopy-blocktime": postcopyBlocktime = on
         case "postcopy-preempt": postcopyPreempt = on
         case "multifd": multifd = on
         case "zero-blocks": zeroBlocks = on
         case "events": events = on
-        default: throw MonitorError("Capability '\(name)' not found (known: \(Self.capabilityNames.joined(separator: ", ")))")
+        default: throw MigrationError.invalidSetting("Capability '\(name)' not found (known: \(Self.capabilityNames.joined(separator: ", ")))")
         }
     }
 
@@ -66,32 +77,33 @@ public struct MigrationSettings: Sendable, Equatable {
          ("x-postcopy-after-passes", .int(xPostcopyAfterPasses))]
     }
 
-    public mutating func setParameter(_ name: String, _ value: MonitorValue) throws {
+    public mutating func setParameter(_ given: String, _ value: MonitorValue) throws(MigrationError) {
+        let name = Self.canonicalName(given)
         let number: Int64
         switch value {
         case let .int(v): number = v
         case let .double(v): number = Int64(v)
         case let .string(s):
-            guard let v = Int64(s) else { throw MonitorError("Parameter '\(name)' expects a number, got '\(s)'") }
+            guard let v = Int64(s) else { throw MigrationError.invalidSetting("Parameter '\(name)' expects a number, got '\(s)'") }
             number = v
-        default: throw MonitorError("Parameter '\(name)' expects a number")
+        default: throw MigrationError.invalidSetting("Parameter '\(name)' expects a number")
         }
-        guard number >= 0 else { throw MonitorError("Parameter '\(name)' must not be negative") }
+        guard number >= 0 else { throw MigrationError.invalidSetting("Parameter '\(name)' must not be negative") }
         switch name {
         case "max-bandwidth": maxBandwidth = number
         case "downtime-limit": downtimeLimitMs = number
         case "multifd-channels":
-            guard (1...255).contains(number) else { throw MonitorError("Parameter 'multifd-channels' expects a value between 1 and 255") }
+            guard (1...255).contains(number) else { throw MigrationError.invalidSetting("Parameter 'multifd-channels' expects a value between 1 and 255") }
             multifdChannels = Int(number)
         case "max-postcopy-bandwidth": maxPostcopyBandwidth = number
         case "x-pages-per-frame":
-            guard (1...256).contains(number) else { throw MonitorError("Parameter 'x-pages-per-frame' expects a value between 1 and 256") }
+            guard (1...256).contains(number) else { throw MigrationError.invalidSetting("Parameter 'x-pages-per-frame' expects a value between 1 and 256") }
             xPagesPerFrame = number
         case "x-postcopy-readahead":
-            guard (0...256).contains(number) else { throw MonitorError("Parameter 'x-postcopy-readahead' expects a value between 0 and 256") }
+            guard (0...256).contains(number) else { throw MigrationError.invalidSetting("Parameter 'x-postcopy-readahead' expects a value between 0 and 256") }
             xPostcopyReadAhead = number
         case "x-postcopy-after-passes": xPostcopyAfterPasses = number
-        default: throw MonitorError("Parameter '\(name)' not found")
+        default: throw MigrationError.invalidSetting("Parameter '\(name)' not found")
         }
     }
 }

@@ -129,7 +129,7 @@ extension HMPInterpreter {
         },
         Command(names: ["migrate_set_capability"], params: "capability state",
                 help: "Enable/Disable the usage of a capability for migration") { hmp, words, _ in
-            let name = try words.string("migrate_set_capability")
+            let name = MigrationSettings.canonicalName(try words.string("migrate_set_capability"))
             let enabled = try words.onOff()
             try words.end("migrate_set_capability")
             guard hmp.backend.capabilities().contains(where: { $0.name == name }) else {
@@ -139,7 +139,7 @@ extension HMPInterpreter {
             return HMPReply("")
         },
         Command(names: ["migrate_set_parameter"], params: "parameter value", help: "Set the parameter for migration") { hmp, words, _ in
-            let name = try words.string("migrate_set_parameter")
+            let name = MigrationSettings.canonicalName(try words.string("migrate_set_parameter"))
             let text = try words.string("migrate_set_parameter")
             try words.end("migrate_set_parameter")
             guard let current = hmp.backend.parameters().first(where: { $0.name == name })?.value else {
@@ -183,9 +183,11 @@ extension HMPInterpreter {
         case "migrate_parameters":
             return HMPReply(HMPSettings.parametersText(backend.parameters()))
         case "status":
-            let state = backend.runState()
-            if state.running { return HMPReply("VM status: running\n") }
-            return HMPReply(state.status == "paused" ? "VM status: paused\n" : "VM status: paused (\(state.status))\n")
+            switch backend.runState() {
+            case .running: return HMPReply("VM status: running\n")
+            case .paused: return HMPReply("VM status: paused\n")
+            case let state: return HMPReply("VM status: paused (\(state.rawValue))\n")
+            }
         default:
             guard let text = try backend.extraInfo(topic) else {
                 return HMPReply("unknown command: 'info \(topic)'\n")

@@ -62,8 +62,10 @@ public final class HMPServer: Sendable {
                 }
                 if pending.count > maxLine { pending.removeAll() }
             }
+        } catch let error as SystemError where error.errno == EPIPE || error.errno == ECONNRESET {
+            Log.monitor.debug("HMP client went away: \(error)")
         } catch {
-            // The client went away mid-conversation: there is no one left to tell.
+            Log.monitor.warning("HMP connection ended: \(error)")
         }
     }
 
@@ -71,7 +73,7 @@ public final class HMPServer: Sendable {
     /// `migrate` does (postcopy needs `migrate_start_postcopy` from another monitor, then).
     /// Returns false if the client hung up meanwhile.
     private static func awaitMigration(_ backend: any MonitorBackend, _ socket: MonitorSocket) -> Bool {
-        while ["none", "setup", "active"].contains(backend.queryMigrate().status) {
+        while let status = MigrationStatus(rawValue: backend.queryMigrate().status), status == .none || status == .setup || status == .active {
             if socket.peerHasHungUp { return false }
             usleep(50_000)
         }

@@ -27,9 +27,8 @@ public protocol MonitorBackend: HostControl, Sendable {
 /// The host's own part of the monitor: its run state and the commands only it knows. A
 /// migratable host implements it; the monitor reaches it through `MonitorBackend`.
 public protocol HostControl: AnyObject {
-    /// `query-status`: whether the vCPUs run, and QEMU's RunState name
-    /// ("running", "paused", "inmigrate", "postmigrate", "finish-migrate").
-    func runState() -> (running: Bool, status: String)
+    /// `query-status`: the guest's state, as QEMU names it.
+    func runState() -> RunState
     func stop() throws
     func cont() throws
     func quit()

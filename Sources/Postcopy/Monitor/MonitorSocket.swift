@@ -47,6 +47,15 @@ final class MonitorSocket: Sendable {
         }
     }
 
+    /// Waits until input (or the peer's hang-up) is waiting on this socket or `other` is
+    /// readable; says which. Retries on EINTR.
+    func waitForInput(orReadable other: Int32) throws -> (socket: Bool, other: Bool) {
+        var entries = [pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0),
+                       pollfd(fd: other, events: Int16(POLLIN), revents: 0)]
+        _ = try syscallValue("poll") { poll(&entries, 2, -1) }
+        return (entries[0].revents != 0, entries[1].revents != 0)
+    }
+
     /// Sends all of `text`. MSG_NOSIGNAL: a peer that hung up is an error for this connection,
     /// not a SIGPIPE that kills the host.
     func send(_ text: String) throws {

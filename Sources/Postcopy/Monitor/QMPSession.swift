@@ -4,9 +4,11 @@
 struct QMPSession {
     let backend: any MonitorBackend
     /// `human-monitor-command` runs through the same interpreter as the HMP server.
-    private let hmp: HMPInterpreter
-    private(set) var negotiated = false
-    private var outOfBand = false
+    let hmp: HMPInterpreter
+    var negotiated = false
+    var outOfBand = false
+    /// Set by `quit` (or an HMP `quit`): the monitor quits once the reply is sent.
+    var quitRequested = false
 
     init(backend: any MonitorBackend) {
         self.backend = backend
@@ -26,15 +28,6 @@ struct QMPSession {
         ("qemu", .object([("micro", .int(0)), ("minor", .int(2)), ("major", .int(7))])),
         ("package", .string("postcopy")),
     ])
-
-    /// Every command served here (`query-commands`); others are offered to `backend.extraCommand`.
-    static let commandNames = [
-        "qmp_capabilities", "query-commands", "query-version", "query-status", "stop", "cont", "quit",
-        "human-monitor-command", "migrate-set-capabilities", "query-migrate-capabilities",
-        "migrate-set-parameters", "query-migrate-parameters", "migrate", "migrate-incoming",
-        "migrate-start-postcopy", "migrate_cancel", "migrate-cancel", "migrate-pause", "migrate-recover",
-        "query-migrate",
-    ]
 
     /// The commands QEMU lets a client run out of band (`exec-oob`), ahead of queued ones:
     /// the two that rescue a postcopy whose connection broke.
@@ -67,10 +60,10 @@ struct QMPSession {
         do {
             let (name, arguments, oob) = try Self.parseRequest(request)
             try admit(name, oob: oob)
-            var quit = false
             var args = QMPArguments(arguments)
-            let value = try execute(name, &args, quit: &quit)
-            return Response(reply: reply(("return", value)), quit: quit)
+            let value = try execute(name, &args)
+            defer { quitRequested = false }
+            return Response(reply: reply(("return", value)), quit: quitRequested)
         } catch let error as MonitorError {
             return Response(reply: reply(("error", Self.errorBody(error))))
         } catch {
@@ -120,118 +113,25 @@ struct QMPSession {
         if oob && !Self.outOfBandCommands.contains(name) { throw MonitorError("The command \(name) does not support OOB") }
     }
 
-    private static let empty = MonitorValue.object([])
-
-    private mutating func execute(_ name: String, _ args: inout QMPArguments, quit: inout Bool) throws -> MonitorValue {
-        switch name {
-        case "qmp_capabilities":
-            if negotiated {
-                throw MonitorError("Capabilities negotiation is already complete, command ignored", errorClass: "CommandNotFound")
-            }
-            var enable: [MonitorValue] = []
-            if let value = args.optional("enable") {
-                guard let items = value.arrayValue else { throw QMPArguments.typeError("enable", "array") }
-                enable = items
-            }
-            try args.finish()
-            if let other = enable.first(where: { $0 != .string("oob") }) {
-                throw MonitorError("Parameter 'enable' does not accept value '\(other.stringValue ?? other.jsonText)'")
-            }
-            negotiated = true
-            outOfBand = !enable.isEmpty
-            return Self.empty
-        case "query-commands":
-            try args.finish()
-            return .array(Self.commandNames.map { .object([("name", .string($0))]) })
-        case "query-version":
-            try args.finish()
-            return Self.version
-        case "query-status":
-            try args.finish()
-            let state = backend.runState()
-            return .object([("status", .string(state.status)), ("singlestep", .bool(false)), ("running", .bool(state.running))])
-        case "stop":
-            try args.finish()
-            try backend.stop()
-            return Self.empty
-        case "cont":
-            try args.finish()
-            try backend.cont()
-            return Self.empty
-        case "quit":
-            try args.finish()
-            quit = true
-            return Self.empty
-        case "human-monitor-command":
-            let line = try args.string("command-line")
-            _ = args.optional("cpu-index")  // no HMP command served here depends on the current CPU
-            try args.finish()
-            let reply = hmp.run(line, canWait: false)
-            quit = reply.action == .quit
-            return .string(reply.output)
-        case "migrate-set-capabilities":
-            try setCapabilities(try args.array("capabilities"))
-            try args.finish()
-            return Self.empty
-        case "query-migrate-capabilities":
-            try args.finish()
-            return .array(backend.capabilities().map { .object([("capability", .string($0.name)), ("state", .bool($0.enabled))]) })
-        case "migrate-set-parameters":
-            try setParameters(args.all)
-            return Self.empty
-        case "query-migrate-parameters":
-            try args.finish()
-            return .object(backend.parameters().map { ($0.name, $0.value) })
-        case "migrate":
-            let uri = try args.string("uri")
-            let resume = try args.optionalBool("resume") ?? false
-            _ = try args.optionalBool("detach")  // QMP's migrate never waits, as in QEMU
-            try args.finish()
-            try backend.migrate(uri: uri, resume: resume)
-            return Self.empty
-        case "migrate-incoming":
-            let uri = try args.string("uri")
-            try args.finish()
-            try backend.migrateIncoming(uri: uri)
-            return Self.empty
-        case "migrate-start-postcopy":
-            try args.finish()
-            try backend.startPostcopy()
-            return Self.empty
-        case "migrate_cancel", "migrate-cancel":
-            try args.finish()
-            try backend.cancelMigration()
-            return Self.empty
-        case "migrate-pause":
-            try args.finish()
-            try backend.pauseMigration()
-            return Self.empty
-        case "migrate-recover":
-            let uri = try args.string("uri")
-            try args.finish()
-            try backend.recoverMigration(uri: uri)
-            return Self.empty
-        case "query-migrate":
-            try args.finish()
-            return backend.queryMigrate().qmpValue
-        default:
-            let arguments = Dictionary(args.all, uniquingKeysWith: { first, _ in first })
-            guard let value = try backend.extraCommand(name, arguments: arguments) else {
-                throw MonitorError("The command \(name) has not been found", errorClass: "CommandNotFound")
-            }
-            return value
+    /// A command from the table, or one the host serves (`backend.extraCommand`).
+    private mutating func execute(_ name: String, _ args: inout QMPArguments) throws -> MonitorValue {
+        if let command = Self.commandsByName[name] { return try command.run(&self, &args) }
+        let arguments = Dictionary(args.all, uniquingKeysWith: { first, _ in first })
+        guard let value = try backend.extraCommand(name, arguments: arguments) else {
+            throw MonitorError("The command \(name) has not been found", errorClass: "CommandNotFound")
         }
+        return value
     }
 
     /// Checks every entry before changing anything, so a bad list changes nothing.
-    private func setCapabilities(_ list: [MonitorValue]) throws {
+    func setCapabilities(_ list: [MonitorValue]) throws {
         let known = Set(backend.capabilities().map(\.name))
         var changes: [(String, Bool)] = []
         for (index, entry) in list.enumerated() {
             let path = "capabilities[\(index)]"
             guard let members = entry.objectMembers else { throw QMPArguments.typeError(path, "object") }
             var fields = QMPArguments(members, path: path)
-            let name = try fields.string("capability")
+            let name = MigrationSettings.canonicalName(try fields.string("capability"))
             let state = try fields.bool("state")
             try fields.finish()
             guard known.contains(name) else { throw MonitorError("Parameter 'capability' does not accept value '\(name)'") }
@@ -241,12 +141,13 @@ struct QMPSession {
     }
 
     /// Checks every name and kind against the current parameters before changing anything.
-    private func setParameters(_ members: [(String, MonitorValue)]) throws {
+    func setParameters(_ members: [(String, MonitorValue)]) throws {
         let current = backend.parameters()
         var changes: [(String, MonitorValue)] = []
-        for (name, value) in members {
+        for (given, value) in members {
+            let name = MigrationSettings.canonicalName(given)
             guard let now = current.first(where: { $0.name == name })?.value else {
-                throw MonitorError("Parameter '\(name)' is unexpected")
+                throw MonitorError("Parameter '\(given)' is unexpected")
             }
             guard let accepted = Self.asKind(of: now, value) else {
                 // QEMU 7.2's words: integers fail in its number visitor, the rest in its type check.

@@ -71,7 +71,9 @@ final class UnixSocketListener: Sendable {
                 switch code {
                 case EINTR, ECONNABORTED: continue
                 case EMFILE, ENFILE, ENOBUFS, ENOMEM: usleep(100_000)  // out of resources: retry later, do not spin
-                default: return
+                default:
+                    Log.monitor.error("\(name) monitor at \(path) stops accepting: \(SystemError("accept", errno: code))")
+                    return
                 }
                 continue
             }

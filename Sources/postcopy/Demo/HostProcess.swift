@@ -14,7 +14,10 @@ final class HostProcess {
         FileManager.default.createFile(atPath: serialPath, contents: nil)
         process.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
         var arguments = ["host", "--memory", memory, "--vcpus", String(vcpus), "--workload", workload,
-                         "--qmp", qmpPath, "--serial", serialPath]
+                         "--qmp", qmpPath, "--serial", serialPath,
+                         // The demo prints each command itself; the hosts' stderr shows only trouble,
+                         // so their log lines do not break its progress line.
+                         "--log-level", "warning"]
         if let incoming { arguments += ["--incoming", incoming] }
         process.arguments = arguments
         process.standardError = FileHandle(forWritingAtPath: "/dev/stderr")

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Glibc
+import Logging
 import Postcopy
 
 /// `postcopy host`: a hypervisor-like process to migrate, driven over QMP/HMP like QEMU.
@@ -35,6 +36,9 @@ struct HostCommand: ParsableCommand {
     @Option(help: "Start as a migration destination listening on tcp:HOST:PORT; the vCPUs wait for the switchover.")
     var incoming: String?
 
+    @Option(help: "Log level on stderr: trace, debug, info, notice, warning, error or critical.")
+    var logLevel: String = "info"
+
     @Option(help: "Pace each vCPU to at most one touch per this many nanoseconds (0: full speed). 3900 sweeps 1000 MiB once a second, as QEMU's linear.S guest does under KVM.")
     var touchNs: UInt64 = 0
 
@@ -44,9 +48,18 @@ struct HostCommand: ParsableCommand {
             throw ValidationError("unknown workload '\(workload)': use one of \(Workload.allCases.map(\.rawValue).joined(separator: ", "))")
         }
         _ = try parseSize(memory)
+        guard Logger.Level(rawValue: logLevel) != nil else {
+            throw ValidationError("unknown log level '\(logLevel)': use one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
     }
 
     func run() throws {
+        let level = Logger.Level(rawValue: logLevel)!
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
         // A parent (a test runner, a service manager) may have left signals blocked; the host
         // must stop on SIGTERM/SIGINT, and its threads inherit this mask.
         var none = sigset_t()
@@ -55,8 +68,9 @@ struct HostCommand: ParsableCommand {
         let vm = try VirtualMachine(memorySize: try parseSize(memory), vcpus: vcpus, workload: Workload(rawValue: workload)!,
                                     serialPath: serial, incoming: incoming != nil, touchIntervalNs: touchNs)
         let controller = MigrationController(memory: vm.memory, host: vm)
+        vm.events = controller.events
         var servers: [AnyObject] = []
-        if let qmp { servers.append(try QMPServer(path: qmp, backend: controller)) }
+        if let qmp { servers.append(try QMPServer(path: qmp, backend: controller, events: controller.events)) }
         if let monitor { servers.append(try HMPServer(path: monitor, backend: controller)) }
         if let incoming, incoming != "defer" {
             try controller.migrateIncoming(uri: incoming)

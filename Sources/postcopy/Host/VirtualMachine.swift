@@ -25,8 +25,11 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
         var pauseRequested: Bool
         var parked = 0
         var started = 0
-        var runStatus: String
+        var runState: RunState
     }
+
+    /// Where `STOP` and `RESUME` go (the controller's bus); set before the monitors start.
+    var events: MonitorEvents?
 
     /// Minimum time between two touches of one vCPU (0: as fast as the CPU goes).
     let touchIntervalNs: UInt64
@@ -44,7 +47,7 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
         for i in 0..<vcpus { states[i * slot].rng = 0x9E37_79B9_7F4A_7C15 &* UInt64(i + 1) }
         tids = Array(repeating: 0, count: vcpus)
         // A destination's vCPUs exist from the start but wait for the switchover (QEMU's "inmigrate").
-        control = Guarded(Control(pauseRequested: incoming, runStatus: incoming ? "inmigrate" : "running"))
+        control = Guarded(Control(pauseRequested: incoming, runState: incoming ? .inmigrate : .running))
         if incoming { pauseFlag.store(1) }
         let tidBox = Guarded([Int32](repeating: 0, count: vcpus))
         for i in 0..<vcpus {
@@ -137,34 +140,40 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
 
     /// Pauses for the switchover; `stop` then names the state "paused" instead.
     func pauseVCPUs() {
-        pauseFlag.store(1)
-        control.update { c in
-            c.pauseRequested = true
-            if c.runStatus == "running" { c.runStatus = "postmigrate" }
-        }
-        control.wait { $0.parked == self.vcpuCount }
+        pause(as: .postmigrate)
     }
 
+    /// QEMU raises `RESUME` before the vCPUs go and `STOP` once they have stopped.
     func resumeVCPUs() {
-        control.update { c in
-            c.pauseRequested = false
-            c.runStatus = "running"
+        let wasRunning = control.update { c in
+            defer { c.pauseRequested = false; c.runState = .running }
+            return c.runState.isRunning
         }
+        if !wasRunning { events?.emit("RESUME") }
         pauseFlag.store(0)
     }
 
-    func runState() -> (running: Bool, status: String) {
-        control.read { ($0.runStatus == "running", $0.runStatus) }
+    private func pause(as state: RunState) {
+        pauseFlag.store(1)
+        let wasRunning = control.update { c in
+            defer { c.pauseRequested = true; if c.runState.isRunning { c.runState = state } }
+            return c.runState.isRunning
+        }
+        control.wait { $0.parked == self.vcpuCount }
+        if wasRunning { events?.emit("STOP") }
+    }
+
+    func runState() -> RunState {
+        control.read { $0.runState }
     }
 
     func stop() throws {
-        pauseVCPUs()
-        control.update { $0.runStatus = "paused" }
+        pause(as: .paused)
+        control.update { $0.runState = .paused }
     }
 
     func cont() throws {
-        let status = control.read { $0.runStatus }
-        guard status != "inmigrate" else { throw MonitorError("guest is waiting for an incoming migration") }
+        guard runState() != .inmigrate else { throw MonitorError("guest is waiting for an incoming migration") }
         resumeVCPUs()
     }
 
@@ -223,7 +232,7 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
 
     func extraCommand(_ name: String, arguments: [String: MonitorValue]) throws -> MonitorValue? {
         guard name == "x-check-memory" else { return nil }
-        guard !runState().running else { throw MonitorError("x-check-memory needs a stopped guest: run 'stop' first") }
+        guard !runState().isRunning else { throw MonitorError("x-check-memory needs a stopped guest: run 'stop' first") }
         let c = checkMemory()
         return .object([("ok", .bool(c.ok)), ("pages", .int(Int64(c.pages))),
                         ("page-counter-sum", .int(Int64(bitPattern: c.counterSum))),
@@ -233,7 +242,7 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
 
     func extraInfo(_ topic: String) throws -> String? {
         guard topic == "check-memory" else { return nil }
-        guard !runState().running else { throw MonitorError("info check-memory needs a stopped guest: run 'stop' first") }
+        guard !runState().isRunning else { throw MonitorError("info check-memory needs a stopped guest: run 'stop' first") }
         let c = checkMemory()
         return """
         memory check: \(c.ok ? "ok" : "FAILED")

@@ -160,7 +160,7 @@ extension MonitorTests {
                 #expect(try client.run("stop") == "")
                 #expect(try client.run("info status") == "VM status: paused\n")
                 #expect(try client.run("c") == "")
-                backend.state.withLock { $0.running = false; $0.runStatus = "inmigrate" }
+                backend.state.withLock { $0.runState = .inmigrate }
                 #expect(try client.run("info status") == "VM status: paused (inmigrate)\n")
             }
             #expect(backend.calls == ["stop", "cont"])

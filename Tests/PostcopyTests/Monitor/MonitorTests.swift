@@ -23,8 +23,7 @@ final class FakeMonitorBackend: MonitorBackend {
         var info = MigrationInfo()
         var capabilities: [(name: String, enabled: Bool)] = FakeMonitorBackend.qemuCapabilities.map { ($0, $0 == "postcopy-ram" || $0 == "postcopy-blocktime") }
         var parameters: [(name: String, value: MonitorValue)] = FakeMonitorBackend.qemuParameters
-        var running = true
-        var runStatus = "running"
+        var runState = RunState.running
         /// Thrown by the next `migrate`, then cleared.
         var migrateError: MonitorError?
     }
@@ -73,9 +72,9 @@ final class FakeMonitorBackend: MonitorBackend {
         }
     }
 
-    func runState() -> (running: Bool, status: String) { state.withLock { ($0.running, $0.runStatus) } }
-    func stop() throws { record("stop"); state.withLock { $0.running = false; $0.runStatus = "paused" } }
-    func cont() throws { record("cont"); state.withLock { $0.running = true; $0.runStatus = "running" } }
+    func runState() -> RunState { state.withLock { $0.runState } }
+    func stop() throws { record("stop"); state.withLock { $0.runState = .paused } }
+    func cont() throws { record("cont"); state.withLock { $0.runState = .running } }
     func quit() { record("quit") }
 
     func extraCommand(_ name: String, arguments: [String: MonitorValue]) throws -> MonitorValue? {

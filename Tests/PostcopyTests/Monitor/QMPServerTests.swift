@@ -104,6 +104,37 @@ extension MonitorTests {
             #expect(backend.calls.filter { $0.hasPrefix("set") } == ["setParameter max-bandwidth 100000000000", "setParameter multifd-channels 4"])
         }
 
+        @Test("QEMU 2.11's x-multifd spellings reach the backend under today's names")
+        func multifdAliases() throws {
+            try withServer { _ throws in
+                let client = try MonitorClient(path: path, timeout: 10)
+                try client.execute("migrate-set-capabilities", [("capabilities", .array([
+                    .object([("capability", .string("x-multifd")), ("state", .bool(true))]),
+                ]))])
+                try client.execute("migrate-set-parameters", [("x-multifd-channels", .int(4))])
+                let caps = try #require(client.execute("query-migrate-capabilities").arrayValue)
+                #expect(!caps.contains { $0["capability"] == .string("x-multifd") })
+            }
+            #expect(backend.calls.filter { $0.hasPrefix("set") } == ["setCapability multifd on", "setParameter multifd-channels 4"])
+        }
+
+        @Test("every command query-commands lists is served, and each is listed once")
+        func queryCommands() throws {
+            try withServer { _ throws in
+                let client = try MonitorClient(path: path, timeout: 10)
+                let names = try #require(client.execute("query-commands").arrayValue).compactMap { $0["name"]?.stringValue }
+                #expect(Set(names).count == names.count)
+                #expect(names.contains("query-migrate") && names.contains("migrate-set-capabilities"))
+                for name in names where name != "qmp_capabilities" && name != "quit" {
+                    do {
+                        try client.execute(name)
+                    } catch let error as MonitorError {
+                        #expect(error.errorClass != "CommandNotFound", "\(name): \(error)")
+                    }
+                }
+            }
+        }
+
         @Test("migrate, migrate-start-postcopy, pause, recover and resume reach the backend in order")
         func migrationCommands() throws {
             try withServer { _ throws in
@@ -281,7 +312,7 @@ extension MonitorTests {
                 func pauseMigration() throws {}
                 func recoverMigration(uri: String) throws {}
                 func queryMigrate() -> MigrationInfo { MigrationInfo() }
-                func runState() -> (running: Bool, status: String) { (true, "running") }
+                func runState() -> RunState { .running }
                 func stop() throws {}
                 func cont() throws {}
                 func quit() { server?.stop() }
