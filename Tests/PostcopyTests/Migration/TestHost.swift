@@ -122,22 +122,23 @@ extension MonitorValue {
 }
 
 /// A destination host listening on a fresh port and a source host that has made one pass of
-/// its workload. The destination's memory and vCPUs default to the source's.
+/// its workload. The destination's memory and vCPUs default to the source's; both get `extra`.
 func startHosts(workload: String = "linear", vcpus: Int = 1, memory: String = "256M",
-                destinationVCPUs: Int? = nil, destinationMemory: String? = nil) throws -> (src: TestHost, dst: TestHost, bed: TestBed) {
+                destinationVCPUs: Int? = nil, destinationMemory: String? = nil,
+                extra: [String] = []) throws -> (src: TestHost, dst: TestHost, bed: TestBed) {
     let bed = try TestBed()
     let dst = try TestHost(directory: bed.directory, role: "dst", memory: destinationMemory ?? memory,
-                           vcpus: destinationVCPUs ?? vcpus, workload: workload, incoming: bed.uri)
-    let src = try TestHost(directory: bed.directory, role: "src", memory: memory, vcpus: vcpus, workload: workload)
+                           vcpus: destinationVCPUs ?? vcpus, workload: workload, incoming: bed.uri, extra: extra)
+    let src = try TestHost(directory: bed.directory, role: "src", memory: memory, vcpus: vcpus, workload: workload, extra: extra)
     try src.waitForPasses(1)
     return (src, dst, bed)
 }
 
 /// `startHosts`, then capabilities and parameters set on both sides, and `migrate` issued.
 func startMigration(workload: String, vcpus: Int, memory: String = "256M", postcopy: Bool, blocktime: Bool? = nil,
-                    maxBandwidth: Int64? = 100_000_000_000, params: [(String, MonitorValue)] = []) throws
+                    maxBandwidth: Int64? = 100_000_000_000, params: [(String, MonitorValue)] = [], extra: [String] = []) throws
     -> (src: TestHost, dst: TestHost, bed: TestBed) {
-    let (src, dst, bed) = try startHosts(workload: workload, vcpus: vcpus, memory: memory)
+    let (src, dst, bed) = try startHosts(workload: workload, vcpus: vcpus, memory: memory, extra: extra)
     let caps: [MonitorValue] = [
         .object([("capability", .string("postcopy-ram")), ("state", .bool(postcopy))]),
         .object([("capability", .string("postcopy-blocktime")), ("state", .bool(blocktime ?? postcopy))]),
