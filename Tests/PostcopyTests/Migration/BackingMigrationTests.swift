@@ -65,3 +65,52 @@ struct BackingMigrationTests {
         }
     }
 }
+
+@Suite("postcopy host --backing and --numa-node")
+struct HostBackingOptionTests {
+    /// Runs `postcopy host` with `arguments` until it exits; returns its status and standard error.
+    static func runHost(_ arguments: [String]) throws -> (status: Int32, stderr: String) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: TestHost.executable)
+        process.arguments = ["host"] + arguments
+        let pipe = Pipe()
+        process.standardError = pipe
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        let output = pipe.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return (process.terminationStatus, String(decoding: output, as: UTF8.self))
+    }
+
+    @Test("hugetlb guest memory that is not a multiple of 2 MiB is refused, with a size that would do")
+    func hugetlbSizeRefused() throws {
+        let (status, stderr) = try Self.runHost(["--memory", "63M", "--backing", "hugetlb"])
+        #expect(status != 0)
+        #expect(stderr.contains("--memory 63M is not a multiple of 2 MiB") && stderr.contains("use e.g. 64M"), "\(stderr)")
+    }
+
+    @Test("hugetlb guest memory larger than the free huge pages says what to write to /proc/sys/vm/nr_hugepages")
+    func hugetlbPoolShort() throws {
+        let (status, stderr) = try Self.runHost(["--memory", "4096G", "--backing", "hugetlb"])
+        #expect(status != 0)
+        #expect(stderr.contains("--backing hugetlb needs 2097152 free 2 MiB huge pages"), "\(stderr)")
+        #expect(stderr.contains("> /proc/sys/vm/nr_hugepages"), "\(stderr)")
+    }
+
+    @Test("a NUMA node the machine does not have is refused")
+    func unknownNodeRefused() throws {
+        let (status, stderr) = try Self.runHost(["--memory", "64M", "--numa-node", "63"])
+        #expect(status != 0)
+        #expect(stderr.contains("--numa-node 63: no such NUMA node"), "\(stderr)")
+    }
+
+    @Test("--numa-node binds the guest memory to that node", .enabled(if: NUMA.isAvailable, "the kernel has no NUMA support"))
+    func numaNodeBinds() throws {
+        let bed = try TestBed()
+        let host = try TestHost(directory: bed.directory, role: "numa", memory: "64M", extra: ["--backing", "memfd", "--numa-node", "0"])
+        defer { host.terminate() }
+        let maps = try String(contentsOfFile: "/proc/\(host.process.processIdentifier)/numa_maps", encoding: .utf8)
+        let guest = maps.split(separator: "\n").first { $0.contains("memfd:guest-memory") }
+        #expect(guest?.contains(" bind:0 ") == true, "numa_maps: \(guest ?? "no guest-memory mapping")")
+    }
+}
