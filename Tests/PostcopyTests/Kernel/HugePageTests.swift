@@ -38,13 +38,13 @@ enum HugePages {
 
     static var canReserve: Bool { getuid() == 0 && access(poolSize, W_OK) == 0 }
 
-    /// Grows the pool so that `count` pages are free for new mappings (if the kernel grants them)
-    /// for the duration of `body`, which is told how many are free; the old pool size is written
-    /// back afterwards.
+    /// Grows the pool so that `count` pages are free for new mappings (if the kernel grants them;
+    /// a refused write leaves fewer) for the duration of `body`, which is told how many are free;
+    /// the old pool size is written back afterwards.
     static func withReserved<T>(_ count: Int, _ body: (_ free: Int) throws -> T) throws -> T {
         let old = try number(in: poolSize)
         let short = count - (try freePages())
-        if short > 0 { try write(old + short, to: poolSize) }
+        if short > 0 { try? write(old + short, to: poolSize) }
         defer { if short > 0 { try? write(old, to: poolSize) } }
         return try body(freePages())
     }

@@ -59,7 +59,7 @@ struct BackingMigrationTests {
         let needed = 2 * (Self.memoryMiB << 20) / GuestMemory.hugePageSize
         try HugePages.withReserved(needed) { free in
             if free < needed {
-                try Test.cancel("the kernel granted \(free) free 2 MiB huge pages of the \(needed) two \(Self.memory) guests need (memory too fragmented?)")
+                try Test.cancel("only \(free) free 2 MiB huge pages of the \(needed) two \(Self.memory) guests need: the kernel refused to grow /proc/sys/vm/nr_hugepages (memory too fragmented?)")
             }
             try Self.migrateAndCheck(backing: "hugetlb", pageSize: GuestMemory.hugePageSize, afterFullPrecopy: afterFullPrecopy)
         }
