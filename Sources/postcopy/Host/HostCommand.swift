@@ -39,6 +39,12 @@ struct HostCommand: ParsableCommand {
     @Option(help: "Log level on stderr: trace, debug, info, notice, warning, error or critical.")
     var logLevel: String = "info"
 
+    @Option(help: "What backs guest memory: anon (private anonymous), memfd (shared memory file) or hugetlb (2 MiB huge pages reserved in /proc/sys/vm/nr_hugepages; --memory must be a multiple of 2 MiB).")
+    var backing: Backing = .anon
+
+    @Option(help: "Bind guest memory to this NUMA node (mbind MPOL_BIND) before anything touches it.")
+    var numaNode: Int?
+
     @Option(help: "Pace each vCPU to at most one touch per this many nanoseconds (0: full speed). 3900 sweeps 1000 MiB once a second, as QEMU's linear.S guest does under KVM.")
     var touchNs: UInt64 = 0
 
@@ -47,7 +53,15 @@ struct HostCommand: ParsableCommand {
         guard Workload(rawValue: workload) != nil else {
             throw ValidationError("unknown workload '\(workload)': use one of \(Workload.allCases.map(\.rawValue).joined(separator: ", "))")
         }
-        _ = try parseSize(memory)
+        let size = try parseSize(memory)
+        if backing == .hugetlb, size % GuestMemory.hugePageSize != 0 {
+            throw ValidationError("--memory \(memory) is not a multiple of 2 MiB: hugetlb guest memory is made of 2 MiB pages (use e.g. \((size + GuestMemory.hugePageSize - 1) / GuestMemory.hugePageSize * 2)M)")
+        }
+        if let numaNode {
+            guard numaNode >= 0, access("/sys/devices/system/node/node\(numaNode)", F_OK) == 0 else {
+                throw ValidationError("--numa-node \(numaNode): no such NUMA node on this machine (see /sys/devices/system/node)")
+            }
+        }
         guard Logger.Level(rawValue: logLevel) != nil else {
             throw ValidationError("unknown log level '\(logLevel)': use one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", "))")
         }
@@ -65,8 +79,11 @@ struct HostCommand: ParsableCommand {
         var none = sigset_t()
         sigemptyset(&none)
         pthread_sigmask(SIG_SETMASK, &none, nil)
-        let vm = try VirtualMachine(memorySize: try parseSize(memory), vcpus: vcpus, workload: Workload(rawValue: workload)!,
-                                    serialPath: serial, incoming: incoming != nil, touchIntervalNs: touchNs)
+        let size = try parseSize(memory)
+        if backing == .hugetlb { try HugePagePool.check(needed: size / GuestMemory.hugePageSize) }
+        let vm = try VirtualMachine(memorySize: size, backing: backing.guestMemoryBacking, numaNode: numaNode, vcpus: vcpus,
+                                    workload: Workload(rawValue: workload)!, serialPath: serial, incoming: incoming != nil,
+                                    touchIntervalNs: touchNs)
         let controller = MigrationController(memory: vm.memory, host: vm)
         vm.events = controller.events
         var servers: [AnyObject] = []
@@ -78,6 +95,45 @@ struct HostCommand: ParsableCommand {
         vm.waitForQuit()
         withExtendedLifetime(servers) {}
         Glibc.exit(0)
+    }
+}
+
+extension HostCommand {
+    /// `--backing`: short names on the command line for the library's guest memory backings.
+    enum Backing: String, CaseIterable, ExpressibleByArgument {
+        case anon, memfd, hugetlb
+
+        var guestMemoryBacking: GuestMemoryBacking {
+            switch self {
+            case .anon: .anonymous
+            case .memfd: .memfd
+            case .hugetlb: .hugetlbfs
+            }
+        }
+    }
+}
+
+/// The system's pool of default-size (2 MiB) huge pages, which hugetlb guest memory comes from.
+enum HugePagePool {
+    /// Throws, saying how to grow the pool, when fewer than `needed` pages are free for a new mapping.
+    static func check(needed: Int) throws {
+        let free = meminfo("HugePages_Free") - meminfo("HugePages_Rsvd")   // reserved pages are promised to other mappings
+        guard free < needed else { return }
+        throw HugePageShortage(needed: needed, free: max(free, 0), total: meminfo("HugePages_Total"))
+    }
+
+    private static func meminfo(_ key: String) -> Int {
+        guard let text = try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8),
+              let line = text.split(separator: "\n").first(where: { $0.hasPrefix(key + ":") }) else { return 0 }
+        return Int(line.split(separator: " ").last ?? "") ?? 0
+    }
+}
+
+struct HugePageShortage: Error, CustomStringConvertible {
+    let needed: Int, free: Int, total: Int
+    var description: String {
+        "--backing hugetlb needs \(needed) free 2 MiB huge pages, but \(free) of the \(total) in the pool are free: "
+            + "reserve more as root, e.g. echo \(total - free + needed) > /proc/sys/vm/nr_hugepages"
     }
 }
 

@@ -34,9 +34,10 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
     /// Minimum time between two touches of one vCPU (0: as fast as the CPU goes).
     let touchIntervalNs: UInt64
 
-    init(memorySize: Int, vcpus: Int, workload: Workload, serialPath: String?, incoming: Bool, touchIntervalNs: UInt64 = 0) throws {
+    init(memorySize: Int, backing: GuestMemoryBacking = .anonymous, numaNode: Int? = nil, vcpus: Int, workload: Workload,
+         serialPath: String?, incoming: Bool, touchIntervalNs: UInt64 = 0) throws {
         self.touchIntervalNs = touchIntervalNs
-        memory = try GuestMemory(size: memorySize)
+        memory = try GuestMemory(size: memorySize, backing: backing, numaNode: numaNode)
         self.workload = workload
         vcpuCount = vcpus
         slicePages = memory.pageCount / vcpus

@@ -38,19 +38,25 @@ enum HugePages {
 
     static var canReserve: Bool { getuid() == 0 && access(poolSize, W_OK) == 0 }
 
-    /// Grows the pool to at least `count` pages for the duration of `body`, which is told how many
-    /// huge pages are free; the old pool size is written back afterwards.
+    /// Grows the pool so that `count` pages are free for new mappings (if the kernel grants them;
+    /// a refused write leaves fewer) for the duration of `body`, which is told how many are free;
+    /// the old pool size is written back afterwards.
     static func withReserved<T>(_ count: Int, _ body: (_ free: Int) throws -> T) throws -> T {
         let old = try number(in: poolSize)
-        if old < count { try write(count, to: poolSize) }
-        defer { if old < count { try? write(old, to: poolSize) } }
+        let short = count - (try freePages())
+        if short > 0 { try? write(old + short, to: poolSize) }
+        defer { if short > 0 { try? write(old, to: poolSize) } }
         return try body(freePages())
     }
 
+    /// Free pages not already promised to a mapping (HugePages_Free counts reserved ones too).
     private static func freePages() throws -> Int {
         let meminfo = try String(contentsOfFile: "/proc/meminfo", encoding: .utf8)
-        let line = meminfo.split(separator: "\n").first { $0.hasPrefix("HugePages_Free:") }
-        return line.flatMap { Int($0.split(separator: " ").last ?? "") } ?? 0
+        func value(_ key: String) -> Int {
+            let line = meminfo.split(separator: "\n").first { $0.hasPrefix(key + ":") }
+            return line.flatMap { Int($0.split(separator: " ").last ?? "") } ?? 0
+        }
+        return max(0, value("HugePages_Free") - value("HugePages_Rsvd"))
     }
 
     private static func number(in path: String) throws -> Int {

@@ -45,7 +45,9 @@ struct DestinationInputTests {
         #expect(try source.readReply().0.kind == .running)
         let request = try source.readReply().0
         #expect(request.kind == .request && request.argument == 5 && request.count == 1)
-        usleep(200_000)   // both vCPUs are blocked on page 5 by now
+        // Hold the page until both vCPUs have been blocked on it for 200 ms.
+        #expect(waitUntil(timeout: 10) { incoming.info().postcopyVcpuBlocktimeMs?.allSatisfy({ $0 >= 200 }) == true },
+                "both vCPUs fault on page 5: \(incoming.info().postcopyVcpuBlocktimeMs ?? [])")
         try source.sendPage(5, filledWith: 0xAB)
         #expect(values.wait(timeout: 10) { $0.count == 2 })
         #expect(values.read { $0 } == [0xABAB_ABAB_ABAB_ABAB, 0xABAB_ABAB_ABAB_ABAB])

@@ -64,7 +64,7 @@ struct NetworkNamespaceTests {
             try side.qmp.execute("migrate-set-parameters", [("max-bandwidth", .int(100_000_000_000)), ("downtime-limit", .int(5))])
         }
         try src.qmp.execute("migrate", [("uri", .string(uri))])
-        usleep(500_000)
+        try src.waitForTransferred(32 << 20)
         try src.qmp.execute("migrate-start-postcopy")
         let info = try src.waitForMigration(timeout: 60)
         #expect(info["status"]?.stringValue == "completed", "\(info.jsonText)\n\(src.log)\n\(dst.log)")

@@ -5,14 +5,14 @@ import Testing
 /// Two real host processes, a real TCP migration, real userfaultfd on the destination.
 @Suite("Postcopy migration between two host processes", .serialized)
 struct PostcopyMigrationTests {
-    /// Migrates with postcopy after `precopySeconds` of precopy at QEMU's default bandwidth
+    /// Migrates with postcopy once precopy has sent `precopyBytes` at QEMU's default bandwidth
     /// limit (128 MiB/s, so most pages go in postcopy); returns both hosts and the source's
     /// final answer.
     static func migrate(workload: String, vcpus: Int, memory: String = "256M", blocktime: Bool = true,
-                        precopySeconds: Double = 0.3) throws -> (src: TestHost, dst: TestHost, info: MonitorValue) {
+                        precopyBytes: Int64 = 32 << 20) throws -> (src: TestHost, dst: TestHost, info: MonitorValue) {
         let (src, dst, _) = try startMigration(workload: workload, vcpus: vcpus, memory: memory, postcopy: true,
                                                blocktime: blocktime, maxBandwidth: nil)
-        usleep(UInt32(precopySeconds * 1e6))
+        try src.waitForTransferred(precopyBytes)
         try src.qmp.execute("migrate-start-postcopy")
         return (src, dst, try src.waitForMigration())
     }

@@ -18,8 +18,7 @@ struct PrecopyMigrationTests {
         // A tight downtime limit keeps precopy from finishing by itself before the switch.
         let (src, dst, _) = try startMigration(workload: workload, vcpus: vcpus, postcopy: true, params: [("downtime-limit", .int(5))])
         // Let precopy send everything once, then switch.
-        let t0 = Date()
-        while try src.query()["ram"]?["dirty-sync-count"]?.int ?? 0 < 2, Date().timeIntervalSince(t0) < 30 { usleep(20_000) }
+        try src.waitForDirtySyncs(2)
         let before = try src.query()
         try src.qmp.execute("migrate-start-postcopy")
         let info = try src.waitForMigration()
@@ -55,8 +54,7 @@ struct PrecopyMigrationTests {
     @Test("precopy of a guest rewriting all its memory does not converge; cancel leaves the source running and correct")
     func linearDoesNotConvergeAndCancels() throws {
         let (src, dst, _) = try startMigration(workload: "linear", vcpus: 1, postcopy: false, params: [("downtime-limit", .int(10))])
-        let t0 = Date()
-        while try src.query()["ram"]?["dirty-sync-count"]?.int ?? 0 < 4, Date().timeIntervalSince(t0) < 60 { usleep(50_000) }
+        try src.waitForDirtySyncs(4, timeout: 60)
         let info = try src.query()
         #expect(info["status"]?.stringValue == "active", "still iterating: \(info.jsonText)")
         try src.qmp.execute("migrate_cancel")
@@ -104,8 +102,7 @@ struct MultifdMigrationTests {
             try side.qmp.execute("migrate-set-parameters", [("max-bandwidth", .int(100_000_000_000)), ("downtime-limit", .int(5))])
         }
         try src.qmp.execute("migrate", [("uri", .string(bed.uri))])
-        let t0 = Date()
-        while try src.query()["ram"]?["dirty-sync-count"]?.int ?? 0 < 3, Date().timeIntervalSince(t0) < 30 { usleep(20_000) }
+        try src.waitForDirtySyncs(3)
         try src.qmp.execute("migrate-start-postcopy")
         let info = try src.waitForMigration()
         #expect(info["status"]?.stringValue == "completed", "\(info.jsonText)\n\(src.log)\n\(dst.log)")
@@ -160,8 +157,8 @@ struct MonitorDrivenMigrationTests {
     func liveBandwidthChange() throws {
         // At 1 MiB/s, 256 MiB of precopy would take over four minutes.
         let (src, dst, _) = try startMigration(workload: "idle", vcpus: 1, postcopy: false, maxBandwidth: 1 << 20)
-        usleep(500_000)
-        let early = try src.query()
+        // Half a second into the migration by its own clock, at most about 0.5 MiB went.
+        let early = try src.waitForQuery("500 ms of migration") { $0["total-time"]?.int ?? 0 >= 500 }
         #expect(early["status"]?.stringValue == "active")
         #expect(early["ram"]!["transferred"]!.int < 8 << 20, "held to about 1 MiB/s: \(early.jsonText)")
         try src.qmp.run("migrate_set_parameter max-bandwidth 100G")

@@ -23,14 +23,13 @@ struct SourceFailureTests {
         let (src, dst, bed) = try startHosts(vcpus: 2, destinationVCPUs: 1)
         for side in [src, dst] { try side.qmp.run("migrate_set_capability postcopy-ram on") }
         try src.qmp.execute("migrate", [("uri", .string(bed.uri))])
-        usleep(200_000)
+        try src.waitForTransferred(1)
         try src.qmp.execute("migrate-start-postcopy")
         let info = try src.waitForMigration(timeout: 20)
         #expect(info["status"]?.stringValue == "failed")
         #expect(info["error-desc"]?.stringValue?.contains("device state has 2 vCPUs, this host has 1") == true, "\(info.jsonText)")
-        let t0 = Date()
-        while try src.qmp.execute("query-status")["running"]?.boolValue != true, Date().timeIntervalSince(t0) < 5 { usleep(20_000) }
-        #expect(try src.qmp.execute("query-status")["running"]?.boolValue == true, "the source runs the guest again")
+        #expect(try waitUntil(timeout: 5) { try src.qmp.execute("query-status")["running"]?.boolValue == true },
+                "the source runs the guest again")
         let before = src.passes
         try src.waitForPasses(before + 1, timeout: 20)
         try src.qmp.execute("stop")

@@ -55,31 +55,48 @@ final class TestHost {
     var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
 
     func waitForPasses(_ n: Int, timeout: Double = 60) throws {
-        let start = Date()
-        while passes < n {
-            if Date().timeIntervalSince(start) > timeout { throw MonitorError("\(role) made \(passes) passes in \(timeout) s, wanted \(n)") }
-            usleep(20_000)
+        guard waitUntil(timeout: timeout, interval: 0.02, { passes >= n }) else {
+            throw MonitorError("\(role) made \(passes) passes in \(timeout) s, wanted \(n)")
         }
     }
 
     func query() throws -> MonitorValue { try qmp.execute("query-migrate") }
 
+    /// Polls query-migrate until `condition` holds and returns that answer; after `timeout`
+    /// seconds, throws with `what` was awaited and the last answer.
+    @discardableResult
+    func waitForQuery(_ what: String, timeout: Double = 30, until condition: (MonitorValue) -> Bool) throws -> MonitorValue {
+        var last = MonitorValue.object([])
+        if try waitUntil(timeout: timeout, interval: 0.02, { last = try query(); return condition(last) }) { return last }
+        throw MonitorError("\(role): no \(what) within \(timeout) s; last query-migrate: \(last.jsonText)")
+    }
+
+    /// Waits until the outgoing migration is active and has sent at least `bytes` (precopy under way).
+    func waitForTransferred(_ bytes: Int64, timeout: Double = 30) throws {
+        try waitForQuery("active migration with \(bytes) bytes sent", timeout: timeout) {
+            $0["status"]?.stringValue == "active" && $0["ram"]?["transferred"]?.int ?? 0 >= bytes
+        }
+    }
+
+    /// Waits until precopy has synchronised the dirty pages `count` times.
+    func waitForDirtySyncs(_ count: Int64, timeout: Double = 30) throws {
+        try waitForQuery("\(count) dirty syncs", timeout: timeout) { $0["ram"]?["dirty-sync-count"]?.int ?? 0 >= count }
+    }
+
     /// Polls query-migrate until the status is final; returns the last answer.
     func waitForMigration(timeout: Double = 90) throws -> MonitorValue {
-        let start = Date()
-        while true {
-            let info = try query()
-            if let s = info["status"]?.stringValue, ["completed", "failed", "cancelled"].contains(s) { return info }
-            if Date().timeIntervalSince(start) > timeout { return info }
-            usleep(20_000)
+        var info = MonitorValue.object([])
+        _ = try waitUntil(timeout: timeout, interval: 0.02) {
+            info = try query()
+            return info["status"]?.stringValue.map { ["completed", "failed", "cancelled"].contains($0) } ?? false
         }
+        return info
     }
 
     func terminate() {
         guard process.isRunning else { return }
         process.terminate()
-        let deadline = Date().addingTimeInterval(5)
-        while process.isRunning, Date() < deadline { usleep(10_000) }
+        _ = waitUntil(timeout: 5) { !process.isRunning }
         if process.isRunning { kill(process.processIdentifier, SIGKILL) }
         process.waitUntilExit()
     }
@@ -105,22 +122,23 @@ extension MonitorValue {
 }
 
 /// A destination host listening on a fresh port and a source host that has made one pass of
-/// its workload. The destination's memory and vCPUs default to the source's.
+/// its workload. The destination's memory and vCPUs default to the source's; both get `extra`.
 func startHosts(workload: String = "linear", vcpus: Int = 1, memory: String = "256M",
-                destinationVCPUs: Int? = nil, destinationMemory: String? = nil) throws -> (src: TestHost, dst: TestHost, bed: TestBed) {
+                destinationVCPUs: Int? = nil, destinationMemory: String? = nil,
+                extra: [String] = []) throws -> (src: TestHost, dst: TestHost, bed: TestBed) {
     let bed = try TestBed()
     let dst = try TestHost(directory: bed.directory, role: "dst", memory: destinationMemory ?? memory,
-                           vcpus: destinationVCPUs ?? vcpus, workload: workload, incoming: bed.uri)
-    let src = try TestHost(directory: bed.directory, role: "src", memory: memory, vcpus: vcpus, workload: workload)
+                           vcpus: destinationVCPUs ?? vcpus, workload: workload, incoming: bed.uri, extra: extra)
+    let src = try TestHost(directory: bed.directory, role: "src", memory: memory, vcpus: vcpus, workload: workload, extra: extra)
     try src.waitForPasses(1)
     return (src, dst, bed)
 }
 
 /// `startHosts`, then capabilities and parameters set on both sides, and `migrate` issued.
 func startMigration(workload: String, vcpus: Int, memory: String = "256M", postcopy: Bool, blocktime: Bool? = nil,
-                    maxBandwidth: Int64? = 100_000_000_000, params: [(String, MonitorValue)] = []) throws
+                    maxBandwidth: Int64? = 100_000_000_000, params: [(String, MonitorValue)] = [], extra: [String] = []) throws
     -> (src: TestHost, dst: TestHost, bed: TestBed) {
-    let (src, dst, bed) = try startHosts(workload: workload, vcpus: vcpus, memory: memory)
+    let (src, dst, bed) = try startHosts(workload: workload, vcpus: vcpus, memory: memory, extra: extra)
     let caps: [MonitorValue] = [
         .object([("capability", .string("postcopy-ram")), ("state", .bool(postcopy))]),
         .object([("capability", .string("postcopy-blocktime")), ("state", .bool(blocktime ?? postcopy))]),
