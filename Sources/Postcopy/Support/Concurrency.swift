@@ -7,7 +7,7 @@ import CPostcopy
 /// checked. Runtime threads wait on it; no vCPU ever does.
 public final class Guarded<Value>: @unchecked Sendable {
     private var value: Value
-    private var observer: ((_ old: Value, _ new: Value) -> Void)?
+    private var observers: [(_ old: Value, _ new: Value) -> Void] = []
     private let m = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
     private let c = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
 
@@ -27,18 +27,18 @@ public final class Guarded<Value>: @unchecked Sendable {
     public func update<T>(_ body: (inout Value) throws -> T) rethrows -> T {
         lock()
         defer { checkPthread(pthread_cond_broadcast(c), "pthread_cond_broadcast"); unlock() }
-        guard let observer else { return try body(&value) }
+        if observers.isEmpty { return try body(&value) }
         let old = value
-        defer { observer(old, value) }
+        defer { for observer in observers { observer(old, value) } }
         return try body(&value)
     }
 
     /// Calls `observer` with the value before and after every `update`, under the lock: it must
-    /// be quick and must not touch this `Guarded`. One observer; a second replaces the first.
+    /// be quick and must not touch this `Guarded`. Observers are called in the order they were added.
     public func observe(_ observer: @escaping (_ old: Value, _ new: Value) -> Void) {
         lock()
         defer { unlock() }
-        self.observer = observer
+        observers.append(observer)
     }
 
     public func read<T>(_ body: (Value) throws -> T) rethrows -> T {

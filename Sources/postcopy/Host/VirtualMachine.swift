@@ -26,6 +26,9 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
         var parked = 0
         var started = 0
         var runState: RunState
+        /// Whether the guest starts when an incoming migration hands it over (QEMU's autostart):
+        /// `stop` while waiting clears it, `cont` sets it again.
+        var autostart = true
     }
 
     /// Where `STOP` and `RESUME` go (the controller's bus); set before the monitors start.
@@ -145,11 +148,20 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
     }
 
     /// QEMU raises `RESUME` before the vCPUs go and `STOP` once they have stopped.
+    /// A destination told to `stop` while it waited stays paused when the migration hands it
+    /// the guest, as QEMU does without autostart.
     func resumeVCPUs() {
-        let wasRunning = control.update { c in
-            defer { c.pauseRequested = false; c.runState = .running }
-            return c.runState.isRunning
+        let (wasRunning, start) = control.update { c -> (Bool, Bool) in
+            let wasRunning = c.runState.isRunning
+            if c.runState == .inmigrate, !c.autostart {
+                c.runState = .paused
+                return (wasRunning, false)
+            }
+            c.pauseRequested = false
+            c.runState = .running
+            return (wasRunning, true)
         }
+        guard start else { return }
         if !wasRunning { events?.emit("RESUME") }
         pauseFlag.store(0)
     }
@@ -168,13 +180,26 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
         control.read { $0.runState }
     }
 
+    /// On a destination still waiting for its guest, `stop` and `cont` only decide whether the
+    /// guest starts when it arrives (QEMU's autostart): nothing may run before its state is here.
     func stop() throws {
+        let waiting = control.update { c -> Bool in
+            guard c.runState == .inmigrate else { return false }
+            c.autostart = false
+            return true
+        }
+        if waiting { return }
         pause(as: .paused)
         control.update { $0.runState = .paused }
     }
 
     func cont() throws {
-        guard runState() != .inmigrate else { throw MonitorError("guest is waiting for an incoming migration") }
+        let waiting = control.update { c -> Bool in
+            guard c.runState == .inmigrate else { return false }
+            c.autostart = true
+            return true
+        }
+        if waiting { return }
         resumeVCPUs()
     }
 
@@ -191,19 +216,31 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
         return words.flatMap { w in withUnsafeBytes(of: w.littleEndian) { Array($0) } }
     }
 
+    /// Everything is checked before anything is restored: a vCPU resumed at a position outside
+    /// its slice would write outside the guest memory.
     func restoreDeviceState(_ bytes: [UInt8]) throws {
-        guard bytes.count % 8 == 0, bytes.count >= 24 else { throw MonitorError("device state of \(bytes.count) bytes is malformed") }
+        func refuse(_ why: String) -> MigrationError { .deviceState(why) }
+        guard bytes.count % 8 == 0, bytes.count >= 24 else { throw refuse("\(bytes.count) bytes is malformed") }
         let words = stride(from: 0, to: bytes.count, by: 8).map { i in
             bytes[i..<(i + 8)].enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) }
         }
-        guard words[0] == Self.magic else { throw MonitorError("device state is not this host's (bad magic)") }
-        guard words[1] == UInt64(vcpuCount) else { throw MonitorError("device state has \(words[1]) vCPUs, this host has \(vcpuCount): start it with --vcpus \(words[1])") }
-        guard words[2] == workload.code else { throw MonitorError("device state is for another workload than '\(workload.rawValue)'") }
-        guard words.count == 3 + vcpuCount * VCPUState.fieldCount else { throw MonitorError("device state has the wrong length") }
-        for i in 0..<vcpuCount {
+        guard words[0] == Self.magic else { throw refuse("not this host's (bad magic)") }
+        guard words[1] == UInt64(vcpuCount) else { throw refuse("\(words[1]) vCPUs, this host has \(vcpuCount): start it with --vcpus \(words[1])") }
+        guard words[2] == workload.code else { throw refuse("for another workload than '\(workload.rawValue)'") }
+        guard words.count == 3 + vcpuCount * VCPUState.fieldCount else { throw refuse("the wrong length") }
+        let restored = (0..<vcpuCount).map { i in
             let start = 3 + i * VCPUState.fieldCount
-            states[i * slot] = VCPUState(fields: words[start..<(start + VCPUState.fieldCount)])
+            return VCPUState(fields: words[start..<(start + VCPUState.fieldCount)])
         }
+        let hotPages = UInt64(min(slicePages, max(1, Workload.hotBytes / memory.pageSize)))
+        for (i, state) in restored.enumerated() {
+            guard state.phase <= 1 else { throw refuse("vCPU \(i) has phase \(state.phase), expected 0 or 1") }
+            let end = (workload == .hotcold && state.phase == 1) ? hotPages : UInt64(slicePages)
+            guard state.position < end else {
+                throw refuse("vCPU \(i) is at page \(state.position) of a slice of \(end) pages (is --memory the same on both hosts?)")
+            }
+        }
+        for (i, state) in restored.enumerated() { states[i * slot] = state }
     }
 
     // MARK: integrity
