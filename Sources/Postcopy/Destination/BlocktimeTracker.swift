@@ -3,11 +3,13 @@ import Synchronization
 /// Postcopy blocktime with QEMU's meaning: for each vCPU, the time it spent blocked on missing
 /// pages; in total, the time during which *all* vCPUs were blocked at once. Also fault latency.
 ///
-/// Hot path: the fault thread calls `faultBegan`, the page receivers call `pagesArrived`.
-/// Each vCPU has a slot (the page it waits for, since when) that the two sides hand over with
-/// compare-and-swap; nothing here allocates, and no vCPU ever takes a lock (a blocked vCPU is
-/// asleep in the kernel). The small lock below orders only the "all blocked" transitions
-/// between the fault thread and the receivers.
+/// Threads: the fault thread calls `faultBegan`, the page receivers call `pagesArrived`, the
+/// monitors read the totals.
+///
+/// Hot path: allocates nothing per page or per fault. Each vCPU has a slot (the page it waits
+/// for, since when) that the two sides hand over; no vCPU ever takes a lock (a blocked vCPU is
+/// asleep in the kernel). The small lock below orders only the slot changes and the "all
+/// blocked" transitions between the fault thread and the receivers.
 public final class BlocktimeTracker: @unchecked Sendable {
     public let vcpuCount: Int
     static let none = UInt64.max
@@ -99,6 +101,8 @@ public final class BlocktimeTracker: @unchecked Sendable {
                 // for a missing page, so this one ran, and its next fault was read before that
                 // arrival was recorded. Merging the two waits would count the run in between as
                 // blocked; instead the old wait is set aside, to be closed by its arrival's time.
+                // (Placing with DONTWAKE and waking after the record would also order them, at
+                // one more ioctl per placed run; this costs the placement path nothing.)
                 if earlierPage.load(v) != Self.none { closeEarlierWait(v, arrived: earlierEnd[v], all: &all) }
                 earlierStart[v] = faultStart[v]
                 earlierEnd[v] = now
@@ -151,7 +155,8 @@ public final class BlocktimeTracker: @unchecked Sendable {
     /// Ends vCPU `v`'s set-aside wait at `arrived` (at most when its next fault was read). The
     /// vCPU ran from then until that fault, so the "all blocked" time it was counted in is
     /// corrected: the open period starts again at that fault, and the last closed one loses the
-    /// overlap. Called with `allBlocked` held.
+    /// overlap (an older period is left as is: only a receiver stalled across several of them
+    /// could have overlapped it). Called with `allBlocked` held.
     @inline(__always)
     private func closeEarlierWait(_ v: Int, arrived: UInt64, all: inout AllBlocked) {
         let start = earlierStart[v], bound = earlierEnd[v]

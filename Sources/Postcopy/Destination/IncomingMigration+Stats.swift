@@ -1,4 +1,6 @@
 /// What `query-migrate` and `info migrate` show on the destination.
+///
+/// Threads: any (the monitors'); it reads the counters the hot path keeps, without stopping it.
 extension IncomingMigration {
     public func info() -> MigrationInfo {
         let s = state.read { $0 }

@@ -29,7 +29,6 @@ public final class IncomingMigration: @unchecked Sendable {
     let receivedPages = AtomicCounter()
     let requestsSent = AtomicCounter()
     let receivedBytes = AtomicCounter()
-    let discardedPages = AtomicCounter()
     let bytesAtRun = AtomicCounter()
     let normalPlaced = AtomicCounter()
     let zeroPlaced = AtomicCounter()
@@ -283,7 +282,6 @@ public final class IncomingMigration: @unchecked Sendable {
         zeroPlaced.store(0)
         bytesAtRun.store(0)
         requestsSent.store(0)
-        discardedPages.store(0)
     }
 
     // MARK: end

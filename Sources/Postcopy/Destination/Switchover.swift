@@ -6,6 +6,9 @@ import Glibc
 /// running; `DestinationPhase.admits` refuses anything out of that order.
 ///
 /// Threads: `mig-incoming` (the main receiver); `mig-free-stale` frees moved-aside pages.
+///
+/// Not the per-page hot path: this runs once per migration, but inside the downtime (the guest
+/// is paused on both sides), so it frees nothing it can leave for later.
 extension IncomingMigration {
     /// What the main receiver collects during the switch: the discarded ranges, applied
     /// together when the device state comes.
@@ -66,7 +69,6 @@ extension IncomingMigration {
     /// good are moved back (UFFDIO_MOVE, no copy), and the rest is freed after the guest runs.
     private func applyDiscards(_ ranges: [(first: Int, count: Int)], uffd: UserfaultFD) throws {
         let stale = ranges.reduce(0) { $0 + $1.count }
-        discardedPages.add(UInt64(stale))
         let pageSize = memory.pageSize
         guard memory.backing == .anonymous, stale * 2 > memory.pageCount else {
             for range in ranges { try memory.discard(offset: range.first * pageSize, length: range.count * pageSize) }
