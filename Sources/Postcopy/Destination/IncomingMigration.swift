@@ -266,7 +266,9 @@ public final class IncomingMigration: @unchecked Sendable {
             enter(.listening)
             return s.uffd
         }
-        try? uffd?.unregister(address: memory.base, length: memory.size)
+        // Refused in the handshake, before anything was registered: no page came.
+        guard let uffd else { return }
+        try? uffd.unregister(address: memory.base, length: memory.size)
         do {
             try memory.discard(offset: 0, length: memory.size)
         } catch {
