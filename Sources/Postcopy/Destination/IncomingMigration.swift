@@ -69,7 +69,7 @@ public final class IncomingMigration: @unchecked Sendable {
         self.memory = memory
         self.settings = settings
         self.hooks = hooks
-        let stop = try syscallValue("eventfd") { eventfd(0, Int32(EFD_CLOEXEC)) }
+        let stop = try syscallValue("eventfd") { eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK)) }
         do {
             listener = try Listener(endpoint: endpoint)
         } catch {
@@ -258,9 +258,9 @@ public final class IncomingMigration: @unchecked Sendable {
         var drain: UInt64 = 0
         do {
             _ = try syscallValue("read(eventfd)") { Glibc.read(stopFaults, &drain, 8) }
-        } catch {
+        } catch where error.errno != EAGAIN {   // EAGAIN: nothing to drain
             Log.destination.error("could not reset the fault thread's wake-up: \(error)")
-        }
+        } catch {}
         let uffd = state.update { s -> UserfaultFD? in
             defer { s.uffd = nil; s.main = nil; s.urgent = nil; s.multifd = [] }
             enter(.listening)

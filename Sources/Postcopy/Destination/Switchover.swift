@@ -96,12 +96,17 @@ extension IncomingMigration {
             p = end
         }
         let size = memory.size
-        try startAttemptThread("mig-free-stale") {
+        let free: @Sendable () -> Void = {
             do {
                 _ = try syscallValue("munmap(stale pages)") { munmap(UnsafeMutableRawPointer(bitPattern: aside), size) }
             } catch {
                 Log.destination.error("could not free the stale pages moved aside: \(error)")
             }
+        }
+        do {
+            try startAttemptThread("mig-free-stale", free)
+        } catch {
+            free()   // no thread to spare: free them now, inside the downtime
         }
     }
 }
