@@ -15,6 +15,9 @@ import Synchronization
 /// attempt `mig-faults` (the fault thread), `mig-urgent` (the postcopy-preempt receiver), one
 /// `mig-multifdN` receiver per multifd channel, and `mig-free-stale` after a large discard.
 /// The attempt's threads are joined when it ends, before the next one is accepted.
+///
+/// Hot path: none in this file (it runs once per attempt); the receivers and the fault thread,
+/// which allocate nothing per page, are in their own files.
 public final class IncomingMigration: @unchecked Sendable {
     public let memory: GuestMemory
     public let endpoint: Endpoint
