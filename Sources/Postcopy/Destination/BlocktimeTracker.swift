@@ -3,23 +3,36 @@ import Synchronization
 /// Postcopy blocktime with QEMU's meaning: for each vCPU, the time it spent blocked on missing
 /// pages; in total, the time during which *all* vCPUs were blocked at once. Also fault latency.
 ///
-/// Hot path: the fault thread calls `faultBegan`, the page receivers call `pagesArrived`.
-/// Each vCPU has a slot (the page it waits for, since when) that the two sides hand over with
-/// compare-and-swap; nothing here allocates, and no vCPU ever takes a lock (a blocked vCPU is
-/// asleep in the kernel). The small lock below orders only the "all blocked" transitions
-/// between the fault thread and the receivers.
+/// Threads: the fault thread calls `faultBegan`, the page receivers call `pagesArrived`, the
+/// monitors read the totals.
+///
+/// Hot path: allocates nothing per page or per fault. Each vCPU has a slot (the page it waits
+/// for, since when) that the two sides hand over; no vCPU ever takes a lock (a blocked vCPU is
+/// asleep in the kernel). The small lock below orders only the slot changes and the "all
+/// blocked" transitions between the fault thread and the receivers.
 public final class BlocktimeTracker: @unchecked Sendable {
     public let vcpuCount: Int
     static let none = UInt64.max
 
     private let threadIDs: UnsafeMutablePointer<Int32>
+    /// Per vCPU, the wait in progress: the page and since when (`none`: not waiting).
     private let waitingPage: AtomicWords
     private let faultStart: UnsafeMutablePointer<UInt64>
+    /// Per vCPU, a wait it has left (it faulted on another page) whose page's arrival is not
+    /// recorded yet, and the latest it can have ended: the next fault's time. See `faultBegan`.
+    private let earlierPage: AtomicWords
+    private let earlierStart: UnsafeMutablePointer<UInt64>
+    private let earlierEnd: UnsafeMutablePointer<UInt64>
     private let blockedNs: AtomicWords
     private let vcpuLatencySum: AtomicWords
     private let vcpuFaults: AtomicWords
-    /// How many vCPUs are blocked now, and since when all of them are.
-    private struct AllBlocked { var count = 0; var since: UInt64 = 0 }
+    /// How many vCPUs are blocked now, since when all of them are, and the last period in which
+    /// all were (a late arrival may show that one vCPU ran during part of it).
+    private struct AllBlocked {
+        var count = 0
+        var since: UInt64 = 0
+        var last: (start: UInt64, end: UInt64) = (0, 0)
+    }
     private let allBlocked = Mutex(AllBlocked())
     private let totalBlockedNs = AtomicCounter()
 
@@ -38,6 +51,9 @@ public final class BlocktimeTracker: @unchecked Sendable {
         threadIDs = .allocate(capacity: n); threadIDs.initialize(repeating: 0, count: n)
         waitingPage = AtomicWords(count: n, repeating: Self.none)
         faultStart = .allocate(capacity: n); faultStart.initialize(repeating: 0, count: n)
+        earlierPage = AtomicWords(count: n, repeating: Self.none)
+        earlierStart = .allocate(capacity: n); earlierStart.initialize(repeating: 0, count: n)
+        earlierEnd = .allocate(capacity: n); earlierEnd.initialize(repeating: 0, count: n)
         blockedNs = AtomicWords(count: n)
         vcpuLatencySum = AtomicWords(count: n)
         vcpuFaults = AtomicWords(count: n)
@@ -46,6 +62,8 @@ public final class BlocktimeTracker: @unchecked Sendable {
 
     deinit {
         faultStart.deallocate()
+        earlierStart.deallocate()
+        earlierEnd.deallocate()
         otherStart.deallocate()
         threadIDs.deallocate()
     }
@@ -72,34 +90,55 @@ public final class BlocktimeTracker: @unchecked Sendable {
             return
         }
         allBlocked.withLock { all in
-            // A vCPU woken without its page (a signal, a spurious wake) faults again: same wait, counted once.
-            if waitingPage.load(v) == Self.none {
+            let waiting = waitingPage.load(v)
+            if waiting == Self.none {
                 faultStart[v] = now
                 all.count += 1
                 if all.count == vcpuCount { all.since = now }
+            } else if waiting != UInt64(page) {
+                // The race: a receiver reads its clock, places the page (which wakes the vCPU)
+                // and only then records the arrival. A vCPU cannot fault elsewhere while it waits
+                // for a missing page, so this one ran, and its next fault was read before that
+                // arrival was recorded. Merging the two waits would count the run in between as
+                // blocked; instead the old wait is set aside, to be closed by its arrival's time.
+                // (Placing with DONTWAKE and waking after the record would also order them, at
+                // one more ioctl per placed run; this costs the placement path nothing.)
+                if earlierPage.load(v) != Self.none { closeEarlierWait(v, arrived: earlierEnd[v], all: &all) }
+                earlierStart[v] = faultStart[v]
+                earlierEnd[v] = now
+                earlierPage.store(v, waiting)
+                faultStart[v] = now
             }
+            // else: woken without its page (a signal, a spurious wake), it faulted again: same wait.
             waitingPage.store(v, UInt64(page))
         }
     }
 
-    /// Pages [first, first+count) were placed at `now`: every vCPU waiting on one of them is unblocked.
+    /// Pages [first, first+count) were placed at `now`: every vCPU waiting on one of them is
+    /// unblocked. `now` must be read before the placement wakes the waiters (see `faultBegan`).
     @inline(__always)
     public func pagesArrived(first: Int, count: Int, now: UInt64) {
         let lo = UInt64(first), hi = UInt64(first + count)
         for v in 0..<vcpuCount {
             let p = waitingPage.load(v)
-            guard p >= lo, p < hi else { continue }
-            let waited: UInt64? = allBlocked.withLock { all in
-                guard waitingPage.compareExchange(v, expected: p, desired: Self.none) else { return nil }
-                if all.count == vcpuCount { totalBlockedNs.add(now > all.since ? now - all.since : 0) }
-                all.count -= 1
-                return now > faultStart[v] ? now - faultStart[v] : 0
+            if p >= lo, p < hi {
+                let waited: UInt64? = allBlocked.withLock { all in
+                    guard waitingPage.compareExchange(v, expected: p, desired: Self.none) else { return nil }
+                    if all.count == vcpuCount, now > all.since {
+                        totalBlockedNs.add(now - all.since)
+                        all.last = (all.since, now)
+                    }
+                    all.count -= 1
+                    return now > faultStart[v] ? now - faultStart[v] : 0
+                }
+                if let waited { record(v, waited) }
             }
-            if let waited {
-                blockedNs.add(v, waited)
-                vcpuLatencySum.add(v, waited)
-                vcpuFaults.add(v, 1)
-                latency.record(nanoseconds: waited)
+            let e = earlierPage.load(v)
+            if e >= lo, e < hi {
+                allBlocked.withLock { all in
+                    guard earlierPage.load(v) == e else { return }
+                    closeEarlierWait(v, arrived: now, all: &all)
+                }
             }
         }
         // Non-vCPU faults: each of the few slots is checked against the run.
@@ -113,12 +152,43 @@ public final class BlocktimeTracker: @unchecked Sendable {
         }
     }
 
+    /// Ends vCPU `v`'s set-aside wait at `arrived` (at most when its next fault was read). The
+    /// vCPU ran from then until that fault, so the "all blocked" time it was counted in is
+    /// corrected: the open period starts again at that fault, and the last closed one loses the
+    /// overlap (an older period is left as is: only a receiver stalled across several of them
+    /// could have overlapped it). Called with `allBlocked` held.
+    @inline(__always)
+    private func closeEarlierWait(_ v: Int, arrived: UInt64, all: inout AllBlocked) {
+        let start = earlierStart[v], bound = earlierEnd[v]
+        let end = min(max(arrived, start), bound)
+        earlierPage.store(v, Self.none)
+        record(v, end - start)
+        guard end < bound else { return }
+        if all.count == vcpuCount, all.since < bound {
+            if all.since < end { totalBlockedNs.add(end - all.since) }
+            all.since = bound
+        }
+        let overlap = min(all.last.end, bound) > max(all.last.start, end) ? min(all.last.end, bound) - max(all.last.start, end) : 0
+        if overlap > 0 { _ = totalBlockedNs.fetchAdd(0 &- overlap) }
+    }
+
+    @inline(__always)
+    private func record(_ v: Int, _ waited: UInt64) {
+        blockedNs.add(v, waited)
+        vcpuLatencySum.add(v, waited)
+        vcpuFaults.add(v, 1)
+        latency.record(nanoseconds: waited)
+    }
+
     /// Per-vCPU blocked time so far (ms), counting a wait still in progress up to `now`.
     public func vcpuBlocktimeMs(now: UInt64) -> [UInt64] {
-        (0..<vcpuCount).map { v in
-            var ns = blockedNs.load(v)
-            if waitingPage.load(v) != Self.none, now > faultStart[v] { ns += now - faultStart[v] }
-            return ns / 1_000_000
+        allBlocked.withLock { _ in
+            (0..<vcpuCount).map { v in
+                var ns = blockedNs.load(v)
+                if waitingPage.load(v) != Self.none, now > faultStart[v] { ns += now - faultStart[v] }
+                if earlierPage.load(v) != Self.none, min(now, earlierEnd[v]) > earlierStart[v] { ns += min(now, earlierEnd[v]) - earlierStart[v] }
+                return ns / 1_000_000
+            }
         }
     }
 

@@ -1,0 +1,171 @@
+import Glibc
+
+/// The page receivers: one per channel (main on `mig-incoming`, `mig-urgent`, `mig-multifdN`),
+/// each reading its own connection's frames. Every frame is first checked against the phase
+/// (`DestinationPhase.admits`), then handed to its handler; pages are placed with
+/// UFFDIO_COPY / UFFDIO_ZEROPAGE, which wakes the vCPUs blocked on them.
+///
+/// Threads: the caller's. Main runs on `mig-incoming`; the others are the attempt's threads.
+///
+/// Hot path: allocates nothing per page. One buffer per receiver, allocated once; every count
+/// and offset is checked against the region before a byte is written; no lock is taken that a
+/// vCPU could wait behind (a blocked vCPU sleeps in the kernel until the placement wakes it).
+/// The only locks on the way are the blocktime tracker's, between runtime threads.
+extension IncomingMigration {
+    /// Which connection a receiver reads.
+    enum ChannelKind: Equatable {
+        case main
+        case urgent
+        case multifd(Int)
+
+        var role: DestinationPhase.Channel {
+            switch self {
+            case .main: .main
+            case .urgent: .urgent
+            case .multifd: .multifd
+            }
+        }
+    }
+
+    /// Reads `channel` until it ends; a frame the phase does not admit ends the attempt.
+    func receive(on channel: Channel, as kind: ChannelKind) {
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: maxFrameBytes, alignment: 4096)
+        defer { buffer.deallocate() }
+        guard let uffd = state.read({ $0.uffd }) else { return }
+        var switchover = Switchover()
+        do {
+            while true {
+                let header = try channel.readHeader(scratch: buffer)
+                let phase = self.phase
+                guard phase.admits(header.kind, on: kind.role) else { throw phase.violation(header.kind, on: kind.role) }
+                switch header.kind {
+                case .pages, .zeroPages:
+                    try receivePages(header, on: channel, buffer: buffer, uffd: uffd)
+                case .sync:
+                    guard case let .multifd(index) = kind else { break }
+                    multifdSynced.update { $0[index] = header.argument }
+                case .syncWait:
+                    try waitForMultifd(generation: header.argument)
+                case .discard:
+                    try receiveDiscard(header, into: &switchover)
+                case .deviceState:
+                    try receiveDeviceState(header, on: channel, after: &switchover, uffd: uffd)
+                case .run:
+                    try receiveRun(on: channel)
+                case .complete:
+                    break   // completion is counted in pages received, whichever channel brought them
+                case .error:
+                    throw ProtocolError.peer(try channel.readErrorMessage(header, scratch: buffer))
+                case .hello, .helloAck, .request, .running, .done:
+                    throw phase.violation(header.kind, on: kind.role)   // never admitted
+                }
+            }
+        } catch {
+            fail(error)   // a no-op once the migration completed: the source closes its channels then
+        }
+    }
+
+    /// A run of pages (or zero pages): placed, or dropped when the migration is over.
+    @inline(__always)
+    private func receivePages(_ header: FrameHeader, on channel: Channel, buffer: UnsafeMutableRawPointer, uffd: UserfaultFD) throws {
+        let pageSize = memory.pageSize
+        let first = header.argument, count = Int(header.count)
+        try checkRange(header)
+        let firstPage = Int(first)
+        let zero = header.kind == .zeroPages
+        if !zero {
+            let bytes = count * pageSize
+            guard bytes <= maxFrameBytes else { throw ProtocolError.oversized(.pages, bytes: UInt64(bytes), limit: maxFrameBytes) }
+            try channel.read(into: buffer, exactly: bytes, what: "a page frame")
+            receivedBytes.add(UInt64(bytes + FrameHeader.size))
+        } else {
+            receivedBytes.add(UInt64(FrameHeader.size))
+        }
+        // Read before the placement wakes any vCPU: the blocktime tracker needs an arrival time
+        // no later than the vCPU's next fault (BlocktimeTracker.faultBegan).
+        let placedAt = monotonicNanoseconds()
+        switch phase {
+        case .precopy:
+            // A page may come again with newer content; the vCPUs are not running here.
+            try place(firstPage, count, from: zero ? nil : buffer, uffd: uffd, overwrite: true, zeroPage: buffer)
+        case .running:
+            // Postcopy: the content is final; a page already here stays as it is.
+            guard !allReceived(firstPage, count) else { break }
+            try place(firstPage, count, from: zero ? nil : buffer, uffd: uffd, overwrite: false, zeroPage: buffer)
+        default:
+            return   // finished: late pages are dropped
+        }
+        markReceived(firstPage, count, zero: zero, at: placedAt)
+    }
+
+    /// `first + count` lies inside the guest memory (and the sum cannot overflow).
+    @inline(__always)
+    func checkRange(_ header: FrameHeader) throws {
+        let first = header.argument, count = UInt64(header.count), pageCount = memory.pageCount
+        guard count >= 1, first < UInt64(pageCount), first + count <= UInt64(pageCount) else {
+            throw ProtocolError.pagesOutOfRange(first: first, count: header.count, pageCount: pageCount)
+        }
+    }
+
+    /// Pages still in flight on a multifd channel must be placed before what follows on main.
+    private func waitForMultifd(generation: UInt64) throws {
+        while !multifdSynced.wait(timeout: 0.2, until: { $0.allSatisfy { $0 >= generation } }) {
+            // The failing channel has said why; main only stops waiting.
+            if phase == .finished { throw MigrationError.notNow("a multifd channel failed while main waited for it") }
+        }
+    }
+
+    /// Places a run: with `overwrite`, pages already here get the new content by a plain copy
+    /// (only before the vCPUs run); missing ones go in with UFFDIO_COPY / UFFDIO_ZEROPAGE.
+    @inline(__always)
+    private func place(_ first: Int, _ count: Int, from buffer: UnsafeMutableRawPointer?, uffd: UserfaultFD, overwrite: Bool,
+                       zeroPage: UnsafeMutableRawPointer) throws {
+        let pageSize = memory.pageSize
+        var p = first
+        while p < first + count {
+            // A segment of pages that are all missing, or all present.
+            let present = received.contains(p)
+            var end = p + 1
+            while end < first + count, received.contains(end) == present { end += 1 }
+            let address = memory.address(ofPage: p)
+            let length = (end - p) * pageSize
+            let source = buffer.map { $0 + (p - first) * pageSize }
+            if present {
+                if overwrite {
+                    let target = UnsafeMutableRawPointer(bitPattern: address)!
+                    if let source { target.copyMemory(from: source, byteCount: length) } else { memset(target, 0, length) }
+                }
+            } else if let source {
+                _ = try uffd.copyRun(to: address, from: source, length: length, pageSize: pageSize)
+            } else if memory.backing == .hugetlbfs {
+                // UFFDIO_ZEROPAGE does not exist for hugetlbfs: copy a zeroed page instead.
+                memset(zeroPage, 0, pageSize)
+                for offset in stride(from: 0, to: length, by: pageSize) {
+                    _ = try uffd.copyRun(to: address + UInt(offset), from: zeroPage, length: pageSize, pageSize: pageSize)
+                }
+            } else {
+                try uffd.zeroRun(at: address, length: length, pageSize: pageSize)
+            }
+            p = end
+        }
+    }
+
+    @inline(__always)
+    private func allReceived(_ first: Int, _ count: Int) -> Bool {
+        for p in first..<(first + count) where !received.contains(p) { return false }
+        return true
+    }
+
+    /// Counts the run as here (after its placement, which was begun at `placedAt`); the last
+    /// page, once the vCPUs run, completes the migration.
+    @inline(__always)
+    private func markReceived(_ first: Int, _ count: Int, zero: Bool, at placedAt: UInt64) {
+        var newly: UInt64 = 0
+        for p in first..<(first + count) where received.testAndSet(p) { newly += 1 }
+        blocktime.pagesArrived(first: first, count: count, now: placedAt)
+        if zero { zeroPlaced.add(newly) } else { normalPlaced.add(newly) }
+        if newly > 0, receivedPages.fetchAdd(newly) + newly == UInt64(memory.pageCount), phase == .running {
+            finish()
+        }
+    }
+}

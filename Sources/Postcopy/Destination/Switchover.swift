@@ -1,0 +1,112 @@
+import Glibc
+
+/// The switch from precopy to running here, on the main channel while the guest is paused on
+/// both sides: `discard` frames (pages that went stale at the source after it sent them),
+/// the device state, then `run`. The phase moves precopy → discarding → deviceRestored →
+/// running; `DestinationPhase.admits` refuses anything out of that order.
+///
+/// Threads: `mig-incoming` (the main receiver); `mig-free-stale` frees moved-aside pages.
+///
+/// Not the per-page hot path: this runs once per migration, but inside the downtime (the guest
+/// is paused on both sides), so it frees nothing it can leave for later.
+extension IncomingMigration {
+    /// What the main receiver collects during the switch: the discarded ranges, applied
+    /// together when the device state comes.
+    struct Switchover {
+        var discards: [(first: Int, count: Int)] = []
+    }
+
+    func receiveDiscard(_ header: FrameHeader, into switchover: inout Switchover) throws {
+        try checkRange(header)
+        let first = Int(header.argument), count = Int(header.count)
+        if switchover.discards.isEmpty { state.update { _ in enter(.discarding) } }
+        var dropped: UInt64 = 0
+        for p in first..<(first + count) where received.testAndClear(p) { dropped += 1 }
+        _ = receivedPages.fetchAdd(0 &- dropped)
+        switchover.discards.append((first, count))
+    }
+
+    func receiveDeviceState(_ header: FrameHeader, on channel: Channel, after switchover: inout Switchover, uffd: UserfaultFD) throws {
+        if !switchover.discards.isEmpty {
+            try applyDiscards(switchover.discards, uffd: uffd)
+            switchover.discards = []
+        }
+        let length = Int(header.count)
+        guard length <= Self.maxDeviceStateBytes else {
+            throw ProtocolError.oversized(.deviceState, bytes: UInt64(length), limit: Self.maxDeviceStateBytes)
+        }
+        var device = [UInt8](repeating: 0, count: length)
+        try device.withUnsafeMutableBytes { try channel.read(into: $0.baseAddress!, exactly: length, what: "the device state") }
+        guard let hooks else { throw MigrationError.hostGone }
+        do {
+            try hooks.restoreDeviceState(device)
+        } catch {
+            throw MigrationError.deviceState("\(error)")
+        }
+        state.update { _ in enter(.deviceRestored) }
+    }
+
+    /// Starts the vCPUs here; from now on a failure cannot give the guest back to the source.
+    func receiveRun(on channel: Channel) throws {
+        bytesAtRun.store(receivedBytes.value)
+        state.update { s in
+            s.status = .postcopyActive
+            s.runningNs = monotonicNanoseconds()
+            enter(.running)
+        }
+        // Told before the vCPUs start, so it precedes their first request.
+        try channel.write(FrameHeader(.running))
+        hooks?.resumeVCPUs()
+        Log.destination.info("the guest runs here; \(memory.pageCount - Int(min(receivedPages.value, UInt64(memory.pageCount)))) pages still to come")
+        // After a precopy that converged, every page is here already.
+        if receivedPages.value == UInt64(memory.pageCount) { finish() }
+    }
+
+    /// Drops pages that went stale at the source after precopy sent them: they are missing
+    /// again, so a vCPU touching one faults and asks for the current content. This runs while
+    /// the guest is paused on both sides. MADV_DONTNEED frees ~256 MiB per 25 ms here, so when
+    /// most of the memory went stale, everything is moved aside at once instead, the pages still
+    /// good are moved back (UFFDIO_MOVE, no copy), and the rest is freed after the guest runs.
+    private func applyDiscards(_ ranges: [(first: Int, count: Int)], uffd: UserfaultFD) throws {
+        let stale = ranges.reduce(0) { $0 + $1.count }
+        let pageSize = memory.pageSize
+        guard memory.backing == .anonymous, stale * 2 > memory.pageCount else {
+            for range in ranges { try memory.discard(offset: range.first * pageSize, length: range.count * pageSize) }
+            return
+        }
+        let aside = try memory.moveContentsAside()
+        // mremap drops the registration of the moved pages (no UFFD_FEATURE_EVENT_REMAP); to be sure:
+        try? uffd.unregister(address: aside, length: memory.size)
+        try uffd.register(address: memory.base, length: memory.size, mode: .missing)
+        var p = 0
+        while p < memory.pageCount {
+            guard received.contains(p) else { p += 1; continue }
+            var end = p + 1
+            while end < memory.pageCount, received.contains(end) { end += 1 }
+            let offset = UInt(p * pageSize), length = (end - p) * pageSize
+            do {
+                if try uffd.move(to: memory.base + offset, from: aside + offset, length: length) == .alreadyPresent {
+                    // Part of the run was there already: place the rest one page at a time.
+                    _ = try uffd.copyRun(to: memory.base + offset, from: UnsafeRawPointer(bitPattern: aside + offset)!, length: length, pageSize: pageSize)
+                }
+            } catch {
+                // Pages shared with a forked child cannot be moved (EBUSY): copy them.
+                _ = try uffd.copyRun(to: memory.base + offset, from: UnsafeRawPointer(bitPattern: aside + offset)!, length: length, pageSize: pageSize)
+            }
+            p = end
+        }
+        let size = memory.size
+        let free: @Sendable () -> Void = {
+            do {
+                _ = try syscallValue("munmap(stale pages)") { munmap(UnsafeMutableRawPointer(bitPattern: aside), size) }
+            } catch {
+                Log.destination.error("could not free the stale pages moved aside: \(error)")
+            }
+        }
+        do {
+            try startAttemptThread("mig-free-stale", free)
+        } catch {
+            free()   // no thread to spare: free them now, inside the downtime
+        }
+    }
+}

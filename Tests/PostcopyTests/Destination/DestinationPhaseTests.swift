@@ -1,0 +1,98 @@
+import Glibc
+@testable import Postcopy
+import Testing
+
+@Suite("Destination: frames out of order", .serialized)
+struct DestinationPhaseTests {
+    /// A destination past the handshake, with a fake source on its main channel.
+    static func connected() throws -> (IncomingMigration, FakeSource, RecordingHooks) {
+        let (incoming, memory, hooks) = try DestinationInputTests.makeDestination()
+        let source = try FakeSource(port: incoming.endpoint.port)
+        try source.sendHandshake(pageSize: DestinationInputTests.pageSize, regionSize: memory.size)
+        #expect(try source.readReply().0.kind == .helloAck)
+        return (incoming, source, hooks)
+    }
+
+    @Test("a run before the device state ends the attempt, the guest stays at the source, and the destination takes the next one")
+    func runBeforeDeviceState() throws {
+        let (incoming, source, hooks) = try Self.connected()
+        try source.sendPage(1, filledWith: 0x11)
+        try source.main.write(FrameHeader(.run))
+        #expect(incoming.waitUntilFinished(timeout: 10) == .failed)
+        let error = incoming.info().errorDescription ?? ""
+        #expect(error == "protocol error: unexpected run frame on the main channel during precopy (before the device state)", "\(error)")
+        let (reply, message) = try source.readReply()
+        #expect(reply.kind == .error && message?.contains("the destination did not run the guest") == true, "\(message ?? "")")
+        #expect(!hooks.resumed.read { $0 }, "the vCPUs did not start here")
+
+        // Back to listening, with nothing kept from the failed attempt.
+        let next = try FakeSource(port: incoming.endpoint.port)
+        try next.sendHandshake(pageSize: DestinationInputTests.pageSize, regionSize: DestinationInputTests.pages * DestinationInputTests.pageSize)
+        #expect(try next.readReply().0.kind == .helloAck)
+        #expect(incoming.info().ram?.normal == 0)
+    }
+
+    @Test("a device state after run ends the migration and names the frame and the phase")
+    func deviceStateAfterRun() throws {
+        let (incoming, source, hooks) = try Self.connected()
+        try source.main.write(FrameHeader(.deviceState, count: 0))
+        try source.main.write(FrameHeader(.run))
+        #expect(try source.readReply().0.kind == .running)
+        #expect(hooks.resumed.wait(timeout: 10) { $0 })
+        try source.main.write(FrameHeader(.deviceState, count: 0))
+        #expect(incoming.waitUntilFinished(timeout: 10) == .failed)
+        let error = incoming.info().errorDescription ?? ""
+        #expect(error == "protocol error: unexpected deviceState frame on the main channel after run (the vCPUs run here)", "\(error)")
+    }
+
+    @Test("a second run ends the migration")
+    func secondRun() throws {
+        let (incoming, source, hooks) = try Self.connected()
+        try source.main.write(FrameHeader(.deviceState, count: 0))
+        try source.main.write(FrameHeader(.run))
+        #expect(try source.readReply().0.kind == .running)
+        try source.main.write(FrameHeader(.run))
+        #expect(incoming.waitUntilFinished(timeout: 10) == .failed)
+        #expect(incoming.info().errorDescription == "protocol error: unexpected run frame on the main channel after run (the vCPUs run here)")
+        #expect(hooks.resumed.read { $0 }, "the first run started the vCPUs")
+    }
+
+    @Test("pages after the device state, before run, are refused")
+    func pagesDuringSwitch() throws {
+        let (incoming, source, hooks) = try Self.connected()
+        try source.main.write(FrameHeader(.discard, count: 1, argument: 0))
+        try source.main.write(FrameHeader(.deviceState, count: 3), payload: source.scratch, length: 3)
+        try source.sendPage(0, filledWith: 1)
+        #expect(incoming.waitUntilFinished(timeout: 10) == .failed)
+        #expect(incoming.info().errorDescription == "protocol error: unexpected pages frame on the main channel after the device state (only run may follow)")
+        #expect(hooks.deviceState.read { $0?.count } == 3)
+        #expect(!hooks.resumed.read { $0 })
+    }
+
+    @Test("the frames of a postcopy migration are legal in the order a source sends them")
+    func postcopyOrderIsLegal() {
+        let walk: [(DestinationPhase, FrameKind, DestinationPhase.Channel)] = [
+            (.precopy, .pages, .main), (.precopy, .zeroPages, .multifd), (.precopy, .sync, .multifd), (.precopy, .syncWait, .main),
+            (.precopy, .discard, .main), (.discarding, .discard, .main), (.discarding, .deviceState, .main),
+            (.deviceRestored, .run, .main), (.running, .pages, .urgent), (.running, .pages, .multifd), (.running, .complete, .main),
+            (.finished, .pages, .urgent), (.finished, .complete, .main),
+        ]
+        for (phase, kind, channel) in walk {
+            #expect(phase.admits(kind, on: channel), "\(kind) on \(channel) \(phase)")
+        }
+    }
+
+    @Test("each frame is legal only on its own channel")
+    func framesStayOnTheirChannel() {
+        #expect(!DestinationPhase.precopy.admits(.pages, on: .urgent), "urgent carries only answers to requests")
+        #expect(!DestinationPhase.precopy.admits(.sync, on: .main))
+        #expect(!DestinationPhase.precopy.admits(.syncWait, on: .multifd))
+        #expect(!DestinationPhase.deviceRestored.admits(.run, on: .urgent))
+        #expect(!DestinationPhase.precopy.admits(.deviceState, on: .multifd))
+        for phase in [DestinationPhase.precopy, .running] {
+            for kind in [FrameKind.hello, .helloAck, .request, .running, .done] {
+                #expect(!phase.admits(kind, on: .main), "\(kind) belongs on the return path")
+            }
+        }
+    }
+}
