@@ -1,3 +1,5 @@
+import Logging
+
 /// The postcopy background stream: every page still pending goes to the destination while the
 /// guest runs there, in runs of up to `x-pages-per-frame` pages, on the main channel or with
 /// multifd on every multifd channel at once (one lane each). After each request every lane

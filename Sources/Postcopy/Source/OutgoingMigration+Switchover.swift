@@ -13,6 +13,7 @@ extension OutgoingMigration {
         // QEMU's "device" status; set before anything is sent, since "done" may come back at once.
         state.update { _ = $0.transition(to: .device) }
         try finalSync(tracker)
+        Log.source.info("precopy converged: sending the last \(pending.population()) pages and the device state")
         let before = totalWritten()
         try syncMultifd(main)
         var page = 0

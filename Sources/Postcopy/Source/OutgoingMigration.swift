@@ -233,14 +233,12 @@ public final class OutgoingMigration: @unchecked Sendable {
         interrupt.set()
         shutdownChannels()
         if outcome.resume { hooks?.resumeVCPUs() }
-        let guest = state.read { s -> String in
-            switch s.handover {
-            case .notSent, .refused: "the guest keeps running on this host"
-            case .running: "the guest runs on the destination"
-            case .awaitingAnswer, .unanswered: "the guest stays paused on this host"
-            }
+        let handover = state.read { $0.handover }
+        switch handover {
+        case .notSent, .refused: Log.source.error("migration failed: \(outcome.message); the guest keeps running on this host")
+        case .running: Log.source.error("migration failed after the switch: \(outcome.message); the guest runs on the destination")
+        case .awaitingAnswer, .unanswered: Log.source.error("migration failed: \(outcome.message)")
         }
-        Log.source.error("migration failed: \(outcome.message); \(guest)")
     }
 
     /// Bytes written on every channel so far.

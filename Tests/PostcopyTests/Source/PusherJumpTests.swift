@@ -54,7 +54,7 @@ struct PusherJumpTests {
         var cursor = PushLaneCursor(lane: 0, of: 1, pageCount: 1024, generation: jump.current.generation)
         Self.request(300, readAhead: 4, pending, jump)
         #expect((301..<305).allSatisfy { !pending.contains($0) }, "the read-ahead pages were sent with the request")
-        #expect(Self.sendOnce(&cursor, pending, jump, maxRun: 8) == Array(305..<312))
+        #expect(Self.sendOnce(&cursor, pending, jump, maxRun: 8) == Array(305..<313))
         #expect(PushJump.readAhead(afterRequestAt: 1020, count: 2, readAhead: 8, pageCount: 1024) == 1022..<1024,
                 "the read-ahead stops at the end of memory")
     }
