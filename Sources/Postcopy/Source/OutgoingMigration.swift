@@ -52,6 +52,9 @@ public final class OutgoingMigration: @unchecked Sendable {
     var syncGeneration: UInt64 = 0
     private var requestServer: JoinableThread?
     private let control = Mutex<JoinableThread?>(nil)
+    /// Every channel connected so far, from the first: a cancel or failure during the handshake
+    /// shuts them down too, so no thread stays blocked on a silent destination.
+    private let opened = Mutex<[Channel]>([])
 
     /// How long a failure after "run" waits for the destination's answer before it gives up
     /// and leaves the guest paused here (the answer is one frame; only a dead link takes this).
@@ -144,7 +147,7 @@ public final class OutgoingMigration: @unchecked Sendable {
     private func run() throws {
         // The channels are published (self.main, ...) only once set up, under the state lock,
         // so `info()` and `cancel()` on other threads never see them half made.
-        let main = try Channel.connect(to: endpoint)
+        let main = try open()
         let session = UInt64.random(in: 1...UInt64.max)
         var hello = Handshake(role: .main, session: session, pageSize: memory.pageSize, regionSize: memory.size,
                               flags: settings.postcopyPreempt ? Handshake.preemptFlag : 0)
@@ -161,14 +164,14 @@ public final class OutgoingMigration: @unchecked Sendable {
         }
         var urgent: Channel?
         if settings.postcopyPreempt {
-            let channel = try Channel.connect(to: endpoint)
+            let channel = try open()
             hello.role = .urgent
             try send(hello, on: channel)
             urgent = channel
         }
         var multifd: [Channel] = []
         for index in 0..<hello.multifdChannels {
-            let channel = try Channel.connect(to: endpoint)
+            let channel = try open()
             var data = hello
             data.role = .multifd
             data.multifdIndex = index
@@ -206,6 +209,18 @@ public final class OutgoingMigration: @unchecked Sendable {
         state.wait { $0.status.isTerminal }
         senders?.stop()
         requestServer?.join()
+    }
+
+    /// Connects one more channel to the destination, unless the migration already ended.
+    private func open() throws -> Channel {
+        let channel = try Channel.connect(to: endpoint)
+        opened.withLock { $0.append(channel) }
+        // Checked after publishing it: a cancel either sees it in `opened` or is seen here.
+        if state.read({ $0.status.isTerminal }) {
+            channel.shutdown()
+            throw MigrationError.cancelled
+        }
+        return channel
     }
 
     func send(_ hello: Handshake, on channel: Channel) throws {
@@ -248,9 +263,6 @@ public final class OutgoingMigration: @unchecked Sendable {
     }
 
     func shutdownChannels() {
-        guard state.read({ $0.setupNs != nil }) else { return }
-        main?.shutdown()
-        urgent?.shutdown()
-        for channel in multifd { channel.shutdown() }
+        for channel in opened.withLock({ $0 }) { channel.shutdown() }
     }
 }
