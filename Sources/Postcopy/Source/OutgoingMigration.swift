@@ -43,7 +43,7 @@ public final class OutgoingMigration: @unchecked Sendable {
     let jump = PushJump()
 
     // Set by the control thread during setup, before any other thread reads them; published
-    // to `info()` and `cancel()` by `setupNs` under the state lock.
+    // to `info()` by `setupNs` under the state lock.
     var main: Channel?
     var urgent: Channel?
     /// The multifd data channels (with the `multifd` capability), and their sending threads.

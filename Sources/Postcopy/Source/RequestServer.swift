@@ -6,7 +6,7 @@ import Logging
 /// "run" (`running` or a refusal), which alone decides who may run the guest, and `done`.
 ///
 /// Threads: `mig-requests`, from setup to the end of the migration.
-/// Hot path: allocates nothing per page and takes no lock per request.
+/// Hot path: allocates nothing per page; no state lock per request (only the channel's write lock).
 extension OutgoingMigration {
     func serveReturnPath(_ main: Channel) {
         let scratch = UnsafeMutableRawPointer.allocate(byteCount: Channel.maxMessageBytes, alignment: 16)
