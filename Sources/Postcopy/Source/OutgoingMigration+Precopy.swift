@@ -1,22 +1,24 @@
-import Glibc
-
+/// Precopy passes while the vCPUs run: pass 1 sends every page, each later pass the pages
+/// written since the last sync, until the rest fits in `downtime-limit` or postcopy is asked for.
+///
+/// Threads: the control thread; with multifd, the multifd senders carry each pass.
+/// Hot path: allocates nothing per page.
 extension OutgoingMigration {
-    /// Precopy passes while the vCPUs run: pass 1 sends every page, each later pass the pages
-    /// written since the last sync. Returns true when the rest fits in `downtime-limit` at the
-    /// measured bandwidth (finish in precopy), false when postcopy was asked for.
+    /// Returns true when the rest fits in `downtime-limit` at the measured bandwidth (finish in
+    /// precopy), false when postcopy was asked for or the migration ended.
     func precopy(_ main: Channel, tracker: DirtyTracker) throws -> Bool {
         let pageSize = memory.pageSize
         let maxRun = maxPagesPerFrame
         var bandwidth = Double(bandwidthLimit.value == 0 ? UInt64(1) << 40 : bandwidthLimit.value)
         var passes: Int64 = 0
-        while interrupt.value == 0 {
+        while !interrupt.isSet {
             // One pass over what is pending now.
             let passStart = monotonicNanoseconds()
             var pace = Pace(limit: bandwidthLimit)
-            let bytes = multifd.isEmpty
+            let bytes = senders == nil
                 ? try sendPass(pages: 0..<memory.pageCount, maxRun: maxRun, on: main, pace: &pace)
                 : try sendPassOnMultifd(maxRun: maxRun)
-            if interrupt.value != 0 { break }
+            if interrupt.isSet { break }
             let passNs = monotonicNanoseconds() - passStart
             if bytes > 1 << 20, passNs > 0 {
                 let limit = Double(bandwidthLimit.value)
@@ -55,49 +57,33 @@ extension OutgoingMigration {
     func sendPass(pages: Range<Int>, maxRun: Int, on channel: Channel, pace: inout Pace) throws -> Int {
         var bytes = 0
         var page = pages.lowerBound
-        while interrupt.value == 0, let first = pending.firstSet(in: page..<pages.upperBound) {
+        while !interrupt.isSet, let first = pending.firstSet(in: page..<pages.upperBound) {
             let (next, sent) = try sendRun(from: first, maxRun: maxRun, upTo: pages.upperBound, on: channel)
             bytes += sent
             page = next
-            throttle(&pace, sent: sent)
+            try pace.throttle(sent: sent)
         }
         return bytes
     }
 
-    /// A pass spread over the multifd channels, one sending thread each (zero-page detection runs
-    /// there too). Chunk c of 256 pages always goes on channel c % N, so a page resent in a later
-    /// pass can never overtake its older copy on another channel.
+    /// A pass spread over the multifd channels. Chunk c of 256 pages always goes on channel
+    /// c % N, so a page resent in a later pass can never overtake its older copy on another channel.
     func sendPassOnMultifd(maxRun: Int) throws -> Int {
+        guard let senders else { return 0 }
         let channels = multifd
         let n = channels.count
         let chunk = 256
         let chunks = (memory.pageCount + chunk - 1) / chunk
-        let outcome = Guarded((done: 0, bytes: 0, error: String?.none))
-        for i in 0..<n {
-            startDetachedThread("mig-multifd\(i)") { [self] in
-                var pace = Pace(limit: bandwidthLimit, share: Int64(n))
-                var failure: String?
-                do {
-                    var c = i
-                    while c < chunks, interrupt.value == 0 {
-                        let range = (c * chunk)..<min(memory.pageCount, (c + 1) * chunk)
-                        _ = try sendPass(pages: range, maxRun: maxRun, on: channels[i], pace: &pace)
-                        c += n
-                    }
-                } catch {
-                    failure = "\(error)"
-                }
-                outcome.update { o in
-                    o.done += 1
-                    o.bytes += pace.bytes
-                    if o.error == nil { o.error = failure }
-                }
+        return try senders.run { [self] i in
+            var pace = Pace(limit: bandwidthLimit, share: Int64(n))
+            var c = i
+            while c < chunks, !interrupt.isSet {
+                let range = (c * chunk)..<min(memory.pageCount, (c + 1) * chunk)
+                _ = try sendPass(pages: range, maxRun: maxRun, on: channels[i], pace: &pace)
+                c += n
             }
+            return pace.bytes
         }
-        outcome.wait { $0.done == n }
-        let result = outcome.read { $0 }
-        if let error = result.error { throw MonitorError("multifd channel: \(error)") }
-        return result.bytes
     }
 
     /// Every page sent so far on the multifd channels is placed before what follows on main.
@@ -106,75 +92,5 @@ extension OutgoingMigration {
         syncGeneration += 1
         for channel in multifd { try channel.write(FrameHeader(.sync, argument: syncGeneration)) }
         try main.write(FrameHeader(.syncWait, argument: syncGeneration))
-    }
-
-    /// The remainder fits in the downtime: pause, final sync, send it, the device state, and run.
-    func completeInPrecopy(_ main: Channel, tracker: DirtyTracker) throws {
-        try pauseVCPUs()
-        // QEMU's "device" status; set before anything is sent, since "done" may come back at once.
-        state.update { s in
-            if s.status == .active { s.status = .device }
-        }
-        try finalSync(tracker)
-        let before = totalWritten()
-        try syncMultifd(main)
-        var page = 0
-        while page < memory.pageCount, let first = pending.firstSet(from: page), first >= page {
-            page = try sendRun(from: first, maxRun: maxPagesPerFrame, on: main).next
-        }
-        precopyEndBytes.store(before)
-        try sendDeviceStateAndRun(main)
-        try main.write(FrameHeader(.complete, argument: UInt64(memory.pageCount)))
-        tracker.stop()
-    }
-
-    /// migrate_start_postcopy: pause, final sync, tell the destination which of the pages it has
-    /// went stale (it drops them so they fault again), then the device state and run.
-    func switchToPostcopy(_ main: Channel, tracker: DirtyTracker) throws {
-        try pauseVCPUs()
-        try finalSync(tracker)
-        precopyEndBytes.store(totalWritten())
-        try syncMultifd(main)
-        // Discard ranges: pending pages the destination already got in precopy.
-        let stale = { (p: Int) in self.pending.contains(p) && self.sentOnce.contains(p) }
-        var ranges = 0
-        for p in 0..<memory.pageCount where stale(p) && (p == 0 || !stale(p - 1)) { ranges += 1 }
-        if ranges > 1024 {
-            // Scattered writes (a random guest): dropping tens of thousands of small ranges costs
-            // the destination a syscall each while the guest is paused. Drop whole 256 KiB chunks
-            // instead and send their clean pages again in postcopy: more bytes, far less downtime.
-            let chunk = 64
-            for c in stride(from: 0, to: memory.pageCount, by: chunk) {
-                let end = min(memory.pageCount, c + chunk)
-                guard (c..<end).contains(where: stale) else { continue }
-                for p in c..<end where sentOnce.contains(p) { _ = pending.testAndSet(p) }
-            }
-        }
-        var runStart = -1
-        for p in 0...memory.pageCount {
-            let isStale = p < memory.pageCount && stale(p)
-            if isStale && runStart < 0 { runStart = p }
-            if (!isStale || p - runStart == 65536) && runStart >= 0 {
-                try main.write(FrameHeader(.discard, count: UInt32(p - runStart), argument: UInt64(runStart)))
-                runStart = isStale ? p : -1
-            }
-        }
-        // Postcopy from here: the destination's first request may arrive right after "run".
-        postcopyStartBytes.store(totalWritten())
-        interrupt.store(0)
-        state.update { s in
-            if s.status == .active { s.status = .postcopyActive }
-        }
-        try sendDeviceStateAndRun(main)
-        tracker.stop()
-    }
-
-    /// The last look at what the (now paused) vCPUs wrote: read, not re-armed, and the tracking
-    /// itself is torn down only after the destination runs, off the downtime path.
-    func finalSync(_ tracker: DirtyTracker) throws {
-        try tracker.sync(rearm: false) { first, count in
-            for p in first..<(first + count) { _ = pending.testAndSet(p) }
-        }
-        state.update { $0.dirtySyncCount += 1 }
     }
 }

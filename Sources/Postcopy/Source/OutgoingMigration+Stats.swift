@@ -1,3 +1,6 @@
+/// `query-migrate` / `info migrate` for the source, read from the counters the senders keep.
+///
+/// Threads: any caller (the monitors); it takes the state lock once and reads the atomics.
 extension OutgoingMigration {
     /// query-migrate for the source, with QEMU's meaning of each field.
     public func info() -> MigrationInfo {

@@ -1,5 +1,5 @@
-import CPostcopy
-import Glibc
+import Logging
+import Synchronization
 
 /// The source side of one migration, as QEMU runs it: precopy passes stream memory while the
 /// vCPUs run (dirty tracking tells what to resend); then either the remainder is small enough
@@ -7,9 +7,13 @@ import Glibc
 /// to postcopy: pause, discard what went stale at the destination, send the device state, and
 /// let the background pusher and the request server deliver the rest while the guest runs there.
 ///
-/// Threads: `control` (connect, precopy, switchover, then the pusher), `requests` (reads the
-/// return path and answers page requests on the urgent channel), and with multifd one sending
-/// thread per channel during precopy passes and the postcopy background stream.
+/// This file holds the lifecycle: start, the commands (startPostcopy, cancel), failure and the
+/// end. The roles live beside it: `+Precopy`, `+Switchover`, `BackgroundPusher`,
+/// `RequestServer`, `Pacing`, `MultifdSenders`, and the state machine in `SourceState`.
+///
+/// Threads: `mig-control` (connect, precopy, switchover, then the pusher; at the end it joins
+/// the others), `mig-requests` (the return path), and with multifd one `mig-multifdN` sender
+/// per channel for the whole migration. All are joined; `waitUntilFinished` joins `mig-control`.
 public final class OutgoingMigration: @unchecked Sendable {
     public let memory: GuestMemory
     public let settings: MigrationSettings
@@ -28,44 +32,33 @@ public final class OutgoingMigration: @unchecked Sendable {
     /// Bytes written when precopy ended and when postcopy began (0 until then).
     let precopyEndBytes = AtomicCounter()
     let postcopyStartBytes = AtomicCounter()
-    /// Set by migrate_start_postcopy or cancel: the precopy loop checks it between frames.
-    let interrupt = AtomicCounter()
+    /// Set by migrate_start_postcopy, cancel or a failure: the senders check it between frames.
+    let interrupt = AtomicFlag()
+    /// Set once in postcopy: the request server answers requests only then.
+    let answeringRequests = AtomicFlag()
     /// Bytes per second (0: unlimited), read live by the senders.
     let bandwidthLimit: AtomicCounter
     let postcopyBandwidthLimit: AtomicCounter
-    /// Where the pusher continues: set by the request server to just after a requested page;
-    /// the generation tells each pushing lane that it moved.
-    let jumpTo = AtomicCounter(0)
-    let jumpGeneration = AtomicCounter(0)
+    /// Where the background stream continues after a requested page.
+    let jump = PushJump()
 
+    // Set by the control thread during setup, before any other thread reads them; published
+    // to `info()` by `setupNs` under the state lock.
     var main: Channel?
     var urgent: Channel?
-    /// The multifd data channels (with the `multifd` capability): they carry the precopy stream.
+    /// The multifd data channels (with the `multifd` capability), and their sending threads.
     var multifd: [Channel] = []
+    var senders: MultifdSenders?
     var syncGeneration: UInt64 = 0
+    private var requestServer: JoinableThread?
+    private let control = Mutex<JoinableThread?>(nil)
+    /// Every channel connected so far, from the first: a cancel or failure during the handshake
+    /// shuts them down too, so no thread stays blocked on a silent destination.
+    private let opened = Mutex<[Channel]>([])
 
-    struct SourceState {
-        var status = MigrationStatus.setup
-        var startNs: UInt64 = monotonicNanoseconds()
-        var setupNs: UInt64?
-        var pausedNs: UInt64?
-        var downtimeNs: UInt64?
-        var endNs: UInt64?
-        var error: String?
-        var postcopyRequested = false
-        var vcpusPaused = false
-        /// "run" has been written: from here the destination may be running the guest, so the
-        /// source must never resume it (that would run the guest twice).
-        var runSent = false
-        /// The destination said it runs the guest.
-        var destinationRunning = false
-        /// The destination refused the switch before running (an error frame before "running").
-        var destinationRefused = false
-        var dirtySyncCount: UInt64 = 0
-        var dirtyPagesRate: UInt64 = 0
-        var expectedDowntimeMs: UInt64?
-        var dirtyTracking: DirtyTrackingMethod?
-    }
+    /// How long a failure after "run" waits for the destination's answer before it gives up
+    /// and leaves the guest paused here (the answer is one frame; only a dead link takes this).
+    static let runAnswerTimeout: Double = 10
 
     public init(memory: GuestMemory, settings: MigrationSettings, endpoint: Endpoint, hooks: any SourceHooks) {
         self.memory = memory
@@ -79,47 +72,54 @@ public final class OutgoingMigration: @unchecked Sendable {
         sentOnce = AtomicBitmap(count: memory.pageCount)
     }
 
-    // MARK: control
+    // MARK: commands
 
     /// Starts the migration in the background; `info()` shows its progress.
     public func start() {
-        startDetachedThread("mig-control") { [self] in
-            do {
-                try run()
-            } catch {
-                fail(error)
+        Log.source.info("migration to \(endpoint) started")
+        do {
+            let thread = try JoinableThread("mig-control") { [self] in
+                do {
+                    try run()
+                } catch {
+                    fail(error)
+                }
+                joinHelpersAtEnd()
             }
+            control.withLock { $0 = thread }
+        } catch {
+            fail(MigrationError.system(error))
         }
     }
 
     public func startPostcopy() throws {
-        try state.update { s in
-            guard settings.postcopyRAM else {
-                throw MonitorError("Enable postcopy with migrate_set_capability before the start of migration")
-            }
-            // As QEMU: once a migration exists the request is taken; when precopy is already
-            // finishing (it converged) or the migration ended, it has nothing left to switch.
-            guard s.status == .setup || s.status == .active else { return }
+        guard settings.postcopyRAM else {
+            throw MigrationError.notNow("Enable postcopy with migrate_set_capability before the start of migration")
+        }
+        state.update { s in
+            guard s.verdict(for: .startPostcopy) == .act else { return }
             s.postcopyRequested = true
-            interrupt.store(1)
+            interrupt.set()
         }
     }
 
     /// Cancels before the switchover: the source keeps running, the destination drops what it got.
-    /// After the switch the guest's state is split between the hosts, so cancelling is refused.
+    /// After "run" the guest's state is split between the hosts, so cancelling is refused.
     public func cancel() throws {
-        let wasPaused: Bool = try state.update { s in
-            if s.status.isTerminal { return false }
-            if s.status == .postcopyActive || s.runSent {
-                throw MonitorError("cannot cancel a migration in postcopy: the guest's memory is split between both hosts")
+        let wasPaused: Bool? = try state.update { s in
+            switch s.verdict(for: .cancel) {
+            case .nothingToDo: return nil
+            case .refused(let error): throw error
+            case .act:
+                s.transition(to: .cancelled)
+                return s.vcpusPaused
             }
-            s.status = .cancelled
-            s.endNs = monotonicNanoseconds()
-            return s.vcpusPaused
         }
-        interrupt.store(1)
+        guard let wasPaused else { return }
+        interrupt.set()
         shutdownChannels()
         if wasPaused { hooks?.resumeVCPUs() }
+        Log.source.warning("migration cancelled: the guest keeps running on this host")
     }
 
     public var status: MigrationStatus { state.read { $0.status } }
@@ -133,41 +133,45 @@ public final class OutgoingMigration: @unchecked Sendable {
         }
     }
 
-    /// Blocks until the migration ends (completed, failed or cancelled); returns the final status.
+    /// Blocks until the migration ends (completed, failed or cancelled); returns the final
+    /// status. Once it ended, joins the control thread (which has joined the others).
     @discardableResult
     public func waitUntilFinished(timeout: Double? = nil) -> MigrationStatus {
-        state.wait(timeout: timeout) { $0.status.isTerminal }
+        let ended = state.wait(timeout: timeout) { $0.status.isTerminal }
+        if ended, let thread = control.withLock({ $0 }) { thread.join() }
         return status
     }
+
+    // MARK: control thread
 
     private func run() throws {
         // The channels are published (self.main, ...) only once set up, under the state lock,
         // so `info()` and `cancel()` on other threads never see them half made.
-        let main = try Channel.connect(to: endpoint)
+        let main = try open()
         let session = UInt64.random(in: 1...UInt64.max)
         var hello = Handshake(role: .main, session: session, pageSize: memory.pageSize, regionSize: memory.size,
                               flags: settings.postcopyPreempt ? Handshake.preemptFlag : 0)
         hello.multifdChannels = settings.multifd ? settings.multifdChannels : 0
         try send(hello, on: main)
         // The destination accepts or explains why not.
-        let scratch = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 16)
+        let scratch = UnsafeMutableRawPointer.allocate(byteCount: Channel.maxMessageBytes, alignment: 16)
         defer { scratch.deallocate() }
         let reply = try main.readHeader(scratch: scratch)
         switch reply.kind {
         case .helloAck: break
-        case .error: throw ProtocolError.peer(try main.readErrorMessage(reply, scratch: scratch))
+        case .error: throw MigrationError.refusedByPeer(try main.readErrorMessage(reply, scratch: scratch))
         default: throw ProtocolError.unexpectedFrame(reply.kind, while: "waiting for the handshake reply")
         }
         var urgent: Channel?
         if settings.postcopyPreempt {
-            let channel = try Channel.connect(to: endpoint)
+            let channel = try open()
             hello.role = .urgent
             try send(hello, on: channel)
             urgent = channel
         }
         var multifd: [Channel] = []
         for index in 0..<hello.multifdChannels {
-            let channel = try Channel.connect(to: endpoint)
+            let channel = try open()
             var data = hello
             data.role = .multifd
             data.multifdIndex = index
@@ -176,17 +180,17 @@ public final class OutgoingMigration: @unchecked Sendable {
         }
         // Track writes from before the first page is read, so none is missed.
         let tracker = try DirtyTracker(memory: memory)
+        if !multifd.isEmpty { senders = try MultifdSenders(count: multifd.count) }
         try state.update { s in
-            if s.status == .cancelled { throw MigrationCancelled() }
+            guard s.transition(to: .active) else { throw MigrationError.cancelled }
             self.main = main
             self.urgent = urgent
             self.multifd = multifd
             s.setupNs = monotonicNanoseconds()
-            s.status = .active
             s.dirtySyncCount = 1
             s.dirtyTracking = tracker.method
         }
-        startDetachedThread("mig-requests") { [self] in serveReturnPath(main) }
+        requestServer = try JoinableThread("mig-requests") { [self] in serveReturnPath(main) }
 
         let converged = try precopy(main, tracker: tracker)
         // Precopy also ends when the migration failed or was cancelled: then nothing more.
@@ -195,8 +199,28 @@ public final class OutgoingMigration: @unchecked Sendable {
             try completeInPrecopy(main, tracker: tracker)
         } else {
             try switchToPostcopy(main, tracker: tracker)
-            push(main)
+            try push(main)
         }
+    }
+
+    /// The control thread's last act: the migration ends with the destination's `done`, a
+    /// failure or a cancel (each shuts the channels, which ends the other threads); then join them.
+    private func joinHelpersAtEnd() {
+        state.wait { $0.status.isTerminal }
+        senders?.stop()
+        requestServer?.join()
+    }
+
+    /// Connects one more channel to the destination, unless the migration already ended.
+    private func open() throws -> Channel {
+        let channel = try Channel.connect(to: endpoint)
+        opened.withLock { $0.append(channel) }
+        // Checked after publishing it: a cancel either sees it in `opened` or is seen here.
+        if state.read({ $0.status.isTerminal }) {
+            channel.shutdown()
+            throw MigrationError.cancelled
+        }
+        return channel
     }
 
     func send(_ hello: Handshake, on channel: Channel) throws {
@@ -205,269 +229,31 @@ public final class OutgoingMigration: @unchecked Sendable {
         try bytes.withUnsafeBytes { try channel.writeRaw($0.baseAddress!, length: Handshake.size) }
     }
 
-    // MARK: sending pages
+    // MARK: end
 
-    /// Claims and sends the run of pending pages starting at `first` (same kind: data or zero),
-    /// up to `maxRun` data pages or 1024 zero pages. Returns the page after the run and the bytes sent.
-    @inline(__always)
-    func sendRun(from first: Int, maxRun: Int, upTo bound: Int? = nil, on channel: Channel) throws -> (next: Int, bytes: Int) {
-        let pageCount = bound ?? memory.pageCount
-        guard pending.testAndClear(first) else { return (first + 1, 0) }
-        let zero = isZero(page: first)
-        var end = first + 1
-        let limit = min(pageCount, first + (zero ? 1024 : maxRun))
-        while end < limit, pending.contains(end), isZero(page: end) == zero, pending.testAndClear(end) {
-            end += 1
-        }
-        let count = end - first
-        for p in first..<end { _ = sentOnce.testAndSet(p) }
-        if zero {
-            try channel.write(FrameHeader(.zeroPages, count: UInt32(count), argument: UInt64(first)))
-            zeroPages.add(UInt64(count))
-            return (end, FrameHeader.size)
-        }
-        let bytes = count * memory.pageSize
-        try channel.write(FrameHeader(.pages, count: UInt32(count), argument: UInt64(first)),
-                          payload: UnsafeRawPointer(bitPattern: memory.address(ofPage: first)), length: bytes)
-        normalPages.add(UInt64(count))
-        return (end, bytes + FrameHeader.size)
-    }
-
-    @inline(__always)
-    func isZero(page: Int) -> Bool {
-        let words = memory.pageSize / 8
-        let p = UnsafePointer<UInt64>(bitPattern: memory.address(ofPage: page))!
-        // Most data pages differ from zero in their first word: check it before the rest.
-        if p[0] != 0 { return false }
-        var acc: UInt64 = 0
-        var i = 1
-        while i + 7 <= words {
-            acc |= p[i] | p[i + 1] | p[i + 2] | p[i + 3] | p[i + 4] | p[i + 5] | p[i + 6]
-            if acc != 0 { return false }
-            i += 7
-        }
-        while i < words { acc |= p[i]; i += 1 }
-        return acc == 0
-    }
-
-    /// Pages per data frame: `x-pages-per-frame`, but never more bytes than the destination
-    /// takes in one frame (FrameHeader.maxPayload, or one page where pages are larger).
-    var maxPagesPerFrame: Int {
-        max(1, min(Int(settings.xPagesPerFrame), FrameHeader.maxPayload / memory.pageSize))
-    }
-
-    /// One sender's share of a bandwidth limit, kept in 100 ms windows. The limit is read live,
-    /// so `migrate_set_parameter max-bandwidth` applies to a running migration, as in QEMU.
-    struct Pace {
-        let limit: AtomicCounter
-        /// How many senders share the limit.
-        let share: Int64
-        var windowStart = monotonicNanoseconds()
-        var windowBytes = 0
-        /// Bytes sent in all.
-        var bytes = 0
-        init(limit: AtomicCounter, share: Int64 = 1) {
-            self.limit = limit
-            self.share = share
-        }
-    }
-
-    /// Counts `sent` bytes against the pace, sleeping out the window once its budget is spent.
-    @inline(__always)
-    func throttle(_ pace: inout Pace, sent: Int) {
-        pace.bytes += sent
-        let bandwidth = Int64(bitPattern: pace.limit.value) / pace.share
-        guard bandwidth > 0 else { return }
-        pace.windowBytes += sent
-        let window: UInt64 = 100_000_000
-        let now = monotonicNanoseconds()
-        if pace.windowBytes >= Int(bandwidth / 10) {
-            let end = pace.windowStart + window
-            if end > now { usleep(UInt32((end - now) / 1000)) }
-            pace.windowStart = monotonicNanoseconds()
-            pace.windowBytes = 0
-        } else if now - pace.windowStart >= window {
-            pace.windowStart = now
-            pace.windowBytes = 0
-        }
-    }
-
-    /// Applies new bandwidth limits (bytes per second, 0: unlimited) to the running migration.
-    public func setBandwidth(precopy: Int64, postcopy: Int64) {
-        bandwidthLimit.store(UInt64(max(0, precopy)))
-        postcopyBandwidthLimit.store(UInt64(max(0, postcopy)))
-    }
-
-    // MARK: background pusher (postcopy)
-
-    /// Streams every page still pending, in runs of up to `x-pages-per-frame` pages: on the main
-    /// channel, or with multifd on every multifd channel at once (one lane each, each lane owning
-    /// every n-th chunk of 256 pages). After each request every lane moves to just after the
-    /// requested page (spatial locality: the vCPU will likely want the next ones soon).
-    private func push(_ main: Channel) {
-        // Background pages on the multifd channels must not reach the destination before it has
-        // processed the discards and "run" on main: wait for its "running" (one round trip).
-        state.wait { $0.destinationRunning || $0.status != .postcopyActive }
-        let lanes = multifd.isEmpty ? [main] : multifd
-        let outcome = Guarded((done: 0, error: (any Error)?.none))
-        for (i, channel) in lanes.enumerated().dropFirst() {
-            startDetachedThread("mig-push\(i)") { [self] in
-                var failure: (any Error)?
-                do { try pushLane(i, of: lanes.count, on: channel) } catch { failure = error }
-                outcome.update { o in
-                    o.done += 1
-                    if o.error == nil { o.error = failure }
-                }
-            }
-        }
-        do {
-            try pushLane(0, of: lanes.count, on: lanes[0])
-            outcome.wait { $0.done == lanes.count - 1 }
-            if let error = outcome.read({ $0.error }) { throw error }
-            // Whatever a lane may have passed over after a jump goes now, on main.
-            while interrupt.value == 0, let first = pending.firstSet(from: 0) {
-                _ = try sendRun(from: first, maxRun: maxPagesPerFrame, on: main)
-            }
-            if interrupt.value == 0 {
-                try main.write(FrameHeader(.complete, argument: UInt64(memory.pageCount)))
-            }
-        } catch {
-            fail(error)
-        }
-    }
-
-    private func pushLane(_ lane: Int, of lanes: Int, on channel: Channel) throws {
-        let pageCount = memory.pageCount
-        let chunk = 256
-        let chunks = (pageCount + chunk - 1) / chunk
-        guard lane < chunks else { return }
-        let ownChunks = (chunks - lane + lanes - 1) / lanes
-        let maxRun = maxPagesPerFrame
-        var pace = Pace(limit: postcopyBandwidthLimit, share: Int64(lanes))
-        var c = lane
-        var from = c * chunk
-        var emptyInARow = 0
-        var partial = false   // the chunk a jump landed in, scanned only from the jump on
-        var seenJump = jumpGeneration.value
-        while interrupt.value == 0 {
-            let generation = jumpGeneration.value
-            if generation != seenJump {
-                seenJump = generation
-                let page = Int(jumpTo.value) % pageCount
-                let pc = page / chunk
-                let next = pc + (lane - pc % lanes + lanes) % lanes
-                c = next < chunks ? next : lane
-                from = c == pc ? page : c * chunk
-                partial = from != c * chunk
-                emptyInARow = 0
-            }
-            let end = min(pageCount, (c + 1) * chunk)
-            if let first = pending.firstSet(in: from..<end) {
-                let (next, bytes) = try sendRun(from: first, maxRun: maxRun, upTo: end, on: channel)
-                from = next
-                emptyInARow = 0
-                throttle(&pace, sent: bytes)
-                if from < end { continue }
-            } else if !partial {
-                emptyInARow += 1
-                if emptyInARow >= ownChunks { return }   // pending only shrinks in postcopy
-            }
-            partial = false
-            c += lanes
-            if c >= chunks { c = lane }
-            from = c * chunk
-        }
-    }
-
-    // MARK: request server
-
-    /// Reads the return path: page requests are answered at once on the urgent channel
-    /// (or the main one without postcopy-preempt), and the pusher moves to the page after.
-    private func serveReturnPath(_ main: Channel) {
-        let scratch = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 16)
-        defer { scratch.deallocate() }
-        let pageSize = memory.pageSize
-        let readAhead = Int(settings.xPostcopyReadAhead)
-        do {
-            while true {
-                let header = try main.readHeader(scratch: scratch)
-                switch header.kind {
-                case .request:
-                    let first = header.argument, count = UInt64(header.count)
-                    guard count >= 1, count <= 256, first < UInt64(memory.pageCount), first + count <= UInt64(memory.pageCount) else {
-                        throw ProtocolError.pagesOutOfRange(first: first, count: header.count, pageCount: memory.pageCount)
-                    }
-                    guard state.read({ $0.status == .postcopyActive }) else {
-                        throw ProtocolError.unexpectedFrame(.request, while: "not in postcopy")
-                    }
-                    requests.add(1)
-                    // Always answer, even a page the pusher has claimed: it may be queued behind the stream.
-                    let channel = urgent ?? main
-                    let firstPage = Int(first)
-                    try channel.write(FrameHeader(.pages, count: UInt32(count), argument: first),
-                                      payload: UnsafeRawPointer(bitPattern: memory.address(ofPage: firstPage)), length: Int(count) * pageSize)
-                    for p in firstPage..<(firstPage + Int(count)) where pending.testAndClear(p) {
-                        normalPages.add(1)
-                    }
-                    // Read-ahead: the pages right after a faulting one are the likeliest next
-                    // faults; the pending ones among them follow on the same channel.
-                    let readAheadEnd = min(memory.pageCount, firstPage + Int(count) + readAhead)
-                    var next = firstPage + Int(count)
-                    while let p = pending.firstSet(in: next..<readAheadEnd) {
-                        next = try sendRun(from: p, maxRun: min(readAhead, maxPagesPerFrame), upTo: readAheadEnd, on: channel).next
-                    }
-                    jumpTo.store(UInt64(readAheadEnd))
-                    jumpGeneration.add(1)
-                case .running:
-                    state.update { s in
-                        s.destinationRunning = true
-                        if let paused = s.pausedNs { s.downtimeNs = monotonicNanoseconds() - paused }
-                    }
-                case .done:
-                    state.update { s in
-                        if s.status == .postcopyActive || s.status == .device {
-                            s.status = .completed
-                            s.endNs = monotonicNanoseconds()
-                        }
-                    }
-                    shutdownChannels()
-                    return
-                case .error:
-                    let message = try main.readErrorMessage(header, scratch: scratch)
-                    state.update { s in
-                        if !s.destinationRunning { s.destinationRefused = true }
-                    }
-                    throw ProtocolError.peer(message)
-                default:
-                    throw ProtocolError.unexpectedFrame(header.kind, while: "reading the return path")
-                }
-            }
-        } catch {
-            fail(error)
-        }
-    }
-
+    /// Ends the migration as failed (unless it already ended). Before "run" and after a refusal
+    /// the source takes the guest back; after "run" it first waits for the destination's answer,
+    /// since only that says whether the guest may run here again.
     func fail(_ error: any Error) {
-        if error is MigrationCancelled { return }
-        // A broken connection right after "run" may be the destination refusing the switch: its
-        // error frame, read by the request server, says the guest can be taken back. Wait for it
-        // a moment, so that the guest is not left paused on both sides.
-        state.wait(timeout: 0.2) { s in
-            !s.runSent || s.destinationRunning || s.destinationRefused || s.status.isTerminal
+        if let error = error as? MigrationError, error == .cancelled { return }
+        state.wait(timeout: Self.runAnswerTimeout) { $0.handover != .awaitingAnswer || $0.status.isTerminal }
+        let outcome: (resume: Bool, message: String)? = state.update { s in
+            if s.handover == .awaitingAnswer { s.handover = .unanswered }
+            let (resume, message) = s.failure(error)
+            guard s.transition(to: .failed) else { return nil }
+            s.error = message
+            return (resume && s.vcpusPaused, message)
         }
-        let resume: Bool = state.update { s in
-            guard !s.status.isTerminal else { return false }
-            s.status = .failed
-            s.error = "\(error)"
-            s.endNs = monotonicNanoseconds()
-            // The source still owns the guest until "run" went out, or when the destination
-            // said it refused the switch: then it keeps running here. Otherwise it stays paused
-            // (the destination may be running it).
-            return s.vcpusPaused && (!s.runSent || s.destinationRefused && !s.destinationRunning)
-        }
-        interrupt.store(1)
+        guard let outcome else { return }
+        interrupt.set()
         shutdownChannels()
-        if resume { hooks?.resumeVCPUs() }
+        if outcome.resume { hooks?.resumeVCPUs() }
+        let handover = state.read { $0.handover }
+        switch handover {
+        case .notSent, .refused: Log.source.error("migration failed: \(outcome.message); the guest keeps running on this host")
+        case .running: Log.source.error("migration failed after the switch: \(outcome.message); the guest runs on the destination")
+        case .awaitingAnswer, .unanswered: Log.source.error("migration failed: \(outcome.message)")
+        }
     }
 
     /// Bytes written on every channel so far.
@@ -477,40 +263,6 @@ public final class OutgoingMigration: @unchecked Sendable {
     }
 
     func shutdownChannels() {
-        guard state.read({ $0.setupNs != nil }) else { return }
-        main?.shutdown()
-        urgent?.shutdown()
-        for channel in multifd { channel.shutdown() }
-    }
-
-    /// Pauses the source's vCPUs for the switch, unless the migration ended meanwhile (then the
-    /// guest keeps running here and this throws).
-    func pauseVCPUs() throws {
-        guard let hooks else { throw MonitorError("the host went away") }
-        guard state.read({ $0.status == .active }) else { throw MigrationCancelled() }
-        hooks.pauseVCPUs()
-        let paused = state.update { s -> Bool in
-            guard s.status == .active else { return false }
-            s.pausedNs = monotonicNanoseconds()
-            s.vcpusPaused = true
-            return true
-        }
-        if !paused {
-            hooks.resumeVCPUs()
-            throw MigrationCancelled()
-        }
-    }
-
-    func sendDeviceStateAndRun(_ main: Channel) throws {
-        guard let hooks else { throw MonitorError("the host went away") }
-        let device = hooks.saveDeviceState()
-        try device.withUnsafeBytes { raw in
-            try main.write(FrameHeader(.deviceState, count: UInt32(raw.count)), payload: raw.baseAddress, length: raw.count)
-        }
-        deviceStateBytes.store(UInt64(device.count + FrameHeader.size))
-        state.update { $0.runSent = true }
-        try main.write(FrameHeader(.run))
+        for channel in opened.withLock({ $0 }) { channel.shutdown() }
     }
 }
-
-struct MigrationCancelled: Error {}

@@ -1,0 +1,47 @@
+import Logging
+
+/// The postcopy background stream: every page still pending goes to the destination while the
+/// guest runs there, in runs of up to `x-pages-per-frame` pages, on the main channel or with
+/// multifd on every multifd channel at once (one lane each). After each request every lane
+/// jumps to just after the requested page (`PushJump`, `PushLaneCursor`).
+///
+/// Threads: the control thread (one lane on main), or the multifd senders (one lane each).
+/// Hot path: allocates nothing per page.
+extension OutgoingMigration {
+    /// Streams the pending pages, then the final sweep and `complete` on main.
+    func push(_ main: Channel) throws {
+        // Background pages on the multifd channels must not reach the destination before it
+        // has processed the discards and "run" on main: wait for its "running" (one round trip).
+        state.wait { $0.handover == .running || $0.status != .postcopyActive }
+        guard state.read({ $0.handover == .running && $0.status == .postcopyActive }) else { return }
+        Log.source.info("postcopy: the destination runs the guest; pushing \(pending.population()) pages")
+        if let senders {
+            let channels = multifd
+            let lanes = senders.count
+            _ = try senders.run { [self] lane in
+                try pushLane(lane, of: lanes, on: channels[lane])
+                return 0
+            }
+        } else {
+            try pushLane(0, of: 1, on: main)
+        }
+        // Whatever a lane passed over after a jump goes now, on main.
+        while !interrupt.isSet, let first = pending.firstSet(from: 0) {
+            _ = try sendRun(from: first, maxRun: maxPagesPerFrame, on: main)
+        }
+        if !interrupt.isSet {
+            try main.write(FrameHeader(.complete, argument: UInt64(memory.pageCount)))
+        }
+    }
+
+    private func pushLane(_ lane: Int, of lanes: Int, on channel: Channel) throws {
+        var cursor = PushLaneCursor(lane: lane, of: lanes, pageCount: memory.pageCount, generation: jump.current.generation)
+        var pace = Pace(limit: postcopyBandwidthLimit, share: Int64(lanes))
+        let maxRun = maxPagesPerFrame
+        while !interrupt.isSet, let run = cursor.next(in: pending, jump: jump) {
+            let (next, bytes) = try sendRun(from: run.page, maxRun: maxRun, upTo: run.end, on: channel)
+            cursor.sent(upTo: next)
+            try pace.throttle(sent: bytes)
+        }
+    }
+}

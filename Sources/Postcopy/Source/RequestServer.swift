@@ -1,0 +1,82 @@
+import Logging
+
+/// The return path (the main connection's other direction): page requests are answered at once
+/// on the urgent channel (or main without postcopy-preempt) with the page and its read-ahead,
+/// then the background stream jumps past them. It also reads the destination's answer to
+/// "run" (`running` or a refusal), which alone decides who may run the guest, and `done`.
+///
+/// Threads: `mig-requests`, from setup to the end of the migration.
+/// Hot path: allocates nothing per page; no state lock per request (only the channel's write lock).
+extension OutgoingMigration {
+    func serveReturnPath(_ main: Channel) {
+        let scratch = UnsafeMutableRawPointer.allocate(byteCount: Channel.maxMessageBytes, alignment: 16)
+        defer { scratch.deallocate() }
+        let pageSize = memory.pageSize
+        let pageCount = memory.pageCount
+        let readAhead = Int(settings.xPostcopyReadAhead)
+        let readAheadRun = min(readAhead, maxPagesPerFrame)
+        do {
+            while true {
+                let header = try main.readHeader(scratch: scratch)
+                switch header.kind {
+                case .request:
+                    let first = header.argument, count = UInt64(header.count)
+                    guard count >= 1, count <= 256, first < UInt64(pageCount), first + count <= UInt64(pageCount) else {
+                        throw ProtocolError.pagesOutOfRange(first: first, count: header.count, pageCount: pageCount)
+                    }
+                    guard answeringRequests.isSet else {
+                        throw ProtocolError.unexpectedFrame(.request, while: "not in postcopy")
+                    }
+                    requests.add(1)
+                    // Always answer, even a page the pusher has claimed: it may be queued behind the stream.
+                    let channel = urgent ?? main
+                    let firstPage = Int(first)
+                    try channel.write(FrameHeader(.pages, count: UInt32(count), argument: first),
+                                      payload: UnsafeRawPointer(bitPattern: memory.address(ofPage: firstPage)), length: Int(count) * pageSize)
+                    for p in firstPage..<(firstPage + Int(count)) where pending.testAndClear(p) {
+                        normalPages.add(1)
+                    }
+                    // Read-ahead: the pages right after a faulting one are the likeliest next
+                    // faults; the pending ones among them follow on the same channel.
+                    let ahead = PushJump.readAhead(afterRequestAt: firstPage, count: Int(count), readAhead: readAhead, pageCount: pageCount)
+                    var next = ahead.lowerBound
+                    while let p = pending.firstSet(in: next..<ahead.upperBound) {
+                        next = try sendRun(from: p, maxRun: readAheadRun, upTo: ahead.upperBound, on: channel).next
+                    }
+                    jump.move(to: ahead.upperBound)
+                case .running:
+                    try state.update { s in
+                        guard s.handover == .awaitingAnswer else {
+                            throw ProtocolError.unexpectedFrame(.running, while: "no 'run' was sent")
+                        }
+                        s.handover = .running
+                        if let paused = s.pausedNs { s.downtimeNs = monotonicNanoseconds() - paused }
+                    }
+                case .done:
+                    let completed = state.update { $0.transition(to: .completed) }
+                    shutdownChannels()
+                    if completed { Log.source.info("migration completed: the guest runs on the destination") }
+                    return
+                case .error:
+                    let message = try main.readErrorMessage(header, scratch: scratch)
+                    // An error before `running` is the destination refusing the switch: it did
+                    // not run the guest and will not, so the source may take it back.
+                    let refused = state.update { s -> Bool in
+                        guard s.handover != .running else { return false }
+                        s.handover = .refused(message)
+                        return true
+                    }
+                    throw refused ? MigrationError.refusedByPeer(message) : ProtocolError.peer(message)
+                default:
+                    throw ProtocolError.unexpectedFrame(header.kind, while: "reading the return path")
+                }
+            }
+        } catch {
+            // The return path ended: if "run" went out unanswered, nobody will answer it now.
+            state.update { s in
+                if s.handover == .awaitingAnswer { s.handover = .unanswered }
+            }
+            fail(error)
+        }
+    }
+}

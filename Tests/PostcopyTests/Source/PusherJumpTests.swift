@@ -1,0 +1,128 @@
+@testable import Postcopy
+import Testing
+
+/// The background pusher's walk over the pending pages, without channels: a "send" here claims
+/// pages the way `sendRun` does (clearing their pending bits, one run up to the chunk's end).
+@Suite("Pusher: where the background stream goes after a requested page")
+struct PusherJumpTests {
+    /// Sends one run for `cursor` (up to `maxRun` pages); returns the pages claimed, or nil when
+    /// the lane is done.
+    static func sendOnce(_ cursor: inout PushLaneCursor, _ pending: AtomicBitmap, _ jump: PushJump, maxRun: Int = 1) -> [Int]? {
+        guard let run = cursor.next(in: pending, jump: jump) else { return nil }
+        var claimed: [Int] = []
+        var page = run.page
+        while page < run.end, claimed.count < maxRun, pending.testAndClear(page) {
+            claimed.append(page)
+            page += 1
+        }
+        cursor.sent(upTo: claimed.isEmpty ? run.page + 1 : page)
+        return claimed
+    }
+
+    /// What the request server does for a request of one page with `readAhead` pages after it.
+    static func request(_ page: Int, readAhead: Int, _ pending: AtomicBitmap, _ jump: PushJump) {
+        _ = pending.testAndClear(page)
+        let ahead = PushJump.readAhead(afterRequestAt: page, count: 1, readAhead: readAhead, pageCount: pending.count)
+        for p in ahead { _ = pending.testAndClear(p) }
+        jump.move(to: ahead.upperBound)
+    }
+
+    static func allPending(_ count: Int) -> AtomicBitmap {
+        let bitmap = AtomicBitmap(count: count)
+        bitmap.setAll()
+        return bitmap
+    }
+
+    @Test("after a request for page N the stream continues at N+1, skipping pages already sent")
+    func continuesAfterRequestedPage() {
+        let pending = Self.allPending(1024)
+        let jump = PushJump()
+        var cursor = PushLaneCursor(lane: 0, of: 1, pageCount: 1024, generation: jump.current.generation)
+        #expect(Self.sendOnce(&cursor, pending, jump) == [0])
+        #expect(Self.sendOnce(&cursor, pending, jump) == [1])
+        _ = pending.testAndClear(502)   // sent earlier, on another path
+        Self.request(500, readAhead: 0, pending, jump)
+        var sent: [Int] = []
+        for _ in 0..<4 { sent += Self.sendOnce(&cursor, pending, jump) ?? [] }
+        #expect(sent == [501, 503, 504, 505])
+    }
+
+    @Test("after a request the read-ahead pages go with it and the stream continues past them")
+    func readAheadIsSkipped() {
+        let pending = Self.allPending(1024)
+        let jump = PushJump()
+        var cursor = PushLaneCursor(lane: 0, of: 1, pageCount: 1024, generation: jump.current.generation)
+        Self.request(300, readAhead: 4, pending, jump)
+        #expect((301..<305).allSatisfy { !pending.contains($0) }, "the read-ahead pages were sent with the request")
+        #expect(Self.sendOnce(&cursor, pending, jump, maxRun: 8) == Array(305..<313))
+        #expect(PushJump.readAhead(afterRequestAt: 1020, count: 2, readAhead: 8, pageCount: 1024) == 1022..<1024,
+                "the read-ahead stops at the end of memory")
+    }
+
+    @Test("a request for the last page wraps the stream around to the first pending page")
+    func wrapsAroundAtTheEnd() {
+        let pending = Self.allPending(1024)
+        let jump = PushJump()
+        var cursor = PushLaneCursor(lane: 0, of: 1, pageCount: 1024, generation: jump.current.generation)
+        for p in 0..<10 { _ = pending.testAndClear(p) }
+        Self.request(1023, readAhead: 16, pending, jump)
+        #expect(Self.sendOnce(&cursor, pending, jump) == [10])
+    }
+
+    @Test("a lane that reached the end of memory goes on from the start until nothing is left")
+    func lanePassesOverNothing() {
+        let pending = Self.allPending(1024)
+        let jump = PushJump()
+        var cursor = PushLaneCursor(lane: 0, of: 1, pageCount: 1024, generation: jump.current.generation)
+        Self.request(700, readAhead: 0, pending, jump)
+        var sent: [Int] = []
+        while let run = Self.sendOnce(&cursor, pending, jump, maxRun: 64) { sent += run }
+        #expect(sent.first == 701)
+        #expect(sent.count == 1023, "every page but the requested one, once")
+        #expect(Set(sent).count == sent.count)
+        #expect(pending.population() == 0)
+    }
+
+    @Test("several lanes with requests in between send every page exactly once, then are done")
+    func lanesNeverSendAPageTwice() {
+        let pageCount = 5000   // not a multiple of the 256-page chunk
+        let lanes = 3
+        let pending = Self.allPending(pageCount)
+        let jump = PushJump()
+        var cursors = (0..<lanes).map { PushLaneCursor(lane: $0, of: lanes, pageCount: pageCount, generation: jump.current.generation) }
+        var timesSent = [Int](repeating: 0, count: pageCount)
+        var requested = Set<Int>()
+        var done = Set<Int>()
+        var step = 0
+        while done.count < lanes {
+            for lane in 0..<lanes where !done.contains(lane) {
+                if let run = Self.sendOnce(&cursors[lane], pending, jump, maxRun: 7) {
+                    for p in run { timesSent[p] += 1 }
+                } else {
+                    done.insert(lane)
+                }
+            }
+            step += 1
+            if step % 40 == 0 {
+                let page = (step * 7919) % pageCount
+                if pending.contains(page) { requested.insert(page) }
+                Self.request(page, readAhead: 0, pending, jump)
+            }
+            #expect(step < 100_000, "the lanes finish")
+            if step >= 100_000 { break }
+        }
+        #expect(timesSent.allSatisfy { $0 <= 1 }, "no page sent twice")
+        #expect((0..<pageCount).allSatisfy { timesSent[$0] == 1 || requested.contains($0) }, "every page not requested was pushed")
+        #expect(pending.population() == 0)
+    }
+
+    @Test("a lane with nothing pending is done at once")
+    func nothingLeftIsDone() {
+        let pending = AtomicBitmap(count: 1024)
+        let jump = PushJump()
+        var cursor = PushLaneCursor(lane: 1, of: 2, pageCount: 1024, generation: jump.current.generation)
+        #expect(cursor.next(in: pending, jump: jump) == nil)
+        var beyond = PushLaneCursor(lane: 3, of: 4, pageCount: 512, generation: 0)   // 2 chunks, no chunk of its own
+        #expect(beyond.next(in: Self.allPending(512), jump: jump) == nil)
+    }
+}
