@@ -49,11 +49,17 @@ extension IncomingMigration {
     /// Starts the vCPUs here; from now on a failure cannot give the guest back to the source.
     func receiveRun(on channel: Channel) throws {
         bytesAtRun.store(receivedBytes.value)
-        state.update { s in
+        // Refuse-or-run is decided here and in `fail()`, each under the state lock: if another
+        // channel failed first, the source was (or is being) told the guest did not run here,
+        // so it must not run here either.
+        let runs = state.update { s -> Bool in
+            guard !s.status.isTerminal else { return false }
             s.status = .postcopyActive
             s.runningNs = monotonicNanoseconds()
             enter(.running)
+            return true
         }
+        guard runs else { throw MigrationError.notNow("'run' arrived after the migration had failed: the guest stays with the source") }
         // Told before the vCPUs start, so it precedes their first request.
         try channel.write(FrameHeader(.running))
         hooks?.resumeVCPUs()

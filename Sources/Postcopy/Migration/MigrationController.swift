@@ -83,8 +83,8 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
                 guard !isMigrating else { throw MigrationError.inProgress }
                 guard incoming == nil else { throw MigrationError.notNow("this host is a migration destination (-incoming)") }
                 let m = OutgoingMigration(memory: memory, settings: settings, endpoint: endpoint, hooks: host)
-                m.onProgress(status: { [weak self] in self?.statusChanged(to: $0) },
-                             pass: { [weak self] in self?.passCompleted($0) })
+                m.onStatusChange { [weak self] in self?.statusChanged(to: $0) }
+                m.onDirtySync { [weak self] in self?.passCompleted($0) }
                 // The previous migration has ended (not migrating), so its watcher returns at once.
                 outgoingWatcher?.join()
                 outgoingWatcher = try watch(side: "outgoing", until: { m.waitUntilFinished() }, info: { m.info() })
@@ -197,16 +197,4 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
         try host?.extraCommand(name, arguments: arguments)
     }
     public func extraInfo(_ topic: String) throws -> String? { try host?.extraInfo(topic) }
-}
-
-extension OutgoingMigration {
-    /// `onStatusChange`, and `pass` with `dirty-sync-count` each time it grows. One call sets
-    /// both, as the engine's state holds a single observer; same rules: quick, only hand on.
-    fileprivate func onProgress(status: @escaping @Sendable (MigrationStatus) -> Void,
-                                pass: @escaping @Sendable (UInt64) -> Void) {
-        state.observe { old, new in
-            if old.status != new.status { status(new.status) }
-            if new.dirtySyncCount > old.dirtySyncCount { pass(new.dirtySyncCount) }
-        }
-    }
 }

@@ -133,6 +133,14 @@ public final class OutgoingMigration: @unchecked Sendable {
         }
     }
 
+    /// Calls `body` with `dirty-sync-count` each time a precopy pass syncs the dirty pages
+    /// (QMP's `MIGRATION_PASS`); same rules as `onStatusChange`.
+    public func onDirtySync(_ body: @escaping @Sendable (UInt64) -> Void) {
+        state.observe { old, new in
+            if new.dirtySyncCount > old.dirtySyncCount { body(new.dirtySyncCount) }
+        }
+    }
+
     /// Blocks until the migration ends (completed, failed or cancelled); returns the final
     /// status. Once it ended, joins the control thread (which has joined the others).
     @discardableResult

@@ -130,11 +130,14 @@ public final class JoinableThread: @unchecked Sendable {
 
     /// Waits for the thread to return. Joining twice, or from the thread itself, is a no-op.
     public func join() {
+        // From the thread itself there is nothing to wait for; it stays unjoined, so deinit
+        // detaches it and its stack is reclaimed when it returns.
+        guard pthread_equal(thread, pthread_self()) == 0 else { return }
         let first = joined.withLock { done -> Bool in
             defer { done = true }
             return !done
         }
-        guard first, pthread_equal(thread, pthread_self()) == 0 else { return }
+        guard first else { return }
         checkPthread(pthread_join(thread, nil), "pthread_join")
     }
 
