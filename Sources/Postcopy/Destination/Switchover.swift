@@ -40,6 +40,8 @@ extension IncomingMigration {
         guard let hooks else { throw MigrationError.hostGone }
         do {
             try hooks.restoreDeviceState(device)
+        } catch let error as MigrationError {
+            throw error
         } catch {
             throw MigrationError.deviceState("\(error)")
         }

@@ -220,14 +220,14 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
     /// its slice would write outside the guest memory.
     func restoreDeviceState(_ bytes: [UInt8]) throws {
         func refuse(_ why: String) -> MigrationError { .deviceState(why) }
-        guard bytes.count % 8 == 0, bytes.count >= 24 else { throw refuse("\(bytes.count) bytes is malformed") }
+        guard bytes.count % 8 == 0, bytes.count >= 24 else { throw refuse("\(bytes.count) bytes is not a whole number of 64-bit words of at least 24 bytes") }
         let words = stride(from: 0, to: bytes.count, by: 8).map { i in
             bytes[i..<(i + 8)].enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) }
         }
         guard words[0] == Self.magic else { throw refuse("not this host's (bad magic)") }
         guard words[1] == UInt64(vcpuCount) else { throw refuse("\(words[1]) vCPUs, this host has \(vcpuCount): start it with --vcpus \(words[1])") }
         guard words[2] == workload.code else { throw refuse("for another workload than '\(workload.rawValue)'") }
-        guard words.count == 3 + vcpuCount * VCPUState.fieldCount else { throw refuse("the wrong length") }
+        guard words.count == 3 + vcpuCount * VCPUState.fieldCount else { throw refuse("\(words.count * 8) bytes, expected \((3 + vcpuCount * VCPUState.fieldCount) * 8) for \(vcpuCount) vCPUs") }
         let restored = (0..<vcpuCount).map { i in
             let start = 3 + i * VCPUState.fieldCount
             return VCPUState(fields: words[start..<(start + VCPUState.fieldCount)])

@@ -27,7 +27,7 @@ struct SourceFailureTests {
         try src.qmp.execute("migrate-start-postcopy")
         let info = try src.waitForMigration(timeout: 20)
         #expect(info["status"]?.stringValue == "failed")
-        #expect(info["error-desc"]?.stringValue?.contains("device state has 2 vCPUs, this host has 1") == true, "\(info.jsonText)")
+        #expect(info["error-desc"]?.stringValue?.contains("device state: 2 vCPUs, this host has 1") == true, "\(info.jsonText)")
         #expect(try waitUntil(timeout: 5) { try src.qmp.execute("query-status")["running"]?.boolValue == true },
                 "the source runs the guest again")
         let before = src.passes
