@@ -4,10 +4,10 @@ import Glibc
 /// One end of a connected unix stream socket carrying a monitor conversation, server or client
 /// side. It closes its descriptor when released.
 final class MonitorSocket: Sendable {
-    private let socket: Descriptor
+    let descriptor: Descriptor
 
     init(_ socket: consuming Descriptor) {
-        self.socket = socket
+        descriptor = socket
     }
 
     /// Connects to a monitor listening at `path`.
@@ -37,7 +37,7 @@ final class MonitorSocket: Sendable {
     /// Whatever has arrived, up to `limit` bytes; empty once the peer has closed.
     func receive(limit: Int = 4096) throws -> [UInt8] {
         try [UInt8](unsafeUninitializedCapacity: limit) { buffer, count in
-            count = try syscallValue("recv(monitor)") { recv(socket.rawValue, buffer.baseAddress, limit, 0) }
+            count = try syscallValue("recv(monitor)") { recv(descriptor.rawValue, buffer.baseAddress, limit, 0) }
         }
     }
 
@@ -47,7 +47,7 @@ final class MonitorSocket: Sendable {
         var bytes = Array(text.utf8)[...]
         while !bytes.isEmpty {
             let sent = try bytes.withUnsafeBytes { raw in
-                try syscallValue("send(monitor)") { Glibc.send(socket.rawValue, raw.baseAddress, raw.count, Int32(MSG_NOSIGNAL)) }
+                try syscallValue("send(monitor)") { Glibc.send(descriptor.rawValue, raw.baseAddress, raw.count, Int32(MSG_NOSIGNAL)) }
             }
             bytes = bytes.dropFirst(sent)
         }
@@ -55,19 +55,19 @@ final class MonitorSocket: Sendable {
 
     /// Ends the conversation both ways: a thread blocked in `receive` on it returns empty.
     func shutdown() {
-        socket.shutdown(what: "monitor connection")
+        descriptor.shutdown(what: "monitor connection")
     }
 
     /// Whether the peer has hung up (or the socket was shut down), without consuming any input.
     /// A failed check counts as hung up: the connection is no use to anyone then.
     var peerHasHungUp: Bool {
         do {
-            let events = try socket.poll(timeoutMilliseconds: 0, what: "monitor connection")
+            let events = try descriptor.poll(timeoutMilliseconds: 0, what: "monitor connection")
             if events == 0 { return false }
             if events & Int16(POLLHUP | POLLERR | POLLNVAL) != 0 { return true }
             var byte: UInt8 = 0
             let peeked = try syscallValueUnlessWouldBlock("recv(monitor, MSG_PEEK)") {
-                recv(socket.rawValue, &byte, 1, Int32(MSG_PEEK | MSG_DONTWAIT))
+                recv(descriptor.rawValue, &byte, 1, Int32(MSG_PEEK | MSG_DONTWAIT))
             }
             return peeked == 0
         } catch {
@@ -79,6 +79,6 @@ final class MonitorSocket: Sendable {
     /// Makes `receive` fail with EAGAIN after `seconds` without input (clients that must not hang).
     func setReceiveTimeout(seconds: Double) throws {
         let tv = timeval(tv_sec: Int(seconds), tv_usec: Int((seconds - seconds.rounded(.down)) * 1e6))
-        try socket.setOption(SOL_SOCKET, SO_RCVTIMEO, tv, what: "SO_RCVTIMEO")
+        try descriptor.setOption(SOL_SOCKET, SO_RCVTIMEO, tv, what: "SO_RCVTIMEO")
     }
 }

@@ -53,7 +53,8 @@ final class UnixSocketListener: Sendable {
         let me = currentThreadID()
         state.update { _ = $0.threadIDs.insert(me) }
         defer { state.update { $0.threadIDs.remove(me); $0.running -= 1 } }
-        // The socket stays open until this loop has ended: stop() closes it only after that.
+        // The number, not the owned socket, is used below (accept must not hold the lock); it
+        // stays valid because stop() closes the socket only after this loop has ended.
         let number = listening.withLock { listening -> Int32? in
             switch listening {
             case .some(let socket): socket.rawValue
@@ -123,8 +124,9 @@ final class UnixSocketListener: Sendable {
             Log.monitor.warning("\(error)")
         }
         var current = stat()
-        if lstat(path, &current) == 0, UInt(current.st_dev) == inode.device, UInt(current.st_ino) == inode.inode {
-            unlink(path)
+        if lstat(path, &current) == 0, UInt(current.st_dev) == inode.device, UInt(current.st_ino) == inode.inode,
+           unlink(path) != 0 {
+            Log.monitor.warning("\(SystemError("unlink \(path)")): the socket file stays behind")
         }
     }
 }
