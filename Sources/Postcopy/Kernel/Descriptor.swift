@@ -54,10 +54,10 @@ public struct Descriptor: ~Copyable, Sendable {
         try syscallValue("write(\(what()))") { Glibc.write(rawValue, bytes.baseAddress, bytes.count) }
     }
 
-    /// Waits until the descriptor is readable or `timeoutMilliseconds` pass (-1: forever).
-    /// Returns the events poll(2) reported (empty on timeout).
-    public borrowing func poll(for events: Int16 = Int16(POLLIN), timeoutMilliseconds: Int32, what: @autoclosure () -> String) throws(SystemError) -> Int16 {
-        var entry = pollfd(fd: rawValue, events: events, revents: 0)
+    /// Waits until the descriptor is readable (or hung up) or `timeoutMilliseconds` pass
+    /// (-1: forever). Returns the events poll(2) reported, 0 on timeout.
+    public borrowing func poll(timeoutMilliseconds: Int32, what: @autoclosure () -> String) throws(SystemError) -> Int16 {
+        var entry = pollfd(fd: rawValue, events: Int16(POLLIN), revents: 0)
         let ready = try syscallValue("poll(\(what()))") { Glibc.poll(&entry, 1, timeoutMilliseconds) }
         return ready == 0 ? 0 : entry.revents
     }

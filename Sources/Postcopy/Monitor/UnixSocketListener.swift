@@ -34,7 +34,8 @@ final class UnixSocketListener: Sendable {
             guard existing.st_mode & S_IFMT == S_IFSOCK else {
                 throw SystemError("refusing to replace \(path), which is not a socket", errno: EEXIST)
             }
-            if unlink(path) != 0 { throw SystemError("unlink stale socket \(path)") }
+            // ENOENT: someone else removed it first, which is as good.
+            if unlink(path) != 0, errno != ENOENT { throw SystemError("unlink stale socket \(path)") }
         }
         let socket = try Descriptor.streamSocket(AF_UNIX, what: path)
         try socket.bind(to: address, what: path)
