@@ -118,6 +118,11 @@ int cpc_memfd_create(const char *name, unsigned int flags);
 void *cpc_mremap_fixed(void *old_address, size_t size, void *new_address);
 /// fallocate(PUNCH_HOLE | KEEP_SIZE): needs _GNU_SOURCE, which a Swift-imported header must not define.
 int cpc_punch_hole(int fd, int64_t offset, int64_t length);
+/// accept4(SOCK_CLOEXEC), so no fork between accept and fcntl can leak the connection to a child:
+/// accept4 needs _GNU_SOURCE. The new descriptor, or -1 and errno.
+int cpc_accept_cloexec(int fd);
+/// errno's symbolic name ("EEXIST"), or NULL when libc has none: strerrorname_np needs _GNU_SOURCE.
+const char *cpc_errno_name(int code);
 
 // Each UFFDIO_* ioctl: 0 on success, -1 and errno on failure (the struct keeps the kernel's answer).
 int cpc_uffdio_api(int fd, struct uffdio_api *arg);

@@ -43,7 +43,7 @@ public final class IncomingMigration: @unchecked Sendable {
     /// by the receivers without it, once per frame.
     private let phaseWord = Atomic<UInt8>(DestinationPhase.listening.rawValue)
     /// An eventfd that wakes the fault thread when the attempt ends.
-    let stopFaults: Int32
+    let stopFaults: Descriptor
     /// The current attempt's threads; `endAttempt` joins them.
     private let attemptThreads = Guarded([JoinableThread]())
     private let acceptor = Guarded<JoinableThread?>(nil)
@@ -72,21 +72,14 @@ public final class IncomingMigration: @unchecked Sendable {
         self.memory = memory
         self.settings = settings
         self.hooks = hooks
-        let stop = try syscallValue("eventfd") { eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK)) }
-        do {
-            listener = try Listener(endpoint: endpoint)
-        } catch {
-            _ = try? syscallValue("close(eventfd)") { close(stop) }
-            throw error
-        }
-        stopFaults = stop
+        stopFaults = Descriptor(adopting: try syscallValue("eventfd") { eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK)) })
+        listener = try Listener(endpoint: endpoint)
         self.endpoint = listener.endpoint
         blocktime = BlocktimeTracker(vcpuCount: vcpuCount)
         received = AtomicBitmap(count: memory.pageCount)
         requested = AtomicBitmap(count: memory.pageCount)
     }
 
-    deinit { _ = try? syscallValue("close(eventfd)") { close(stopFaults) } }
 
     public func registerVCPU(_ index: Int, threadID: Int32) {
         blocktime.registerVCPU(index, threadID: threadID)
@@ -217,7 +210,7 @@ public final class IncomingMigration: @unchecked Sendable {
             enter(.precopy)
         }
         Log.destination.info("accepted an incoming migration (session \(hello.session), \(urgent == nil ? "no" : "an") urgent channel, \(multifd.count) multifd channels)")
-        let stop = stopFaults
+        let stop = stopFaults.rawValue
         try startAttemptThread("mig-faults") { [self] in faultLoop(uffd, returnPath: main, stop: stop) }
         if let urgent {
             try startAttemptThread("mig-urgent") { [self] in receive(on: urgent, as: .urgent) }
@@ -260,10 +253,10 @@ public final class IncomingMigration: @unchecked Sendable {
     private func reset() {
         var drain: UInt64 = 0
         do {
-            _ = try syscallValue("read(eventfd)") { Glibc.read(stopFaults, &drain, 8) }
-        } catch where error.errno != EAGAIN {   // EAGAIN: nothing to drain
+            _ = try withUnsafeMutableBytes(of: &drain) { try stopFaults.read(into: $0, what: "read(eventfd)") }   // nil: nothing to drain
+        } catch {
             Log.destination.error("could not reset the fault thread's wake-up: \(error)")
-        } catch {}
+        }
         let uffd = state.update { s -> UserfaultFD? in
             defer { s.uffd = nil; s.main = nil; s.urgent = nil; s.multifd = [] }
             enter(.listening)
@@ -342,7 +335,7 @@ public final class IncomingMigration: @unchecked Sendable {
     private func wakeFaultThread() {
         var one: UInt64 = 1
         do {
-            _ = try syscallValue("write(eventfd)") { Glibc.write(stopFaults, &one, 8) }
+            _ = try withUnsafeBytes(of: &one) { try stopFaults.write($0, what: "write(eventfd)") }
         } catch {
             // Only an overflowing counter can refuse this; the thread still sees the phase within 200 ms.
             Log.destination.error("could not wake the fault thread: \(error)")

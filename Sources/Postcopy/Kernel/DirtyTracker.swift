@@ -16,7 +16,7 @@ public enum DirtyTrackingMethod: String, Sendable {
 public final class DirtyTracker {
     public let method: DirtyTrackingMethod
     private let memory: GuestMemory
-    private let pagemap: Int32
+    private let pagemap: Descriptor
     private var uffd: UserfaultFD?
     private let regions: UnsafeMutablePointer<page_region>
     private static let regionCapacity = 4096
@@ -25,8 +25,7 @@ public final class DirtyTracker {
     /// kernel has it, soft-dirty otherwise; `method` forces one (for tests and comparisons).
     public init(memory: GuestMemory, method requested: DirtyTrackingMethod? = nil) throws {
         self.memory = memory
-        pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
-        guard pagemap >= 0 else { throw SystemError("open /proc/self/pagemap") }
+        pagemap = try Descriptor.open("/proc/self/pagemap", O_RDONLY)
         regions = .allocate(capacity: Self.regionCapacity)
         let features = (try? UserfaultFD.probeFeatures()) ?? []
         let canScan = features.contains([.wpAsync, .wpUnpopulated])
@@ -51,16 +50,19 @@ public final class DirtyTracker {
 
     deinit {
         stop()
-        close(pagemap)
         regions.deallocate()
     }
 
     /// Ends tracking (removes the write protection; about 40 ms for 1 GiB of written pages, so
     /// callers do it off the downtime path); later syncs report nothing.
     public func stop() {
-        if let uffd {
-            try? uffd.unregister(address: memory.base, length: memory.size)
-            self.uffd = nil
+        guard let uffd else { return }
+        self.uffd = nil
+        do {
+            try uffd.unregister(address: memory.base, length: memory.size)
+        } catch {
+            // Closing the userfaultfd (now) drops the registration all the same.
+            Log.kernel.warning("ending dirty tracking: \(error)")
         }
     }
 
@@ -91,7 +93,7 @@ public final class DirtyTracker {
             arg.vec_len = UInt64(Self.regionCapacity)
             arg.category_mask = UInt64(PAGE_IS_WRITTEN)
             arg.return_mask = UInt64(PAGE_IS_WRITTEN)
-            let n = try syscallValue("ioctl(PAGEMAP_SCAN)") { cpc_pagemap_scan(pagemap, &arg) }
+            let n = try syscallValue("ioctl(PAGEMAP_SCAN)") { cpc_pagemap_scan(pagemap.rawValue, &arg) }
             for i in 0..<Int(n) {
                 let first = Int((regions[i].start - UInt64(memory.base)) / UInt64(memory.pageSize))
                 let count = Int((regions[i].end - regions[i].start) / UInt64(memory.pageSize))
@@ -113,9 +115,11 @@ public final class DirtyTracker {
         var page = 0
         while page < pages {
             let n = min(chunk, pages - page)
-            let offset = off_t((memory.base / UInt(memory.pageSize) + UInt(page)) * 8)
-            let got = entries.withUnsafeMutableBytes { pread(pagemap, $0.baseAddress!, n * 8, offset) }
-            guard got == n * 8 else { throw SystemError("pread(/proc/self/pagemap)") }
+            let offset = Int((memory.base / UInt(memory.pageSize) + UInt(page)) * 8)
+            let got = try entries.withUnsafeMutableBytes { (raw) throws(SystemError) in
+                try pagemap.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[..<(n * 8)]), at: offset, what: "/proc/self/pagemap")
+            }
+            guard got == n * 8 else { throw SystemError("pread(/proc/self/pagemap): \(got) of \(n * 8) bytes", errno: EIO) }
             for i in 0..<n {
                 let isDirty = entries[i] & (1 << 55) != 0
                 if isDirty {
@@ -134,24 +138,28 @@ public final class DirtyTracker {
     }
 
     private static func clearSoftDirty() throws {
-        let fd = open("/proc/self/clear_refs", O_WRONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw SystemError("open /proc/self/clear_refs") }
-        defer { close(fd) }
-        guard write(fd, "4", 1) == 1 else { throw SystemError("write /proc/self/clear_refs") }
+        let clearRefs = try Descriptor.open("/proc/self/clear_refs", O_WRONLY)
+        // "4" clears the soft-dirty bits of every page of the process.
+        let written = try withUnsafeBytes(of: UInt8(ascii: "4")) { (bytes) throws(SystemError) in
+            try clearRefs.write(bytes, what: "/proc/self/clear_refs")
+        }
+        guard written == 1 else { throw SystemError("write(/proc/self/clear_refs): nothing written", errno: EIO) }
     }
 
     /// Whether soft-dirty bits work here: clear them, write a page, look for bit 55.
     public static func softDirtyWorks() -> Bool {
-        guard let page = mmap(nil, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), page != MAP_FAILED else { return false }
-        defer { munmap(page, 4096) }
+        guard let page = try? syscallMapping("mmap(soft-dirty probe page)", {
+            mmap(nil, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        }) else { return false }
+        defer { GuestMemory.unmap(page, 4096, what: "the soft-dirty probe page") }
         page.storeBytes(of: 1, as: UInt8.self)
         guard (try? clearSoftDirty()) != nil else { return false }
         page.storeBytes(of: 2, as: UInt8.self)
-        let fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return false }
-        defer { close(fd) }
+        guard let pagemap = try? Descriptor.open("/proc/self/pagemap", O_RDONLY) else { return false }
         var entry: UInt64 = 0
-        let got = pread(fd, &entry, 8, off_t(UInt(bitPattern: page) / 4096 * 8))
+        let got = try? withUnsafeMutableBytes(of: &entry) { (raw) throws(SystemError) in
+            try pagemap.read(into: raw, at: Int(UInt(bitPattern: page) / 4096 * 8), what: "/proc/self/pagemap")
+        }
         return got == 8 && entry & (1 << 55) != 0
     }
 }

@@ -17,8 +17,8 @@ public final class GuestMemory: @unchecked Sendable {
     public let size: Int
     public let pageSize: Int
     public let backing: GuestMemoryBacking
-    /// The memfd behind a `.memfd` region, else -1.
-    public let memfd: Int32
+    /// The memfd behind a `.memfd` region.
+    private let memfdDescriptor: Descriptor?
     /// The NUMA node the region is bound to, if any.
     public let numaNode: Int?
 
@@ -30,48 +30,61 @@ public final class GuestMemory: @unchecked Sendable {
         let page = backing == .hugetlbfs ? Self.hugePageSize : Int(sysconf(Int32(_SC_PAGESIZE)))
         let size = (requested + page - 1) / page * page
         precondition(size > 0, "guest memory needs at least one page")
-        var fd: Int32 = -1
-        let mapping: UnsafeMutableRawPointer?
+        var memfd: Descriptor? = nil
+        let mapping: UnsafeMutableRawPointer
         switch backing {
         case .anonymous:
-            mapping = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+            mapping = try syscallMapping("mmap(\(size) bytes)") {
+                mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+            }
         case .hugetlbfs:
-            mapping = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0)
+            mapping = try syscallMapping("mmap(MAP_HUGETLB, \(size) bytes): reserve huge pages in /proc/sys/vm/nr_hugepages") {
+                mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0)
+            }
         case .memfd:
-            fd = try syscallValue("memfd_create") { cpc_memfd_create("guest-memory", 0) }
-            if ftruncate(fd, off_t(size)) != 0 {
-                let error = SystemError("ftruncate(memfd, \(size))")
-                close(fd)
+            let fd = Descriptor(adopting: try syscallValue("memfd_create") { cpc_memfd_create("guest-memory", 0) })
+            _ = try syscallValue("ftruncate(memfd, \(size))") { ftruncate(fd.rawValue, off_t(size)) }
+            mapping = try syscallMapping("mmap(memfd, \(size) bytes)") {
+                mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.rawValue, 0)
+            }
+            memfd = consume fd
+        }
+        // Bound before `self` is complete: a throw after that would run deinit as well.
+        if let numaNode {
+            do {
+                _ = try syscallValue("mbind(node \(numaNode))") { cpc_mbind_preferred_node(mapping, UInt(size), Int32(numaNode), 1) }
+            } catch {
+                Self.unmap(mapping, size, what: "guest memory that could not be bound")
                 throw error
             }
-            mapping = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
-        }
-        guard let mapping, mapping != MAP_FAILED else {
-            let error = SystemError(backing == .hugetlbfs
-                ? "mmap(MAP_HUGETLB, \(size) bytes): reserve huge pages in /proc/sys/vm/nr_hugepages"
-                : "mmap(\(size) bytes)")
-            if fd >= 0 { close(fd) }
-            throw error
         }
         self.base = UInt(bitPattern: mapping)
         self.size = size
         self.pageSize = page
         self.backing = backing
-        self.memfd = fd
+        self.memfdDescriptor = memfd
         self.numaNode = numaNode
-        if let numaNode {
-            if cpc_mbind_preferred_node(mapping, UInt(size), Int32(numaNode), 1) != 0 {
-                let error = SystemError("mbind(node \(numaNode))")
-                munmap(mapping, size)
-                if fd >= 0 { close(fd) }
-                throw error
-            }
-        }
     }
 
     deinit {
-        munmap(UnsafeMutableRawPointer(bitPattern: base), size)
-        if memfd >= 0 { close(memfd) }
+        Self.unmap(pointer, size, what: "guest memory")
+    }
+
+    /// munmap, where a failure can only be logged (a deinit, a clean-up after another error).
+    static func unmap(_ address: UnsafeMutableRawPointer, _ length: Int, what: @autoclosure () -> String) {
+        do {
+            _ = try syscallValue("munmap(\(what()))") { munmap(address, length) }
+        } catch {
+            Log.kernel.warning("\(error)")
+        }
+    }
+
+    /// The memfd behind a `.memfd` region, else -1.
+    public var memfd: Int32 {
+        switch memfdDescriptor {
+        case .some(let fd): fd.rawValue
+        case .none: -1
+        }
     }
 
     public var pageCount: Int { size / pageSize }
@@ -109,23 +122,30 @@ public final class GuestMemory: @unchecked Sendable {
     /// takes ~100 ms per GiB. Only for anonymous regions, and only while nothing touches them.
     public func moveContentsAside() throws -> UInt {
         precondition(backing == .anonymous, "only anonymous guest memory can be moved aside")
-        guard let target = mmap(nil, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0), target != MAP_FAILED else {
-            throw SystemError("mmap(\(size) bytes to move guest memory aside)")
+        let target = try syscallMapping("mmap(\(size) bytes to move guest memory aside)") {
+            mmap(nil, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
         }
-        let moved = cpc_mremap_fixed(pointer, size, target)
-        guard moved != MAP_FAILED else {
-            let error = SystemError("mremap(guest memory aside)")
-            munmap(target, size)
+        let moved: UnsafeMutableRawPointer
+        do {
+            moved = try syscallMapping("mremap(guest memory aside)") { cpc_mremap_fixed(pointer, size, target) }
+        } catch {
+            Self.unmap(target, size, what: "the space reserved to move guest memory aside")
             throw error
         }
-        let fresh = mmap(pointer, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0)
-        guard fresh == pointer else {
+        do {
+            _ = try syscallMapping("mmap(MAP_FIXED fresh guest memory)") {
+                mmap(pointer, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0)
+            }
+        } catch {
             // Put the old pages back rather than leave the guest without memory.
-            let error = SystemError("mmap(MAP_FIXED fresh guest memory)")
-            _ = cpc_mremap_fixed(moved, size, pointer)
+            if cpc_mremap_fixed(moved, size, pointer) == MAP_FAILED {
+                Log.kernel.critical("\(SystemError("mremap(guest memory back into place)")); the guest's memory is at \(moved)")
+            }
             throw error
         }
-        if let numaNode { _ = cpc_mbind_preferred_node(pointer, UInt(size), Int32(numaNode), 1) }
+        if let numaNode, cpc_mbind_preferred_node(pointer, UInt(size), Int32(numaNode), 1) != 0 {
+            Log.kernel.warning("\(SystemError("mbind(node \(numaNode)) of fresh guest memory")): new pages may land on another node")
+        }
         return UInt(bitPattern: moved)
     }
 
@@ -133,10 +153,7 @@ public final class GuestMemory: @unchecked Sendable {
     /// after which a MINOR fault on the region is resolved with `UserfaultFD.continue`.
     public func makeAlias() throws -> UnsafeMutableRawPointer {
         precondition(backing == .memfd, "only a memfd region has a second mapping")
-        guard let alias = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0), alias != MAP_FAILED else {
-            throw SystemError("mmap(memfd alias)")
-        }
-        return alias
+        return try syscallMapping("mmap(memfd alias)") { mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0) }
     }
 
     /// The NUMA policy applying to the region, as get_mempolicy(MPOL_F_ADDR) reports it.

@@ -11,31 +11,10 @@ public struct SystemError: Error, Equatable, CustomStringConvertible, Sendable {
         self.errno = errno
     }
 
+    /// The errno's symbolic name ("EEXIST"), from libc's own table so every code has one.
     public var name: String {
-        switch errno {
-        case EPERM: "EPERM"
-        case ENOENT: "ENOENT"
-        case EINTR: "EINTR"
-        case EAGAIN: "EAGAIN"
-        case ENOMEM: "ENOMEM"
-        case EACCES: "EACCES"
-        case EFAULT: "EFAULT"
-        case EBUSY: "EBUSY"
-        case EEXIST: "EEXIST"
-        case EINVAL: "EINVAL"
-        case ENOSPC: "ENOSPC"
-        case ENOSYS: "ENOSYS"
-        case ESRCH: "ESRCH"
-        case EBADF: "EBADF"
-        case EPIPE: "EPIPE"
-        case ECONNRESET: "ECONNRESET"
-        case ECONNREFUSED: "ECONNREFUSED"
-        case ETIMEDOUT: "ETIMEDOUT"
-        case EADDRINUSE: "EADDRINUSE"
-        case ENOTCONN: "ENOTCONN"
-        case EOPNOTSUPP: "EOPNOTSUPP"
-        default: "errno \(errno)"
-        }
+        guard let name = cpc_errno_name(errno) else { return "errno \(errno)" }
+        return String(cString: name)
     }
 
     public var description: String {
@@ -43,16 +22,42 @@ public struct SystemError: Error, Equatable, CustomStringConvertible, Sendable {
     }
 }
 
-/// The one seam every system call goes through: retries EINTR, turns -1 into a typed error.
+/// The one seam every system call goes through: turns -1 into a typed error, and retries EINTR
+/// unless told not to (close(2) must not be retried: Linux has released the number already).
 @inline(__always)
-func syscallValue<T: FixedWidthInteger>(_ call: @autoclosure () -> String, _ body: () -> T) throws(SystemError) -> T {
+func syscallValue<T: FixedWidthInteger>(
+    _ call: @autoclosure () -> String, retryingInterrupts: Bool = true, _ body: () -> T
+) throws(SystemError) -> T {
+    while true {
+        let result = body()
+        if result != -1 { return result }
+        let code = Glibc.errno
+        if code == EINTR && retryingInterrupts { continue }
+        throw SystemError(call(), errno: code)
+    }
+}
+
+/// The seam for a call on a descriptor that may have nothing to do yet (O_NONBLOCK, or a
+/// socket whose SO_RCVTIMEO ran out): EAGAIN is an answer, nil, not an error.
+@inline(__always)
+func syscallValueUnlessWouldBlock<T: FixedWidthInteger>(
+    _ call: @autoclosure () -> String, _ body: () -> T
+) throws(SystemError) -> T? {
     while true {
         let result = body()
         if result != -1 { return result }
         let code = Glibc.errno
         if code == EINTR { continue }
+        if code == EAGAIN || code == EWOULDBLOCK { return nil }
         throw SystemError(call(), errno: code)
     }
+}
+
+/// The seam for the calls that answer with an address and MAP_FAILED (mmap, mremap).
+@inline(__always)
+func syscallMapping(_ call: @autoclosure () -> String, _ body: () -> UnsafeMutableRawPointer?) throws(SystemError) -> UnsafeMutableRawPointer {
+    guard let address = body(), address != MAP_FAILED else { throw SystemError(call()) }
+    return address
 }
 
 /// The monotonic clock in nanoseconds; what every latency and blocktime figure is measured with.

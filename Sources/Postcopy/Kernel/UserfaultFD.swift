@@ -81,9 +81,12 @@ public struct UserfaultUnavailable: Error, CustomStringConvertible, Sendable {
 }
 
 /// A userfaultfd: the kernel object through which faults on registered ranges are reported
-/// and resolved. Its ioctls are safe to call from several threads at once.
+/// and resolved. Its ioctls are safe to call from several threads at once. The placing
+/// ioctls (copy, zeroPage, move, continue) are in UserfaultFD+Placement.swift.
 public final class UserfaultFD: @unchecked Sendable {
-    public let descriptor: Int32
+    let fd: Descriptor
+    /// The number, for poll arrays; valid while this object lives.
+    public var descriptor: Int32 { fd.rawValue }
     /// The features this fd was opened with (as the kernel granted them).
     public let features: UserfaultFeatures
 
@@ -92,34 +95,32 @@ public final class UserfaultFD: @unchecked Sendable {
     public init(features requested: UserfaultFeatures = [.threadID], nonBlocking: Bool = true) throws {
         let fd = try Self.open(nonBlocking: nonBlocking)
         var api = uffdio_api(api: UInt64(UFFD_API), features: requested.rawValue, ioctls: 0)
-        if cpc_uffdio_api(fd, &api) != 0 {
-            let error = SystemError("UFFDIO_API(features: \(requested))")
-            close(fd)
-            throw error
-        }
-        descriptor = fd
+        _ = try syscallValue("UFFDIO_API(features: \(requested))") { cpc_uffdio_api(fd.rawValue, &api) }
+        self.fd = fd
         features = UserfaultFeatures(rawValue: api.features)
     }
 
-    deinit { close(descriptor) }
-
-    static func open(nonBlocking: Bool) throws -> Int32 {
+    static func open(nonBlocking: Bool) throws -> Descriptor {
         let flags = O_CLOEXEC | (nonBlocking ? O_NONBLOCK : 0)
-        let viaDevice = cpc_userfaultfd_device(flags)
-        if viaDevice >= 0 { return viaDevice }
-        let deviceError = SystemError("open /dev/userfaultfd")
-        let viaSyscall = cpc_userfaultfd_syscall(flags)
-        if viaSyscall >= 0 { return viaSyscall }
-        throw UserfaultUnavailable(device: deviceError, syscall: SystemError("userfaultfd"))
+        let deviceError: SystemError
+        do {
+            return Descriptor(adopting: try syscallValue("open /dev/userfaultfd") { cpc_userfaultfd_device(flags) })
+        } catch {
+            deviceError = error
+        }
+        do {
+            return Descriptor(adopting: try syscallValue("userfaultfd") { cpc_userfaultfd_syscall(flags) })
+        } catch {
+            throw UserfaultUnavailable(device: deviceError, syscall: error)
+        }
     }
 
     /// Every feature the running kernel offers. UFFDIO_API may be called once per fd,
     /// so this asks on a throwaway fd.
     public static func probeFeatures() throws -> UserfaultFeatures {
         let fd = try open(nonBlocking: true)
-        defer { close(fd) }
         var api = uffdio_api(api: UInt64(UFFD_API), features: 0, ioctls: 0)
-        _ = try syscallValue("UFFDIO_API") { cpc_uffdio_api(fd, &api) }
+        _ = try syscallValue("UFFDIO_API") { cpc_uffdio_api(fd.rawValue, &api) }
         return UserfaultFeatures(rawValue: api.features)
     }
 
@@ -139,156 +140,11 @@ public final class UserfaultFD: @unchecked Sendable {
         _ = try syscallValue("UFFDIO_UNREGISTER") { cpc_uffdio_unregister(descriptor, &range) }
     }
 
-    // MARK: resolving faults
-
-    /// Copies one page (or one huge page) into place and wakes its waiters.
-    /// EEXIST means another path installed it: the waiters are woken here, since that path may not have.
-    @inline(__always)
-    public func copy(to destination: UInt, from source: UnsafeRawPointer, length: Int, wake: Bool = true) throws(SystemError) -> Placement {
-        var arg = uffdio_copy(dst: UInt64(destination), src: UInt64(UInt(bitPattern: source)), len: UInt64(length),
-                              mode: wake ? 0 : UInt64(UFFDIO_COPY_MODE_DONTWAKE), copy: 0)
-        while true {
-            if cpc_uffdio_copy(descriptor, &arg) == 0 { return .placed }
-            switch Glibc.errno {
-            case EEXIST:
-                try self.wake(address: destination, length: length)
-                return .alreadyPresent
-            case EAGAIN, EINTR:
-                // A partial copy (arg.copy bytes went in) or an unread non-cooperative event: continue.
-                if arg.copy > 0 {
-                    arg.dst &+= UInt64(arg.copy); arg.src &+= UInt64(arg.copy); arg.len &-= UInt64(arg.copy)
-                }
-                arg.copy = 0
-            case let code:
-                throw SystemError("UFFDIO_COPY", errno: code)
-            }
-        }
-    }
-
-    /// Copies a run of pages, skipping any already present (each skip wakes its waiters).
-    /// Returns how many bytes were placed by this call.
-    @inline(__always)
-    public func copyRun(to destination: UInt, from source: UnsafeRawPointer, length: Int, pageSize: Int, wake: Bool = true) throws(SystemError) -> Int {
-        var done = 0
-        var placed = 0
-        while done < length {
-            var arg = uffdio_copy(dst: UInt64(destination + UInt(done)), src: UInt64(UInt(bitPattern: source + done)),
-                                  len: UInt64(length - done), mode: wake ? 0 : UInt64(UFFDIO_COPY_MODE_DONTWAKE), copy: 0)
-            if cpc_uffdio_copy(descriptor, &arg) == 0 {
-                return placed + (length - done)
-            }
-            let code = Glibc.errno
-            if arg.copy > 0 {
-                done += Int(arg.copy); placed += Int(arg.copy)
-                continue
-            }
-            switch code {
-            case EEXIST:
-                try self.wake(address: destination + UInt(done), length: pageSize)
-                done += pageSize
-            case EAGAIN, EINTR:
-                continue
-            default:
-                throw SystemError("UFFDIO_COPY", errno: code)
-            }
-        }
-        return placed
-    }
-
-    /// Maps the shared zero page (or zeroed pages) at a missing range and wakes its waiters.
-    @inline(__always)
-    public func zeroPage(at address: UInt, length: Int, wake: Bool = true) throws(SystemError) -> Placement {
-        var arg = uffdio_zeropage(range: uffdio_range(start: UInt64(address), len: UInt64(length)),
-                                  mode: wake ? 0 : UInt64(UFFDIO_ZEROPAGE_MODE_DONTWAKE), zeropage: 0)
-        while true {
-            if cpc_uffdio_zeropage(descriptor, &arg) == 0 { return .placed }
-            switch Glibc.errno {
-            case EEXIST:
-                try self.wake(address: address, length: length)
-                return .alreadyPresent
-            case EAGAIN, EINTR:
-                if arg.zeropage > 0 {
-                    arg.range.start &+= UInt64(arg.zeropage); arg.range.len &-= UInt64(arg.zeropage)
-                }
-                arg.zeropage = 0
-            case let code:
-                throw SystemError("UFFDIO_ZEROPAGE", errno: code)
-            }
-        }
-    }
-
-    /// Zero-fills a run of missing pages, skipping any already present (each skip wakes its waiters).
-    @inline(__always)
-    public func zeroRun(at address: UInt, length: Int, pageSize: Int, wake: Bool = true) throws(SystemError) {
-        var done = 0
-        while done < length {
-            var arg = uffdio_zeropage(range: uffdio_range(start: UInt64(address + UInt(done)), len: UInt64(length - done)),
-                                      mode: wake ? 0 : UInt64(UFFDIO_ZEROPAGE_MODE_DONTWAKE), zeropage: 0)
-            if cpc_uffdio_zeropage(descriptor, &arg) == 0 { return }
-            let code = Glibc.errno
-            if arg.zeropage > 0 { done += Int(arg.zeropage); continue }
-            switch code {
-            case EEXIST:
-                try self.wake(address: address + UInt(done), length: pageSize)
-                done += pageSize
-            case EAGAIN, EINTR:
-                continue
-            default:
-                throw SystemError("UFFDIO_ZEROPAGE", errno: code)
-            }
-        }
-    }
-
     /// Wakes threads blocked on faults in the range.
     @inline(__always)
     public func wake(address: UInt, length: Int) throws(SystemError) {
         var range = uffdio_range(start: UInt64(address), len: UInt64(length))
         _ = try syscallValue("UFFDIO_WAKE") { cpc_uffdio_wake(descriptor, &range) }
-    }
-
-    /// Moves anonymous pages from `source` into the missing range (zero copy; Linux 6.8).
-    /// The source pages become unmapped.
-    @inline(__always)
-    public func move(to destination: UInt, from source: UInt, length: Int, wake: Bool = true) throws(SystemError) -> Placement {
-        var arg = uffdio_move(dst: UInt64(destination), src: UInt64(source), len: UInt64(length),
-                              mode: wake ? 0 : UInt64(UFFDIO_MOVE_MODE_DONTWAKE), move: 0)
-        while true {
-            if cpc_uffdio_move(descriptor, &arg) == 0 { return .placed }
-            switch Glibc.errno {
-            case EEXIST:
-                try self.wake(address: destination, length: length)
-                return .alreadyPresent
-            case EAGAIN, EINTR:
-                if arg.move > 0 {
-                    arg.dst &+= UInt64(arg.move); arg.src &+= UInt64(arg.move); arg.len &-= UInt64(arg.move)
-                }
-                arg.move = 0
-            case let code:
-                throw SystemError("UFFDIO_MOVE", errno: code)
-            }
-        }
-    }
-
-    /// Maps the page-cache page already at a MINOR-faulting range of a shared mapping (Linux 5.13).
-    @inline(__always)
-    public func `continue`(at address: UInt, length: Int, wake: Bool = true) throws(SystemError) -> Placement {
-        var arg = uffdio_continue(range: uffdio_range(start: UInt64(address), len: UInt64(length)),
-                                  mode: wake ? 0 : UInt64(UFFDIO_CONTINUE_MODE_DONTWAKE), mapped: 0)
-        while true {
-            if cpc_uffdio_continue(descriptor, &arg) == 0 { return .placed }
-            switch Glibc.errno {
-            case EEXIST:
-                try self.wake(address: address, length: length)
-                return .alreadyPresent
-            case EAGAIN, EINTR:
-                if arg.mapped > 0 {
-                    arg.range.start &+= UInt64(arg.mapped); arg.range.len &-= UInt64(arg.mapped)
-                }
-                arg.mapped = 0
-            case let code:
-                throw SystemError("UFFDIO_CONTINUE", errno: code)
-            }
-        }
     }
 
     /// Sets (`protect: true`) or clears write protection on a WP-registered range.
@@ -312,12 +168,8 @@ public final class UserfaultFD: @unchecked Sendable {
     @inline(__always)
     public func readFaults(into buffer: UnsafeMutableBufferPointer<FaultEvent>, scratch: UnsafeMutableBufferPointer<uffd_msg>) throws(SystemError) -> Int {
         let capacity = min(buffer.count, scratch.count)
-        let bytes = Glibc.read(descriptor, scratch.baseAddress, capacity * MemoryLayout<uffd_msg>.stride)
-        if bytes < 0 {
-            let code = Glibc.errno
-            if code == EAGAIN || code == EINTR { return 0 }
-            throw SystemError("read(userfaultfd)", errno: code)
-        }
+        let raw = UnsafeMutableRawBufferPointer(start: scratch.baseAddress, count: capacity * MemoryLayout<uffd_msg>.stride)
+        guard let bytes = try fd.read(into: raw, what: "userfaultfd") else { return 0 }
         let count = bytes / MemoryLayout<uffd_msg>.stride
         var faults = 0
         for i in 0..<count where scratch[i].event == UInt8(UFFD_EVENT_PAGEFAULT) {

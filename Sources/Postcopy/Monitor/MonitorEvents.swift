@@ -48,17 +48,16 @@ public final class MonitorEvents: Sendable {
         /// A client that reads nothing gets no more than this many events held for it; older ones go.
         static let capacity = 1024
 
-        let wakeup: Int32
+        private let wakeupDescriptor: Descriptor
+        var wakeup: Int32 { wakeupDescriptor.rawValue }
         private let queue = Mutex<(events: [MonitorValue], dropped: Int)>(([], 0))
         /// Strong: the bus holds this until `cancel()`, which every connection calls when it ends.
         private let bus: MonitorEvents
 
         fileprivate init(bus: MonitorEvents) throws {
-            wakeup = try syscallValue("eventfd") { eventfd(0, Int32(EFD_CLOEXEC) | Int32(EFD_NONBLOCK)) }
+            wakeupDescriptor = Descriptor(adopting: try syscallValue("eventfd") { eventfd(0, Int32(EFD_CLOEXEC) | Int32(EFD_NONBLOCK)) })
             self.bus = bus
         }
-
-        deinit { close(wakeup) }
 
         fileprivate func enqueue(_ event: MonitorValue) {
             queue.withLock { q in
@@ -69,13 +68,18 @@ public final class MonitorEvents: Sendable {
                 q.events.append(event)
             }
             var one: UInt64 = 1
-            _ = write(wakeup, &one, 8)  // non-blocking; the counter cannot overflow in practice
+            do {
+                _ = try withUnsafeBytes(of: &one) { try wakeupDescriptor.write($0, what: "write(eventfd)") }
+            } catch {
+                Log.monitor.warning("could not wake a QMP connection for an event: \(error)")
+            }
         }
 
         /// The events waiting, oldest first, and how many were dropped since the last call.
         func take() -> (events: [MonitorValue], dropped: Int) {
             var count: UInt64 = 0
-            _ = read(wakeup, &count, 8)  // resets the counter; EAGAIN when nothing was signalled
+            // Resets the counter; nil when nothing was signalled.
+            _ = try? withUnsafeMutableBytes(of: &count) { try wakeupDescriptor.read(into: $0, what: "read(eventfd)") }
             return queue.withLock { q in
                 defer { q = ([], 0) }
                 return q

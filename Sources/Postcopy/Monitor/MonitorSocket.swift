@@ -4,25 +4,19 @@ import Glibc
 /// One end of a connected unix stream socket carrying a monitor conversation, server or client
 /// side. It closes its descriptor when released.
 final class MonitorSocket: Sendable {
-    let descriptor: Int32
+    let descriptor: Descriptor
 
-    init(descriptor: Int32) {
-        self.descriptor = descriptor
+    init(_ socket: consuming Descriptor) {
+        descriptor = socket
     }
 
     /// Connects to a monitor listening at `path`.
     convenience init(connectingTo path: String) throws {
-        let fd = try syscallValue("socket(AF_UNIX)") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
-        self.init(descriptor: fd)
-        var address = try Self.address(path)
-        _ = try syscallValue("connect \(path)") {
-            withUnsafePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-            }
-        }
+        let address = try Self.address(path)
+        let socket = try Descriptor.streamSocket(AF_UNIX, what: path)
+        try socket.connect(to: address, what: path)
+        self.init(socket)
     }
-
-    deinit { close(descriptor) }
 
     /// The address of a unix socket path; sun_path holds 107 bytes and a NUL.
     static func address(_ path: String) throws -> sockaddr_un {
@@ -43,14 +37,14 @@ final class MonitorSocket: Sendable {
     /// Whatever has arrived, up to `limit` bytes; empty once the peer has closed.
     func receive(limit: Int = 4096) throws -> [UInt8] {
         try [UInt8](unsafeUninitializedCapacity: limit) { buffer, count in
-            count = try syscallValue("recv") { recv(descriptor, buffer.baseAddress, limit, 0) }
+            count = try syscallValue("recv(monitor)") { recv(descriptor.rawValue, buffer.baseAddress, limit, 0) }
         }
     }
 
     /// Waits until input (or the peer's hang-up) is waiting on this socket or `other` is
     /// readable; says which. Retries on EINTR.
     func waitForInput(orReadable other: Int32) throws -> (socket: Bool, other: Bool) {
-        var entries = [pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0),
+        var entries = [pollfd(fd: descriptor.rawValue, events: Int16(POLLIN), revents: 0),
                        pollfd(fd: other, events: Int16(POLLIN), revents: 0)]
         _ = try syscallValue("poll") { poll(&entries, 2, -1) }
         return (entries[0].revents != 0, entries[1].revents != 0)
@@ -62,7 +56,7 @@ final class MonitorSocket: Sendable {
         var bytes = Array(text.utf8)[...]
         while !bytes.isEmpty {
             let sent = try bytes.withUnsafeBytes { raw in
-                try syscallValue("send") { Glibc.send(descriptor, raw.baseAddress, raw.count, Int32(MSG_NOSIGNAL)) }
+                try syscallValue("send(monitor)") { Glibc.send(descriptor.rawValue, raw.baseAddress, raw.count, Int32(MSG_NOSIGNAL)) }
             }
             bytes = bytes.dropFirst(sent)
         }
@@ -70,23 +64,30 @@ final class MonitorSocket: Sendable {
 
     /// Ends the conversation both ways: a thread blocked in `receive` on it returns empty.
     func shutdown() {
-        _ = Glibc.shutdown(descriptor, Int32(SHUT_RDWR))
+        descriptor.shutdown(what: "monitor connection")
     }
 
     /// Whether the peer has hung up (or the socket was shut down), without consuming any input.
+    /// A failed check counts as hung up: the connection is no use to anyone then.
     var peerHasHungUp: Bool {
-        var entry = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
-        guard poll(&entry, 1, 0) == 1 else { return false }
-        if entry.revents & Int16(POLLHUP | POLLERR | POLLNVAL) != 0 { return true }
-        var byte: UInt8 = 0
-        return recv(descriptor, &byte, 1, Int32(MSG_PEEK | MSG_DONTWAIT)) == 0
+        do {
+            let events = try descriptor.poll(timeoutMilliseconds: 0, what: "monitor connection")
+            if events == 0 { return false }
+            if events & Int16(POLLHUP | POLLERR | POLLNVAL) != 0 { return true }
+            var byte: UInt8 = 0
+            let peeked = try syscallValueUnlessWouldBlock("recv(monitor, MSG_PEEK)") {
+                recv(descriptor.rawValue, &byte, 1, Int32(MSG_PEEK | MSG_DONTWAIT))
+            }
+            return peeked == 0
+        } catch {
+            Log.monitor.debug("\(error)")
+            return true
+        }
     }
 
     /// Makes `receive` fail with EAGAIN after `seconds` without input (clients that must not hang).
     func setReceiveTimeout(seconds: Double) throws {
-        var tv = timeval(tv_sec: Int(seconds), tv_usec: Int((seconds - seconds.rounded(.down)) * 1e6))
-        _ = try syscallValue("setsockopt(SO_RCVTIMEO)") {
-            setsockopt(descriptor, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        }
+        let tv = timeval(tv_sec: Int(seconds), tv_usec: Int((seconds - seconds.rounded(.down)) * 1e6))
+        try descriptor.setOption(SOL_SOCKET, SO_RCVTIMEO, tv, what: "SO_RCVTIMEO")
     }
 }

@@ -1,5 +1,6 @@
 import CPostcopy
 import Glibc
+import Synchronization
 
 /// A listening unix socket that serves every connection on a thread of its own, until `stop()`.
 /// The QMP and HMP servers are this plus their conversation. Monitor traffic is a few commands
@@ -7,7 +8,8 @@ import Glibc
 /// connection leave the others alone.
 final class UnixSocketListener: Sendable {
     let path: String
-    private let descriptor: Int32
+    /// The listening socket; `stop()` takes it out and closes it once the accept loop has ended.
+    private let listening: Mutex<Descriptor?>
     /// The socket file's identity, so `stop()` removes this socket and not a later one at the path.
     private let inode: (device: UInt, inode: UInt)
     private let state = Guarded(State())
@@ -26,30 +28,22 @@ final class UnixSocketListener: Sendable {
     /// the connection is closed.
     init(path: String, name: String, serve: @escaping @Sendable (MonitorSocket) -> Void) throws {
         self.path = path
-        var address = try MonitorSocket.address(path)
+        let address = try MonitorSocket.address(path)
         var existing = stat()
         if lstat(path, &existing) == 0 {
             guard existing.st_mode & S_IFMT == S_IFSOCK else {
                 throw SystemError("refusing to replace \(path), which is not a socket", errno: EEXIST)
             }
-            unlink(path)
+            // ENOENT: someone else removed it first, which is as good.
+            if unlink(path) != 0, errno != ENOENT { throw SystemError("unlink stale socket \(path)") }
         }
-        let fd = try syscallValue("socket(AF_UNIX)") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
-        do {
-            _ = try syscallValue("bind \(path)") {
-                withUnsafePointer(to: &address) {
-                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-                }
-            }
-            _ = try syscallValue("listen \(path)") { listen(fd, 16) }
-            var bound = stat()
-            _ = try syscallValue("stat \(path)") { lstat(path, &bound) }
-            inode = (UInt(bound.st_dev), UInt(bound.st_ino))
-        } catch {
-            close(fd)
-            throw error
-        }
-        descriptor = fd
+        let socket = try Descriptor.streamSocket(AF_UNIX, what: path)
+        try socket.bind(to: address, what: path)
+        try socket.listen(backlog: 16, what: path)
+        var bound = stat()
+        _ = try syscallValue("stat \(path)") { lstat(path, &bound) }
+        inode = (UInt(bound.st_dev), UInt(bound.st_ino))
+        listening = Mutex(socket)
         state.update { $0.running += 1 }
         startDetachedThread("\(name) accept") { [self] in
             self.acceptLoop(name: name, serve: serve)
@@ -60,24 +54,31 @@ final class UnixSocketListener: Sendable {
         let me = currentThreadID()
         state.update { _ = $0.threadIDs.insert(me) }
         defer { state.update { $0.threadIDs.remove(me); $0.running -= 1 } }
+        // The number, not the owned socket, is used below (accept must not hold the lock); it
+        // stays valid because stop() closes the socket only after this loop has ended.
+        let number = listening.withLock { listening -> Int32? in
+            switch listening {
+            case .some(let socket): socket.rawValue
+            case .none: nil
+            }
+        }
+        guard let socket = number else { return }
         while true {
-            // accept4(SOCK_CLOEXEC) is hidden from Swift (it needs _GNU_SOURCE); a child forked
-            // in between may inherit the fd, which stop() still ends since it shuts sockets down.
-            let fd = accept(descriptor, nil, nil)
-            if fd >= 0 { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
-            if fd < 0 {
-                let code = errno
+            let accepted: Descriptor
+            do throws(SystemError) {
+                accepted = Descriptor(adopting: try syscallValue("accept(\(path))") { cpc_accept_cloexec(socket) })
+            } catch {
                 if state.read(\.stopped) { return }
-                switch code {
-                case EINTR, ECONNABORTED: continue
+                switch error.errno {
+                case ECONNABORTED: continue
                 case EMFILE, ENFILE, ENOBUFS, ENOMEM: usleep(100_000)  // out of resources: retry later, do not spin
                 default:
-                    Log.monitor.error("\(name) monitor at \(path) stops accepting: \(SystemError("accept", errno: code))")
+                    Log.monitor.error("\(error); \(path) accepts no more connections")
                     return
                 }
                 continue
             }
-            let connection = MonitorSocket(descriptor: fd)
+            let connection = MonitorSocket(accepted)
             let admitted = state.update { s -> Bool in
                 guard !s.stopped else { return false }
                 s.connections[ObjectIdentifier(connection)] = connection
@@ -107,14 +108,26 @@ final class UnixSocketListener: Sendable {
             for connection in s.connections.values { connection.shutdown() }
             return !s.stopped
         }
-        if first { Glibc.shutdown(descriptor, Int32(SHUT_RDWR)) }  // wakes accept(2) on Linux
+        if first {
+            listening.withLock { listening in
+                switch listening {
+                case .some(let socket): socket.shutdown(what: path)  // wakes accept(2) on Linux
+                case .none: break
+                }
+            }
+        }
         let me = currentThreadID()
         state.wait { $0.running == ($0.threadIDs.contains(me) ? 1 : 0) }
         guard first else { return }
-        close(descriptor)
+        do {
+            try listening.withLock { $0.take() }?.close()
+        } catch {
+            Log.monitor.warning("\(error)")
+        }
         var current = stat()
-        if lstat(path, &current) == 0, UInt(current.st_dev) == inode.device, UInt(current.st_ino) == inode.inode {
-            unlink(path)
+        if lstat(path, &current) == 0, UInt(current.st_dev) == inode.device, UInt(current.st_ino) == inode.inode,
+           unlink(path) != 0 {
+            Log.monitor.warning("\(SystemError("unlink \(path)")): the socket file stays behind")
         }
     }
 }

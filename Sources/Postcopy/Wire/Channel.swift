@@ -6,26 +6,35 @@ import Synchronization
 /// `read(exactly:)` returns only when every byte arrived (or throws on EOF), `write` only
 /// when every byte left. One thread reads; writers that share a channel hold `writeLock`.
 public final class Channel: @unchecked Sendable {
-    public let descriptor: Int32
+    private let socket: Descriptor
+    /// The socket's number, for poll arrays; valid while the channel lives.
+    public var descriptor: Int32 { socket.rawValue }
     private let writeLock = Mutex(())
     /// Bytes written through this channel (frames and payloads).
     public let bytesWritten = AtomicCounter()
 
-    public init(descriptor: Int32) {
-        self.descriptor = descriptor
-        var one: Int32 = 1
-        setsockopt(descriptor, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+    /// Takes over a connected TCP socket.
+    public init(socket: consuming Descriptor) {
+        do {
+            // A fault's request and its page are single small frames: Nagle would hold them back.
+            try socket.setOption(Int32(IPPROTO_TCP), TCP_NODELAY, Int32(1), what: "TCP_NODELAY")
+        } catch {
+            Log.kernel.warning("\(error): small frames may wait for an ACK (up to 40 ms)")
+        }
+        self.socket = socket
     }
-
-    deinit { close(descriptor) }
 
     /// Connects to `endpoint`, retrying refused connections for `retryFor` seconds.
     public static func connect(to endpoint: Endpoint, retryFor seconds: Double = 0) throws -> Channel {
         let deadline = monotonicNanoseconds() + UInt64(seconds * 1e9)
         while true {
             do {
-                return Channel(descriptor: try endpoint.connectSocket())
-            } catch let error as SystemError where error.errno == ECONNREFUSED && monotonicNanoseconds() < deadline {
+                return Channel(socket: try endpoint.connectSocket())
+            } catch let error as SystemError where error.errno == ECONNREFUSED {
+                guard monotonicNanoseconds() < deadline else {
+                    throw SystemError("connect(\(endpoint)): nothing listens there; start the destination with --incoming \(endpoint) (or migrate_incoming)",
+                                      errno: ECONNREFUSED)
+                }
                 usleep(20_000)
             }
         }
@@ -34,26 +43,30 @@ public final class Channel: @unchecked Sendable {
     /// Makes reads give up after `seconds` (0: wait forever), so a silent peer cannot hold a
     /// handshake hostage.
     public func setReceiveTimeout(seconds: Int) {
-        var tv = timeval(tv_sec: seconds, tv_usec: 0)
-        setsockopt(descriptor, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        do {
+            try socket.setOption(SOL_SOCKET, SO_RCVTIMEO, timeval(tv_sec: seconds, tv_usec: 0), what: "SO_RCVTIMEO \(seconds) s")
+        } catch {
+            Log.kernel.warning("\(error): reads on this channel keep their previous timeout")
+        }
     }
 
     /// Shuts both directions down, waking a thread blocked reading it.
-    public func shutdown() { Glibc.shutdown(descriptor, Int32(SHUT_RDWR)) }
+    public func shutdown() { socket.shutdown(what: "migration channel") }
 
     // MARK: reading
 
     /// Reads exactly `count` bytes into `buffer`; throws `.truncated` on a clean EOF.
     @inline(__always)
     public func read(into buffer: UnsafeMutableRawPointer, exactly count: Int, what: @autoclosure () -> String) throws -> Void {
+        let fd = socket.rawValue
         var done = 0
         while done < count {
-            let n = recv(descriptor, buffer + done, count - done, Int32(MSG_WAITALL))
+            // EAGAIN: the receive timeout (setReceiveTimeout) ran out.
+            guard let n = try syscallValueUnlessWouldBlock("recv(\(what()))", {
+                recv(fd, buffer + done, count - done, Int32(MSG_WAITALL))
+            }) else { throw ProtocolError.truncated("\(what()) (the peer went silent)") }
             if n > 0 { done += n; continue }
-            if n == 0 { throw done == 0 && count == FrameHeader.size ? ProtocolError.closed : ProtocolError.truncated(what()) }
-            if errno == EINTR { continue }
-            if errno == EAGAIN { throw ProtocolError.truncated("\(what()) (the peer went silent)") }
-            throw SystemError("recv(\(what()))")
+            throw done == 0 && count == FrameHeader.size ? ProtocolError.closed : ProtocolError.truncated(what())
         }
     }
 
@@ -105,6 +118,7 @@ public final class Channel: @unchecked Sendable {
     private func writeAll(_ first: UnsafeRawPointer, _ firstLength: Int, _ second: UnsafeRawPointer?, _ secondLength: Int) throws {
         var vec = (iovec(iov_base: UnsafeMutableRawPointer(mutating: first), iov_len: firstLength),
                    iovec(iov_base: second.map { UnsafeMutableRawPointer(mutating: $0) }, iov_len: secondLength))
+        let fd = socket.rawValue
         var remaining = firstLength + secondLength
         bytesWritten.add(UInt64(remaining))
         try withUnsafeMutableBytes(of: &vec) { raw in
@@ -115,11 +129,8 @@ public final class Channel: @unchecked Sendable {
                 var msg = msghdr()
                 msg.msg_iov = iov + index
                 msg.msg_iovlen = Int(vecCount)
-                let n = sendmsg(descriptor, &msg, Int32(MSG_NOSIGNAL))
-                if n < 0 {
-                    if errno == EINTR || errno == EAGAIN { continue }
-                    throw SystemError("send")
-                }
+                // EAGAIN only if someone set a send timeout: the bytes are still to send.
+                guard let n = try syscallValueUnlessWouldBlock("sendmsg", { sendmsg(fd, &msg, Int32(MSG_NOSIGNAL)) }) else { continue }
                 remaining -= n
                 var advance = n
                 while advance > 0 && vecCount > 0 {
@@ -169,64 +180,44 @@ public struct Endpoint: Sendable, Equatable, CustomStringConvertible {
         return addr
     }
 
-    func connectSocket() throws -> Int32 {
-        var addr = try socketAddress()
-        let fd = try syscallValue("socket") { socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        }
-        if rc != 0 {
-            let error = SystemError(errno == ECONNREFUSED
-                ? "connect(\(self)): nothing listens there; start the destination with --incoming \(self) (or migrate_incoming)"
-                : "connect(\(self))")
-            close(fd)
-            throw error
-        }
-        return fd
+    func connectSocket() throws -> Descriptor {
+        let address = try socketAddress()
+        let socket = try Descriptor.streamSocket(AF_INET, what: "\(self)")
+        try socket.connect(to: address, what: "\(self)")
+        return socket
     }
 }
 
 /// A listening TCP socket for incoming migrations.
 public final class Listener: @unchecked Sendable {
-    public let descriptor: Int32
+    private let socket: Descriptor
+    /// The socket's number, for poll arrays; valid while the listener lives.
+    public var descriptor: Int32 { socket.rawValue }
     public let endpoint: Endpoint
 
     public init(endpoint: Endpoint) throws {
-        var addr = try endpoint.socketAddress()
-        let fd = try syscallValue("socket") { socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
-        var one: Int32 = 1
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        let address = try endpoint.socketAddress()
+        let socket = try Descriptor.streamSocket(AF_INET, what: "\(endpoint)")
+        do {
+            // Listening again on the port of a migration that just ended (its connections in TIME_WAIT).
+            try socket.setOption(SOL_SOCKET, SO_REUSEADDR, Int32(1), what: "SO_REUSEADDR on \(endpoint)")
+        } catch {
+            Log.kernel.warning("\(error): listening may fail while an earlier migration's connections linger")
         }
-        if rc != 0 || listen(fd, 8) != 0 {
-            let error = SystemError("listen on \(endpoint)")
-            close(fd)
-            throw error
-        }
-        var bound = sockaddr_in()
-        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        _ = withUnsafeMutablePointer(to: &bound) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
-        }
-        descriptor = fd
-        self.endpoint = Endpoint(host: endpoint.host, port: UInt16(bigEndian: bound.sin_port))
+        try socket.bind(to: address, what: "\(endpoint)")
+        try socket.listen(backlog: 8, what: "\(endpoint)")
+        self.endpoint = Endpoint(host: endpoint.host, port: try socket.boundPort(what: "\(endpoint)"))
+        self.socket = socket
     }
-
-    deinit { close(descriptor) }
 
     /// Accepts the next connection; with `timeout` (seconds), gives up with ETIMEDOUT.
     public func accept(timeout: Int32? = nil) throws -> Channel {
-        if let timeout {
-            var p = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
-            let n = try syscallValue("poll(\(endpoint))") { poll(&p, 1, timeout * 1000) }
-            if n == 0 { throw SystemError("accept(\(endpoint)): no connection within \(timeout) s", errno: ETIMEDOUT) }
+        if let timeout, try socket.poll(timeoutMilliseconds: timeout * 1000, what: "\(endpoint)") == 0 {
+            throw SystemError("accept(\(endpoint)): no connection within \(timeout) s", errno: ETIMEDOUT)
         }
-        let fd = try syscallValue("accept(\(endpoint))") { Glibc.accept(descriptor, nil, nil) }
-        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-        return Channel(descriptor: fd)
+        return Channel(socket: try socket.accept(what: "\(endpoint)"))
     }
 
     /// Wakes a thread blocked in `accept`.
-    public func shutdown() { Glibc.shutdown(descriptor, Int32(SHUT_RDWR)) }
+    public func shutdown() { socket.shutdown(what: "listener on \(endpoint)") }
 }

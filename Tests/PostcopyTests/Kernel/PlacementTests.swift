@@ -83,5 +83,42 @@ extension KernelTests {
             }
             #expect(pages == expected, "present pages keep their bytes, the others get the run's")
         }
+
+        @Test("a copy over a range whose third page is present places the two before it, wakes the rest and reports alreadyPresent")
+        func copyStopsAtPresentPage() throws {
+            let memory = try GuestMemory(size: 4 * pageSize)
+            let uffd = try UserfaultFD()
+            try uffd.register(address: memory.base, length: memory.size, mode: .missing)
+            defer { uffd.release(memory) }
+            let source = try StampedPages(pages: 4) { 0xC000 + UInt64($0) }
+            let early = try StampedPages(stamp: 0xEA)
+            #expect(try uffd.copy(to: memory.address(ofPage: 2), from: early.pointer, length: pageSize) == .placed)
+
+            // The kernel copies pages 0 and 1, then stops at page 2 with EAGAIN and 2 pages done;
+            // the retry starts at page 2 and meets EEXIST.
+            #expect(try uffd.copy(to: memory.base, from: source.pointer, length: memory.size) == .alreadyPresent)
+            let pages = (0..<3).map { touch(memory, page: $0).join(within: 5)?.words }
+            #expect(pages == [[0xC000], [0xC001], [0xEA]])
+            #expect(try uffd.zeroPage(at: memory.address(ofPage: 3), length: pageSize) == .placed,
+                    "the page after the present one is still missing")
+        }
+
+        @Test("zeroRun over pages partly present zero-fills the missing ones, keeps the present one, and wakes its waiter")
+        func zeroRunSkipsPresentPages() throws {
+            let memory = try GuestMemory(size: 4 * pageSize)
+            let uffd = try UserfaultFD()
+            try uffd.register(address: memory.base, length: memory.size, mode: .missing)
+            defer { uffd.release(memory) }
+            let early = try StampedPages(stamp: 0xEB)
+
+            let waiter = touch(memory, page: 1)
+            try #require(try uffd.awaitFaults(1).count == 1)
+            #expect(try uffd.copy(to: memory.address(ofPage: 1), from: early.pointer, length: pageSize, wake: false) == .placed)
+
+            try uffd.zeroRun(at: memory.base, length: memory.size, pageSize: pageSize)
+            #expect(try #require(waiter.join(), "the present page's waiter was not woken").words == [0xEB])
+            let pages = (0..<4).map { touch(memory, page: $0).join(within: 5)?.words }
+            #expect(pages == [[0], [0xEB], [0], [0]])
+        }
     }
 }

@@ -140,7 +140,7 @@ struct WireCodecTests {
     static func channelPair() throws -> (Channel, Channel) {
         var fds: [Int32] = [0, 0]
         #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0)
-        return (Channel(descriptor: fds[0]), Channel(descriptor: fds[1]))
+        return (Channel(socket: Descriptor(adopting: fds[0])), Channel(socket: Descriptor(adopting: fds[1])))
     }
 
     @Test("an error frame carries its message; one longer than 4 KiB is cut to 4 KiB")
