@@ -30,13 +30,13 @@ SCENARIOS = {
 }
 
 
-def run_once(anchors, target, scenario, memory_mb, vcpus):
+def run_once(anchors, target, scenario, memory_mb, vcpus, base_binary=None):
     guest, workload, mode, extra, host_extra = SCENARIOS[scenario]
     cmd = [sys.executable, os.path.join(anchors, "qmp-migrate.py"), "--memory-mb", str(memory_mb), "--mode", mode] + extra
     if target == "qemu":
         cmd += ["--guest", os.path.join(anchors, guest)]
     else:
-        binary = os.path.join(ROOT, ".build", "release", "postcopy")
+        binary = base_binary if target == "base" else os.path.join(ROOT, ".build", "release", "postcopy")
         cmd += ["--host-cmd", f"{binary} host --memory {{mb}}M --vcpus {vcpus} --workload {workload} {host_extra} "
                               "--qmp {qmp} --serial {serial} {incoming}", "--check"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -77,9 +77,12 @@ def main():
     ap.add_argument("--memory-mb", type=int, default=1000)
     ap.add_argument("--vcpus", type=int, default=1)
     ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), help="default: all")
-    ap.add_argument("--targets", default="qemu,ours")
+    ap.add_argument("--targets", default="qemu,ours", help="any of qemu, ours, base (base needs --base-binary)")
+    ap.add_argument("--base-binary", help="another build of postcopy to run as target 'base' (an A/B against an older commit)")
     a = ap.parse_args()
     targets = a.targets.split(",")
+    if "base" in targets and not a.base_binary:
+        ap.error("target 'base' needs --base-binary")
     report = {}
     for scenario in a.scenario or list(SCENARIOS):
         report[scenario] = {}
@@ -88,7 +91,7 @@ def main():
             for t in (targets if i % 2 == 0 else list(reversed(targets))):
                 if t == "qemu" and SCENARIOS[scenario][0] is None:
                     continue
-                f = figures(run_once(a.anchors, t, scenario, a.memory_mb, a.vcpus))
+                f = figures(run_once(a.anchors, t, scenario, a.memory_mb, a.vcpus, a.base_binary))
                 runs[t].append(f)
                 print(f"{scenario} {t} run {i + 1}: {json.dumps(f)}", file=sys.stderr)
         for t in targets:
