@@ -43,7 +43,6 @@ int cpc_uffdio_wake(int fd, struct uffdio_range *arg) { return ioctl(fd, UFFDIO_
 int cpc_uffdio_writeprotect(int fd, struct uffdio_writeprotect *arg) { return ioctl(fd, UFFDIO_WRITEPROTECT, arg); }
 int cpc_uffdio_continue(int fd, struct uffdio_continue *arg) { return ioctl(fd, UFFDIO_CONTINUE, arg); }
 int cpc_uffdio_move(int fd, struct uffdio_move *arg) { return ioctl(fd, UFFDIO_MOVE, arg); }
-int cpc_uffdio_poison(int fd, struct uffdio_poison *arg) { return ioctl(fd, UFFDIO_POISON, arg); }
 long cpc_pagemap_scan(int pagemap_fd, struct pm_scan_arg *arg) { return ioctl(pagemap_fd, PAGEMAP_SCAN, arg); }
 
 // The kernel's policy modes (include/uapi/linux/mempolicy.h), which libc does not export.

@@ -47,22 +47,10 @@ struct uffdio_move {
 #define UFFDIO_MOVE _IOWR(UFFDIO, _UFFDIO_MOVE, struct uffdio_move)
 #endif
 
-#ifndef _UFFDIO_POISON
-#define _UFFDIO_POISON (0x08)
-struct uffdio_poison {
-    struct uffdio_range range;
-#define UFFDIO_POISON_MODE_DONTWAKE ((__u64)1 << 0)
-    __u64 mode;
-    __s64 updated;
-};
-#define UFFDIO_POISON _IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison)
-#endif
-
 _Static_assert(sizeof(struct uffd_msg) == 32, "uffd_msg is 32 bytes");
 _Static_assert(offsetof(struct uffd_msg, arg.pagefault.address) == 16, "pagefault.address at 16");
 _Static_assert(offsetof(struct uffd_msg, arg.pagefault.feat.ptid) == 24, "pagefault.ptid at 24");
 _Static_assert(sizeof(struct uffdio_move) == 40, "uffdio_move is 40 bytes");
-_Static_assert(sizeof(struct uffdio_poison) == 32, "uffdio_poison is 32 bytes");
 _Static_assert(sizeof(struct uffdio_copy) == 40, "uffdio_copy is 40 bytes");
 
 // MARK: PAGEMAP_SCAN (Linux 6.7)
@@ -134,7 +122,6 @@ int cpc_uffdio_wake(int fd, struct uffdio_range *arg);
 int cpc_uffdio_writeprotect(int fd, struct uffdio_writeprotect *arg);
 int cpc_uffdio_continue(int fd, struct uffdio_continue *arg);
 int cpc_uffdio_move(int fd, struct uffdio_move *arg);
-int cpc_uffdio_poison(int fd, struct uffdio_poison *arg);
 /// PAGEMAP_SCAN on an open /proc/self/pagemap: number of regions filled, or -1 and errno.
 long cpc_pagemap_scan(int pagemap_fd, struct pm_scan_arg *arg);
 

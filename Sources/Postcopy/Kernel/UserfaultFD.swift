@@ -155,12 +155,6 @@ public final class UserfaultFD: @unchecked Sendable {
         _ = try syscallValue("UFFDIO_WRITEPROTECT") { cpc_uffdio_writeprotect(descriptor, &arg) }
     }
 
-    /// Marks a missing range as poisoned: touching it raises SIGBUS (Linux 6.6).
-    public func poison(address: UInt, length: Int) throws(SystemError) {
-        var arg = uffdio_poison(range: uffdio_range(start: UInt64(address), len: UInt64(length)), mode: 0, updated: 0)
-        _ = try syscallValue("UFFDIO_POISON") { cpc_uffdio_poison(descriptor, &arg) }
-    }
-
     // MARK: events
 
     /// Reads up to `buffer.count` pending events without blocking; returns how many were page faults
