@@ -27,7 +27,7 @@ final class UnixSocketListener: Sendable {
     /// accepting. `serve` runs once per connection on that connection's thread; when it returns,
     /// the connection is closed. A connection from a process of another user (not root) gets
     /// `refusal(why)` and is closed, unserved.
-    init(path: String, name: String, refusal: @escaping @Sendable (String) -> String,
+    init(path: String, name: String, refusal: @escaping @Sendable (String) -> String = { $0 + "\n" },
          serve: @escaping @Sendable (MonitorSocket) -> Void) throws {
         self.path = path
         let address = try MonitorSocket.address(path)
