@@ -107,6 +107,9 @@ struct HostCommand: ParsableCommand {
         guard stat(directory.isEmpty ? "/" : directory, &info) == 0, info.st_mode & S_IFMT == S_IFDIR else {
             throw ValidationError("\(option) \(path): directory \(directory) does not exist; create it first")
         }
+        guard access(directory.isEmpty ? "/" : directory, W_OK | X_OK) == 0 else {
+            throw ValidationError("\(option) \(path): directory \(directory) is not writable by this user; choose another")
+        }
         if lstat(path, &info) == 0, info.st_mode & S_IFMT != S_IFSOCK {
             throw ValidationError("\(option) \(path): a file that is not a socket is already there; remove it or choose another path")
         }

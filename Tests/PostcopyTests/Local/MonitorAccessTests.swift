@@ -52,6 +52,7 @@ struct MonitorAccessTests {
         let blocked = try Self.monitorAsNobody(path)
         #expect(blocked.status != 0)
         #expect(blocked.stderr.contains("EACCES"), "\(blocked.stderr)")
+        #expect(blocked.stderr.contains("a host's monitor sockets are for the user who started it and root only"), "\(blocked.stderr)")
 
         // Opened up, as a careless chmod or an old umask-made socket would leave it.
         #expect(chmod(path, 0o666) == 0)
