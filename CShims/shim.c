@@ -32,6 +32,14 @@ void *cpc_mremap_fixed(void *old_address, size_t size, void *new_address) {
 int cpc_punch_hole(int fd, int64_t offset, int64_t length) { return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length); }
 
 int cpc_accept_cloexec(int fd) { return accept4(fd, NULL, NULL, SOCK_CLOEXEC); }
+int cpc_peer_credentials(int fd, int32_t *pid, uint32_t *uid) {
+    struct ucred credentials;
+    socklen_t length = sizeof credentials;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &credentials, &length) != 0) return -1;
+    *pid = credentials.pid;
+    *uid = credentials.uid;
+    return 0;
+}
 const char *cpc_errno_name(int code) { return strerrorname_np(code); }
 
 int cpc_uffdio_api(int fd, struct uffdio_api *arg) { return ioctl(fd, UFFDIO_API, arg); }

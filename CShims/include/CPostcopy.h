@@ -109,6 +109,9 @@ int cpc_punch_hole(int fd, int64_t offset, int64_t length);
 /// accept4(SOCK_CLOEXEC), so no fork between accept and fcntl can leak the connection to a child:
 /// accept4 needs _GNU_SOURCE. The new descriptor, or -1 and errno.
 int cpc_accept_cloexec(int fd);
+/// getsockopt(SO_PEERCRED) on a unix socket: the connecting process's pid and uid. struct ucred
+/// needs _GNU_SOURCE. 0, or -1 and errno.
+int cpc_peer_credentials(int fd, int32_t *pid, uint32_t *uid);
 /// errno's symbolic name ("EEXIST"), or NULL when libc has none: strerrorname_np needs _GNU_SOURCE.
 const char *cpc_errno_name(int code);
 

@@ -28,7 +28,12 @@ struct MonitorCommand: ParsableCommand {
     var qmpJSON: [String] = []
 
     func run() throws {
-        let client = try MonitorClient(path: socket)
+        let client: MonitorClient
+        do {
+            client = try MonitorClient(path: socket)
+        } catch let error as SystemError where error.errno == EACCES {
+            throw MonitorAccessError(description: "\(error): a host's monitor sockets are for the user who started it and root only; run this as that user")
+        }
         for text in qmpJSON {
             output(try client.execute(MonitorValue(jsonText: text)).jsonText + "\n")
         }
@@ -70,4 +75,9 @@ struct MonitorCommand: ParsableCommand {
     private func output(_ text: String) {
         FileHandle.standardOutput.write(Data(text.utf8))
     }
+}
+
+/// A monitor socket this user may not open; says whose it is to use.
+struct MonitorAccessError: Error, CustomStringConvertible {
+    let description: String
 }

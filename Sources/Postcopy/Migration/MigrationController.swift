@@ -105,6 +105,8 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
         do {
             let endpoint = try Endpoint(uri: uri)
             guard let host else { throw MigrationError.hostGone }
+            let tlsCreds = currentSettings.parameters.first { $0.name == "tls-creds" }.map { $0.value.stringValue ?? "" }
+            if let warning = endpoint.exposureWarning(tlsCreds: tlsCreds) { Log.destination.warning("\(warning)") }
             try lock.withLock { _ in
                 if let incoming { throw MigrationError.notNow("an incoming migration is already set up on \(incoming.endpoint)") }
                 let m = try IncomingMigration(memory: memory, endpoint: endpoint, vcpuCount: host.vcpuThreadIDs.count,

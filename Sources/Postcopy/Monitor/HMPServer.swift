@@ -12,8 +12,9 @@ import Glibc
 public final class HMPServer: Sendable {
     static let banner = "QEMU 7.2.0 monitor - type 'help' for more information\n"
     static let prompt = "(qemu) "
-    /// QEMU's readline keeps 4 KiB; a longer line here is dropped rather than buffered forever.
-    static let maxLine = 1 << 16
+    /// QEMU's readline keeps 4 KiB. A longer line is dropped whole, up to its newline, with an
+    /// error: running its tail would run a command the client never typed as one.
+    static let maxLine = 4096
 
     private let listener: UnixSocketListener
 
@@ -21,7 +22,7 @@ public final class HMPServer: Sendable {
 
     /// Starts listening at `path` (a stale socket left there is replaced) and serving.
     public init(path: String, backend: any MonitorBackend) throws {
-        listener = try UnixSocketListener(path: path, name: "hmp") { socket in
+        listener = try UnixSocketListener(path: path, name: "hmp", refusal: { "Error: \($0)\n" }) { socket in
             Self.converse(on: socket, interpreter: HMPInterpreter(backend: backend))
         }
     }
@@ -34,6 +35,8 @@ public final class HMPServer: Sendable {
 
     private static func converse(on socket: MonitorSocket, interpreter: HMPInterpreter) {
         var pending: [UInt8] = []
+        /// Set once a line outgrew `maxLine`: its bytes are dropped until its newline.
+        var dropping = false
         do {
             try socket.send(banner + prompt)
             while true {
@@ -41,8 +44,14 @@ public final class HMPServer: Sendable {
                 if bytes.isEmpty { return }
                 pending += bytes
                 while let newline = pending.firstIndex(of: UInt8(ascii: "\n")) {
+                    let tooLong = dropping || newline > maxLine
                     var line = String(decoding: pending[..<newline], as: UTF8.self)
                     pending.removeSubrange(...newline)
+                    dropping = false
+                    if tooLong {
+                        try socket.send("Error: line longer than \(maxLine) bytes, ignored\n" + prompt)
+                        continue
+                    }
                     if line.hasSuffix("\r") { line.removeLast() }  // telnet and nc -C send CRLF
                     let reply = interpreter.run(line, canWait: true)
                     try socket.send(reply.output)
@@ -60,7 +69,10 @@ public final class HMPServer: Sendable {
                     }
                     try socket.send(prompt)
                 }
-                if pending.count > maxLine { pending.removeAll() }
+                if pending.count > maxLine {
+                    pending.removeAll()
+                    dropping = true
+                }
             }
         } catch let error as SystemError where error.errno == EPIPE || error.errno == ECONNRESET {
             Log.monitor.debug("HMP client went away: \(error)")

@@ -6,7 +6,7 @@ struct JSONStreamSplitter {
     enum Piece: Equatable {
         /// A whole top-level value (or a stray token, which then fails to parse, as it should).
         case text([UInt8])
-        /// A value grew past `limit` bytes; it was dropped and the splitter started afresh.
+        /// A value grew past `limit` bytes; it was dropped whole, up to its end.
         case oversized
     }
 
@@ -16,6 +16,10 @@ struct JSONStreamSplitter {
     private var depth = 0
     private var inString = false
     private var escaped = false
+    /// Set once the value being read outgrew `limit`: its bytes are scanned for its end but not
+    /// kept. Starting afresh in its middle instead would run whatever its tail says (a
+    /// `{"execute": "quit"}` nested inside it) as a command.
+    private var dropping = false
 
     init(limit: Int = 1 << 20) { self.limit = limit }
 
@@ -25,8 +29,8 @@ struct JSONStreamSplitter {
         for byte in bytes {
             if let piece = consume(byte) { pieces.append(piece) }
             if buffer.count > limit {
-                self = JSONStreamSplitter(limit: limit)
-                pieces.append(.oversized)
+                buffer.removeAll()
+                dropping = true
             }
         }
         return pieces
@@ -74,6 +78,11 @@ struct JSONStreamSplitter {
     }
 
     private mutating func take() -> Piece? {
+        if dropping {
+            dropping = false
+            buffer.removeAll(keepingCapacity: true)
+            return .oversized
+        }
         guard !buffer.isEmpty else { return nil }
         defer { buffer.removeAll(keepingCapacity: true) }
         return .text(buffer)

@@ -32,6 +32,7 @@ public final class MonitorClient {
                 messages += try splitter.append(more).map(Self.parse)
             }
             let greeting = messages.removeFirst()
+            if let desc = greeting["error"]?["desc"]?.stringValue { throw MonitorClientError("\(path) refused the connection: \(desc)") }
             guard greeting["QMP"] != nil else { throw MonitorClientError("\(path) greeted with \(greeting.jsonText), not QMP's greeting") }
             self.greeting = greeting.jsonText
             dialect = .qmp
@@ -39,7 +40,12 @@ public final class MonitorClient {
             if let error = reply["error"] { throw MonitorClientError("capabilities negotiation failed: \(error.jsonText)") }
         } else {
             while !Self.endsWithPrompt(inbox) {
-                if try !Self.receive(from: socket, into: &inbox) { throw MonitorClientError("\(path) closed the connection before its prompt") }
+                if try !Self.receive(from: socket, into: &inbox) {
+                    // A refused connection's one line says why (HMPServer's refusal).
+                    var said = String(decoding: inbox, as: UTF8.self)
+                    while said.last?.isWhitespace == true { said.removeLast() }
+                    throw MonitorClientError("\(path) closed the connection before its prompt" + (said.isEmpty ? "" : ": \(said)"))
+                }
             }
             greeting = Self.takeOutput(&inbox)
             dialect = .hmp

@@ -34,6 +34,15 @@ final class MonitorSocket: Sendable {
         return address
     }
 
+    /// The connected process, as the kernel recorded it at connect(2) (SO_PEERCRED): it cannot
+    /// be forged by what the peer sends.
+    func peerCredentials() throws(SystemError) -> (pid: pid_t, uid: uid_t) {
+        var pid: Int32 = 0
+        var uid: UInt32 = 0
+        _ = try syscallValue("getsockopt(SO_PEERCRED)") { cpc_peer_credentials(descriptor.rawValue, &pid, &uid) }
+        return (pid, uid)
+    }
+
     /// Whatever has arrived, up to `limit` bytes; empty once the peer has closed.
     func receive(limit: Int = 4096) throws -> [UInt8] {
         try [UInt8](unsafeUninitializedCapacity: limit) { buffer, count in

@@ -15,7 +15,7 @@ public final class QMPServer: Sendable {
     /// Starts listening at `path` (a stale socket left there is replaced) and serving.
     /// Every connection that negotiates receives what `events` emits (`MigrationController.events`).
     public init(path: String, backend: any MonitorBackend, events: MonitorEvents? = nil) throws {
-        listener = try UnixSocketListener(path: path, name: "qmp") { socket in
+        listener = try UnixSocketListener(path: path, name: "qmp", refusal: { QMPSession.error(MonitorError($0)).jsonText + "\r\n" }) { socket in
             Self.converse(on: socket, backend: backend, events: events)
         }
     }

@@ -25,8 +25,10 @@ final class UnixSocketListener: Sendable {
 
     /// Listens at `path`, replacing a stale socket left there by a process that died, and starts
     /// accepting. `serve` runs once per connection on that connection's thread; when it returns,
-    /// the connection is closed.
-    init(path: String, name: String, serve: @escaping @Sendable (MonitorSocket) -> Void) throws {
+    /// the connection is closed. A connection from a process of another user (not root) gets
+    /// `refusal(why)` and is closed, unserved.
+    init(path: String, name: String, refusal: @escaping @Sendable (String) -> String = { $0 + "\n" },
+         serve: @escaping @Sendable (MonitorSocket) -> Void) throws {
         self.path = path
         let address = try MonitorSocket.address(path)
         var existing = stat()
@@ -39,18 +41,49 @@ final class UnixSocketListener: Sendable {
         }
         let socket = try Descriptor.streamSocket(AF_UNIX, what: path)
         try socket.bind(to: address, what: path)
-        try socket.listen(backlog: 16, what: path)
+        // bind(2) creates the file with the process umask (under umask 000, anyone may connect).
+        // Narrowed before listen(2): until then a connect fails (ECONNREFUSED), so no one gets in
+        // through the wider mode. Changing the umask instead would race with every other thread
+        // that creates a file.
+        _ = try syscallValue("chmod(\(path), 0600)") { chmod(path, 0o600) }
         var bound = stat()
         _ = try syscallValue("stat \(path)") { lstat(path, &bound) }
+        guard bound.st_mode & S_IFMT == S_IFSOCK, bound.st_mode & 0o777 == 0o600 else {
+            throw SystemError("\(path) changed while the monitor socket was being created there", errno: EEXIST)
+        }
         inode = (UInt(bound.st_dev), UInt(bound.st_ino))
+        try socket.listen(backlog: 16, what: path)
         listening = Mutex(socket)
         state.update { $0.running += 1 }
         startDetachedThread("\(name) accept") { [self] in
-            self.acceptLoop(name: name, serve: serve)
+            self.acceptLoop(name: name, refusal: refusal, serve: serve)
         }
     }
 
-    private func acceptLoop(name: String, serve: @escaping @Sendable (MonitorSocket) -> Void) {
+    /// Whether a connection may talk to the monitor: the monitor drives guest memory and the
+    /// migration, so only the host's own user and root may. Refused ones are told why, logged
+    /// and closed.
+    private func admits(_ connection: MonitorSocket, name: String, refusal: (String) -> String) -> Bool {
+        let owner = geteuid()
+        let peer: (pid: pid_t, uid: uid_t)
+        do {
+            peer = try connection.peerCredentials()
+        } catch {
+            Log.monitor.warning("\(name) connection on \(path) refused: \(error)")
+            return false
+        }
+        if peer.uid == owner || peer.uid == 0 { return true }
+        Log.monitor.warning("\(name) connection on \(path) refused: pid \(peer.pid) runs as uid \(peer.uid); only uid \(owner) and root may use this monitor")
+        let why = "Permission denied: this monitor belongs to uid \(owner); only that user and root may use it, not uid \(peer.uid)"
+        do {
+            try connection.send(refusal(why))
+        } catch {
+            Log.monitor.debug("refused \(name) client went away: \(error)")
+        }
+        return false
+    }
+
+    private func acceptLoop(name: String, refusal: (String) -> String, serve: @escaping @Sendable (MonitorSocket) -> Void) {
         let me = currentThreadID()
         state.update { _ = $0.threadIDs.insert(me) }
         defer { state.update { $0.threadIDs.remove(me); $0.running -= 1 } }
@@ -79,6 +112,7 @@ final class UnixSocketListener: Sendable {
                 continue
             }
             let connection = MonitorSocket(accepted)
+            guard admits(connection, name: name, refusal: refusal) else { continue }
             let admitted = state.update { s -> Bool in
                 guard !s.stopped else { return false }
                 s.connections[ObjectIdentifier(connection)] = connection

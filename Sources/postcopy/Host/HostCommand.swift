@@ -49,21 +49,83 @@ struct HostCommand: ParsableCommand {
     var touchNs: UInt64 = 0
 
     func validate() throws {
-        guard vcpus >= 1, vcpus <= 64 else { throw ValidationError("--vcpus must be between 1 and 64") }
+        guard vcpus >= 1, vcpus <= 64 else { throw ValidationError("--vcpus \(vcpus): must be between 1 and 64") }
         guard Workload(rawValue: workload) != nil else {
             throw ValidationError("unknown workload '\(workload)': use one of \(Workload.allCases.map(\.rawValue).joined(separator: ", "))")
         }
-        let size = try parseSize(memory)
-        if backing == .hugetlb, size % GuestMemory.hugePageSize != 0 {
-            throw ValidationError("--memory \(memory) is not a multiple of 2 MiB: hugetlb guest memory is made of 2 MiB pages (use e.g. \((size + GuestMemory.hugePageSize - 1) / GuestMemory.hugePageSize * 2)M)")
-        }
+        try validateMemory()
         if let numaNode {
             guard numaNode >= 0, access("/sys/devices/system/node/node\(numaNode)", F_OK) == 0 else {
                 throw ValidationError("--numa-node \(numaNode): no such NUMA node on this machine (see /sys/devices/system/node)")
             }
         }
+        guard touchNs <= Self.maxTouchNs else {
+            throw ValidationError("--touch-ns \(touchNs) is more than a second between touches: use at most \(Self.maxTouchNs) (0: full speed)")
+        }
         guard Logger.Level(rawValue: logLevel) != nil else {
             throw ValidationError("unknown log level '\(logLevel)': use one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        if let serial {
+            let fd = open(serial, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+            guard fd >= 0 else { throw ValidationError("--serial \(serial): cannot open it for writing (\(String(cString: strerror(errno))))") }
+            close(fd)
+        }
+        if let qmp { try Self.validateSocketPath(qmp, option: "--qmp") }
+        if let monitor { try Self.validateSocketPath(monitor, option: "--monitor") }
+        if let qmp, qmp == monitor { throw ValidationError("--qmp and --monitor are both \(qmp): give each monitor its own socket") }
+        if let incoming, incoming != "defer" { try Self.validateIncoming(incoming) }
+    }
+
+    /// One touch a second per vCPU is already far slower than any guest worth migrating.
+    static let maxTouchNs: UInt64 = 1_000_000_000
+    /// The user address space of x86-64 is 128 TiB; the guest and everything else must fit.
+    static let maxMemory = 1 << 46
+
+    /// The size parses, fits in the address space, makes whole huge pages for hugetlb, and gives
+    /// every vCPU at least one page of its own (each sweeps a slice of the guest).
+    private func validateMemory() throws {
+        let size = try parseSize(memory)
+        guard size <= Self.maxMemory else { throw ValidationError("--memory \(memory) is larger than this host can map: at most 64T") }
+        let page = backing == .hugetlb ? GuestMemory.hugePageSize : Int(sysconf(Int32(_SC_PAGESIZE)))
+        if backing == .hugetlb, size % page != 0 {
+            throw ValidationError("--memory \(memory) is not a multiple of 2 MiB: hugetlb guest memory is made of 2 MiB pages (use e.g. \((size + page - 1) / page * 2)M)")
+        }
+        let pages = (size + page - 1) / page
+        guard pages >= vcpus else {
+            throw ValidationError("each vCPU needs at least one page: --memory \(memory) gives \(pages) page\(pages == 1 ? "" : "s") of \(page) bytes for \(vcpus) vCPUs")
+        }
+    }
+
+    /// A unix socket path fits sun_path (107 bytes and a NUL), its directory exists, and nothing
+    /// but a stale socket is in the way: any other file there is the user's, not ours to delete.
+    private static func validateSocketPath(_ path: String, option: String) throws {
+        guard path.utf8.count <= 107 else {
+            throw ValidationError("\(option) \(path): a unix socket path holds at most 107 bytes, this one has \(path.utf8.count); choose a shorter one")
+        }
+        let directory = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) : "."
+        var info = stat()
+        guard stat(directory.isEmpty ? "/" : directory, &info) == 0, info.st_mode & S_IFMT == S_IFDIR else {
+            throw ValidationError("\(option) \(path): directory \(directory) does not exist; create it first")
+        }
+        guard access(directory.isEmpty ? "/" : directory, W_OK | X_OK) == 0 else {
+            throw ValidationError("\(option) \(path): directory \(directory) is not writable by this user; choose another")
+        }
+        if lstat(path, &info) == 0, info.st_mode & S_IFMT != S_IFSOCK {
+            throw ValidationError("\(option) \(path): a file that is not a socket is already there; remove it or choose another path")
+        }
+    }
+
+    /// `tcp:HOST:PORT` with an IPv4 HOST, `localhost` or nothing (every address), as the engine listens.
+    private static func validateIncoming(_ uri: String) throws {
+        let endpoint: Endpoint
+        do {
+            endpoint = try Endpoint(uri: uri)
+        } catch {
+            throw ValidationError("--incoming \(uri): expected tcp:HOST:PORT (e.g. tcp:127.0.0.1:4444, or tcp::4444 for every address) or defer")
+        }
+        var address = in_addr()
+        guard endpoint.host == "localhost" || inet_pton(AF_INET, endpoint.host, &address) == 1 else {
+            throw ValidationError("--incoming \(uri): '\(endpoint.host)' is not an IPv4 address")
         }
     }
 
@@ -146,8 +208,11 @@ func parseSize(_ text: String) throws -> Int {
         unit = u
         digits = digits.dropLast()
     }
-    guard let n = Int(digits), n > 0 else { throw ValidationError("invalid size '\(text)': expected e.g. 1000M or 1G") }
-    let (bytes, overflow) = n.multipliedReportingOverflow(by: unit)
-    guard !overflow else { throw ValidationError("size '\(text)' is too large") }
+    guard !digits.isEmpty, digits.allSatisfy(\.isASCII), digits.allSatisfy(\.isNumber) else {
+        throw ValidationError("invalid size '\(text)': expected e.g. 1000M or 1G")
+    }
+    let (bytes, overflow) = (Int(digits) ?? .max).multipliedReportingOverflow(by: unit)
+    guard !overflow, bytes < .max else { throw ValidationError("size '\(text)' is too large") }
+    guard bytes > 0 else { throw ValidationError("invalid size '\(text)': guest memory needs at least one page") }
     return bytes
 }

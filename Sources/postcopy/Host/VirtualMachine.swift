@@ -44,8 +44,13 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
         self.workload = workload
         vcpuCount = vcpus
         slicePages = memory.pageCount / vcpus
-        precondition(slicePages > 0, "each vCPU needs at least one page")
+        guard slicePages > 0 else {
+            throw VirtualMachineError("each vCPU needs at least one page: \(memory.pageCount) pages for \(vcpus) vCPUs")
+        }
         serialFD = serialPath.map { open($0, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644) } ?? -1
+        if let serialPath, serialFD < 0 {
+            throw VirtualMachineError("cannot open the serial file \(serialPath): \(String(cString: strerror(errno)))")
+        }
         states = .allocate(capacity: vcpus * slot)
         states.initialize(repeating: VCPUState(), count: vcpus * slot)
         for i in 0..<vcpus { states[i * slot].rng = 0x9E37_79B9_7F4A_7C15 &* UInt64(i + 1) }
@@ -290,4 +295,10 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
         bad pages: \(c.badPages.map(String.init).joined(separator: ","))
         """
     }
+}
+
+/// A host that cannot be built as asked (the command line checks these first, with the option's name).
+struct VirtualMachineError: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
 }
