@@ -303,10 +303,11 @@ public final class IncomingMigration: @unchecked Sendable {
             }
             guard phase == .handshaking else { throw MigrationError.cancelled }
             guard let next else {
+                let absent = multifd.count(where: { $0 == nil })
                 let missing = (preempt && urgent == nil ? ["the urgent channel"] : [])
-                    + multifd.indices.filter { multifd[$0] == nil }.map { "multifd channel \($0)" }
-                throw MigrationError.protocolViolation("the handshake announced \(missing.joined(separator: ", ")), "
-                    + "which did not connect within \(ProtocolError.format(deadline.seconds)) s")
+                    + (absent > 0 ? ["\(absent) of \(multifd.count) multifd channels"] : [])
+                throw MigrationError.protocolViolation("\(missing.joined(separator: " and ")) announced in the handshake "
+                    + "did not connect within \(ProtocolError.format(deadline.seconds)) s")
             }
             do {
                 let second = try next.readHandshake(by: deadline)
