@@ -11,14 +11,12 @@ import Synchronization
 /// `Switchover` handles discards, the device state and `run`; `FaultThread` turns faults into
 /// requests on the return path; `DestinationPhase` says which frame is legal when.
 ///
-/// One attempt at a time, and none holds the port past its deadlines (docs/PROTOCOL.md): the
-/// acceptor only accepts and routes, so connections never wait in the backlog. The first
-/// connection while listening starts an attempt; while that attempt waits for the channels
-/// its handshake announced, new connections are handed to it; any other connection gets an
-/// error frame ("a migration is already in progress") and is closed at once.
+/// One attempt at a time, and nothing holds the port past its deadlines (docs/PROTOCOL.md):
+/// the acceptor (`Acceptor.swift`) takes every connection at once and reads the hellos of all
+/// of them side by side, so neither the backlog nor a slow peer keeps the real source waiting.
 ///
-/// Threads: `mig-incoming` (the acceptor), and per attempt `mig-main` (handshake, then the
-/// main-channel receiver, then the attempt's end), `mig-faults` (the fault thread),
+/// Threads: `mig-incoming` (the acceptor), and per attempt `mig-main` (the rest of the
+/// handshake, then the main-channel receiver, then the attempt's end), `mig-faults` (the fault thread),
 /// `mig-urgent` (the postcopy-preempt receiver), one `mig-multifdN` receiver per multifd
 /// channel, and `mig-free-stale` after a large discard. `mig-main` joins the others when the
 /// attempt ends; the acceptor joins `mig-main` before it starts the next attempt.
@@ -55,7 +53,7 @@ public final class IncomingMigration: @unchecked Sendable {
     private let attemptThreads = Guarded([JoinableThread]())
     private let acceptor = Guarded<JoinableThread?>(nil)
     /// The current (or last) attempt's `mig-main`; the acceptor joins it before the next.
-    private let attemptMain = Guarded<JoinableThread?>(nil)
+    let attemptMain = Guarded<JoinableThread?>(nil)
     /// When a frame last arrived on any of the attempt's channels (monotonic ns): before the
     /// switch, the main receiver ends the attempt after `x-incoming-idle-timeout` of silence.
     let lastFrameNs = AtomicCounter()
@@ -72,10 +70,13 @@ public final class IncomingMigration: @unchecked Sendable {
         var main: Channel?
         var urgent: Channel?
         var multifd: [Channel] = []
+        /// The attempt's session (from its main hello).
+        var session: UInt64 = 0
         /// How many channels the handshake announced that have not been handed over yet; the
-        /// acceptor queues new connections in `arrivals` only while this is above 0.
+        /// acceptor reads the hellos of new connections and queues those of this session in
+        /// `arrivals` only while this is above 0.
         var expecting = 0
-        var arrivals: [Channel] = []
+        var arrivals: [(channel: Channel, hello: Handshake)] = []
         /// The guest ran here and the attempt is over: the listener is closed for good.
         var closed = false
     }
@@ -147,75 +148,11 @@ public final class IncomingMigration: @unchecked Sendable {
 
     // MARK: lifecycle
 
-    /// Accepts and routes every connection, at once (`route`), until the guest ran here.
-    private func acceptLoop() {
-        while true {
-            let channel: Channel
-            do {
-                channel = try listener.accept()
-            } catch {
-                if state.read({ $0.closed }) { return }   // shut down on purpose
-                Log.destination.error("stopped listening on \(endpoint): \(error)")
-                state.update { s in
-                    s.status = .failed
-                    s.error = "stopped listening on \(endpoint): \(error)"
-                    s.closed = true
-                }
-                fail(error)
-                return
-            }
-            route(channel)
-        }
-    }
-
-    /// What a new connection is: a new attempt, a channel the attempt waits for, or one too many.
-    private func route(_ channel: Channel) {
-        enum Route { case start, handedOver, busy, closed }
-        // An attempt that just ended is torn down in moments (its threads join, its pages are
-        // dropped): a source that comes right back waits for that, it is not "in progress".
-        state.wait { $0.closed || phase != .finished }
-        let route = state.update { s -> Route in
-            if s.closed { return .closed }
-            if phase == .listening {
-                s.status = .setup
-                s.error = nil
-                s.startNs = monotonicNanoseconds()
-                s.endNs = nil
-                s.main = channel
-                enter(.handshaking)
-                return .start
-            }
-            if phase == .handshaking, s.expecting > 0 {
-                s.arrivals.append(channel)
-                return .handedOver
-            }
-            return .busy
-        }
-        switch route {
-        case .start:
-            attemptMain.update { $0 }?.join()
-            do {
-                let thread = try JoinableThread("mig-main") { [self] in runAttempt(main: channel) }
-                attemptMain.update { $0 = thread }
-            } catch {
-                refuse(channel, error)
-                reset()
-            }
-        case .handedOver:
-            break
-        case .busy:
-            Log.destination.warning("refused a connection: a migration is already in progress")
-            try? channel.writeError("a migration is already in progress on \(endpoint): this connection is refused")
-            channel.shutdown()
-        case .closed:
-            channel.shutdown()
-        }
-    }
-
-    /// One attempt, on `mig-main`: the handshake, the main channel's frames, then the end.
-    private func runAttempt(main: Channel) {
+    /// One attempt, on `mig-main`: the rest of the handshake (the acceptor read `hello`), the
+    /// main channel's frames, then the end.
+    func runAttempt(main: Channel, hello: Handshake) {
         do {
-            try handshake(main)
+            try handshake(main, hello: hello)
         } catch {
             // Refused before anything was written to guest memory: say why, keep listening.
             refuse(main, error)
@@ -236,19 +173,18 @@ public final class IncomingMigration: @unchecked Sendable {
         reset()
     }
 
-    private func handshake(_ main: Channel) throws {
+    private func handshake(_ main: Channel, hello: Handshake) throws {
         let settings = self.settings()
-        // The whole handshake by its deadline: a peer that trickles bytes or stays silent
-        // cannot hold the port longer.
-        let hello = try main.readHandshake(by: Deadline(in: settings.handshakeTimeout))
-        guard hello.role == .main else { throw ProtocolError.unexpectedFrame(.hello, while: "expecting the main channel first") }
         try hello.validate(pageSize: memory.pageSize, regionSize: memory.size)
         // Register before the vCPUs can run: from here on every touch of a missing page faults to us.
         let uffd = try UserfaultFD(features: [.threadID])
         try uffd.register(address: memory.base, length: memory.size, mode: .missing)
         let preempt = hello.flags & Handshake.preemptFlag != 0
         // Routed to this attempt from now on, before the source can hear the ack and connect.
-        state.update { $0.expecting = (preempt ? 1 : 0) + hello.multifdChannels }
+        state.update { s in
+            s.session = hello.session
+            s.expecting = (preempt ? 1 : 0) + hello.multifdChannels
+        }
         try main.write(FrameHeader(.helloAck))
         let (urgent, multifd) = try announcedChannels(of: hello, preempt: preempt, by: Deadline(in: settings.handshakeTimeout))
         for channel in [main] + (urgent.map { [$0] } ?? []) + multifd { channel.frameTimeout = settings.frameTimeout }
@@ -279,25 +215,25 @@ public final class IncomingMigration: @unchecked Sendable {
         }
     }
 
-    /// The urgent and multifd channels `hello` announced, each connected with its handshake
-    /// read by `deadline`. A connection that is not one of them (another session, a role or
-    /// index already taken, a bad handshake) is refused alone; the attempt goes on waiting.
+    /// The urgent and multifd channels `hello` announced, each connected and its hello read (by
+    /// the acceptor) by `deadline`. A connection of this session whose role or index is not
+    /// awaited is refused alone; the attempt goes on waiting.
     private func announcedChannels(of hello: Handshake, preempt: Bool, by deadline: Deadline) throws -> (Channel?, [Channel]) {
         var urgent: Channel?
         var multifd = [Channel?](repeating: nil, count: hello.multifdChannels)
         defer {
             // Whatever was queued and not taken: refused, and nothing more is routed here.
-            let leftovers = state.update { s -> [Channel] in
+            let leftovers = state.update { s in
                 defer { s.expecting = 0; s.arrivals = [] }
                 return s.arrivals
             }
-            for channel in leftovers { reject(channel, "a migration is already in progress on \(endpoint): this connection is refused") }
+            for arrival in leftovers { reject(arrival.channel, busyMessage) }
         }
         while (preempt && urgent == nil) || multifd.contains(where: { $0 == nil }) {
             var waitSeconds: Double? = 0   // the deadline passed: look once more, do not wait
             if let left = deadline.remainingMilliseconds { waitSeconds = left < 0 ? nil : Double(left) / 1000 }
             state.wait(timeout: waitSeconds) { !$0.arrivals.isEmpty || phase != .handshaking }
-            let next = state.update { s -> Channel? in
+            let next = state.update { s -> (channel: Channel, hello: Handshake)? in
                 guard phase == .handshaking, !s.arrivals.isEmpty else { return nil }
                 return s.arrivals.removeFirst()
             }
@@ -309,26 +245,22 @@ public final class IncomingMigration: @unchecked Sendable {
                 throw MigrationError.protocolViolation("\(missing.joined(separator: " and ")) announced in the handshake "
                     + "did not connect within \(ProtocolError.format(deadline.seconds)) s")
             }
-            do {
-                let second = try next.readHandshake(by: deadline)
-                guard second.session == hello.session else {
-                    throw ProtocolError.unexpectedFrame(.hello, while: "a migration is already in progress (session \(hello.session), not \(second.session))")
-                }
-                switch second.role {
-                case .urgent where preempt && urgent == nil:
-                    urgent = next
-                case .multifd where second.multifdIndex < multifd.count && multifd[second.multifdIndex] == nil:
-                    multifd[second.multifdIndex] = next
-                default:
-                    throw ProtocolError.unexpectedFrame(.hello, while: "expecting the urgent or multifd channels of session \(hello.session)")
-                }
-                state.update { $0.expecting -= 1 }
-            } catch {
-                reject(next, "\(error)")
+            switch next.hello.role {
+            case .urgent where preempt && urgent == nil:
+                urgent = next.channel
+            case .multifd where next.hello.multifdIndex < multifd.count && multifd[next.hello.multifdIndex] == nil:
+                multifd[next.hello.multifdIndex] = next.channel
+            default:
+                reject(next.channel, "\(ProtocolError.unexpectedFrame(.hello, while: "expecting the urgent or multifd channels of session \(hello.session)"))")
+                continue
             }
+            state.update { $0.expecting -= 1 }
         }
         return (urgent, multifd.compactMap { $0 })
     }
+
+    /// What a connection that comes while an attempt is under way is told.
+    var busyMessage: String { "a migration is already in progress on \(endpoint): this connection is refused" }
 
     /// Starts a thread that lives as long as the current attempt; `endAttempt` joins it.
     func startAttemptThread(_ name: String, _ body: @escaping @Sendable () -> Void) throws {
@@ -338,7 +270,7 @@ public final class IncomingMigration: @unchecked Sendable {
 
     /// Ends an attempt refused in its handshake, unless a cancel or a failure ended it first
     /// (then the source has been told already).
-    private func refuse(_ channel: Channel, _ error: any Error) {
+    func refuse(_ channel: Channel, _ error: any Error) {
         let message = "\(error)"
         let first = state.update { s -> Bool in
             guard !s.status.isTerminal, phase != .finished else { return false }
@@ -355,7 +287,7 @@ public final class IncomingMigration: @unchecked Sendable {
     }
 
     /// Refuses one connection, leaving the attempt as it is.
-    private func reject(_ channel: Channel, _ message: String) {
+    func reject(_ channel: Channel, _ message: String) {
         Log.destination.warning("refused a connection: \(message)")
         try? channel.writeError(message)
         channel.shutdown()
@@ -373,7 +305,7 @@ public final class IncomingMigration: @unchecked Sendable {
 
     /// Back to the state before any migration: nothing registered, every page missing.
     /// The attempt's threads have been joined.
-    private func reset() {
+    func reset() {
         var drain: UInt64 = 0
         do {
             _ = try withUnsafeMutableBytes(of: &drain) { try stopFaults.read(into: $0, what: "read(eventfd)") }   // nil: nothing to drain
@@ -387,7 +319,7 @@ public final class IncomingMigration: @unchecked Sendable {
             let stray = state.update { s -> [Channel] in
                 defer { s.uffd = nil; s.main = nil; s.urgent = nil; s.multifd = []; s.expecting = 0; s.arrivals = [] }
                 enter(.listening)
-                return s.arrivals
+                return s.arrivals.map(\.channel)
             }
             for channel in stray { channel.shutdown() }
         }
@@ -482,7 +414,7 @@ public final class IncomingMigration: @unchecked Sendable {
     }
 
     func shutdownChannels() {
-        let channels = state.read { [$0.main, $0.urgent].compactMap { $0 } + $0.multifd + $0.arrivals }
+        let channels = state.read { [$0.main, $0.urgent].compactMap { $0 } + $0.multifd + $0.arrivals.map(\.channel) }
         for channel in channels { channel.shutdown() }
     }
 

@@ -93,6 +93,13 @@ public final class Channel: @unchecked Sendable {
         return try FrameHeader.decode(scratch)
     }
 
+    /// What has arrived, up to `count` bytes, without waiting: nil when nothing is there yet,
+    /// 0 at EOF. For a caller that polls many connections at once (the destination's acceptor).
+    public func readAvailable(into buffer: UnsafeMutableRawPointer, count: Int) throws -> Int? {
+        let fd = socket.rawValue
+        return try syscallValueUnlessWouldBlock("recv(a handshake)") { recv(fd, buffer, count, Int32(MSG_DONTWAIT)) }
+    }
+
     /// One recv of up to `count` bytes (all of them when there is no deadline). Returns the
     /// bytes read, 0 at EOF (or after `shutdown`), nil when `deadline` passed first.
     @inline(__always)

@@ -35,6 +35,31 @@ struct DeadlineTests {
         try HostilePeer.migrateForReal(src, to: dst, uri: bed.uri)
     }
 
+    @Test("a peer trickling its hello, or saying nothing, does not keep the real source waiting")
+    func tricklingHelloDoesNotBlockTheSource() throws {
+        let (src, dst, bed) = try startHosts(workload: "idle", memory: HostilePeer.memory)
+        // A deadline far beyond the test: only the side-by-side hellos can let the source in.
+        try dst.qmp.execute("migrate-set-parameters", [("x-handshake-timeout", .int(600_000))])
+        let silent = try FakeSource(port: UInt16(bed.port))
+        let loris = try FakeSource(port: UInt16(bed.port))
+        var bytes = [UInt8](repeating: 0, count: Handshake.size)
+        bytes.withUnsafeMutableBytes { HostilePeer.hello().encode(into: $0.baseAddress!) }
+        let hello = bytes
+        try loris.sendRaw(Array(hello.prefix(10)))
+        let channel = loris.main
+        let stop = AtomicFlag()
+        let trickle = try JoinableThread("test-loris") {
+            for byte in hello.dropFirst(10) where !stop.isSet {
+                do { try [byte].withUnsafeBytes { try channel.writeRaw($0.baseAddress!, length: 1) } } catch { return }
+                usleep(200_000)
+            }
+        }
+        defer { stop.set(); trickle.join() }
+
+        try HostilePeer.migrateForReal(src, to: dst, uri: bed.uri)
+        #expect(throws: (any Error).self, "the waiting connections are closed once the guest runs there") { try silent.readReply() }
+    }
+
     @Test("a valid handshake followed by silence fails after x-incoming-idle-timeout, and the destination listens again")
     func handshakeThenSilence() throws {
         let (dst, bed) = try HostilePeer.destination([("x-incoming-idle-timeout", .int(1000))])
