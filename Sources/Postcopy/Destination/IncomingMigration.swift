@@ -6,8 +6,9 @@ import Synchronization
 /// with userfaultfd before the vCPUs run, then places every page that arrives, on whichever
 /// channel, and asks the source for each page a vCPU touches before it is here.
 ///
-/// The pipeline, one file per role: this file is the lifecycle (accept, handshake, the phase,
-/// reset, finish, fail, cancel); `PageReceiver` reads each channel's frames and places pages;
+/// The pipeline, one file per role: `Acceptor` takes connections and reads their hellos; this
+/// file is the attempt's lifecycle (handshake, the phase, reset, finish, fail, cancel);
+/// `PageReceiver` reads each channel's frames and places pages;
 /// `Switchover` handles discards, the device state and `run`; `FaultThread` turns faults into
 /// requests on the return path; `DestinationPhase` says which frame is legal when.
 ///
@@ -16,9 +17,9 @@ import Synchronization
 /// of them side by side, so neither the backlog nor a slow peer keeps the real source waiting.
 ///
 /// Threads: `mig-incoming` (the acceptor), and per attempt `mig-main` (the rest of the
-/// handshake, then the main-channel receiver, then the attempt's end), `mig-faults` (the fault thread),
-/// `mig-urgent` (the postcopy-preempt receiver), one `mig-multifdN` receiver per multifd
-/// channel, and `mig-free-stale` after a large discard. `mig-main` joins the others when the
+/// handshake, then the main-channel receiver, then the attempt's end), `mig-faults` (the
+/// fault thread), `mig-urgent` (the postcopy-preempt receiver), one `mig-multifdN` receiver
+/// per multifd channel, and `mig-free-stale` after a large discard. `mig-main` joins the others when the
 /// attempt ends; the acceptor joins `mig-main` before it starts the next attempt.
 ///
 /// Hot path: none in this file (it runs once per attempt); the receivers and the fault thread,
