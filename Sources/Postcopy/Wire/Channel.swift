@@ -2,9 +2,14 @@ import CPostcopy
 import Glibc
 import Synchronization
 
-/// A TCP connection carrying migration frames. Reads and writes are blocking and whole:
-/// `read(exactly:)` returns only when every byte arrived (or throws on EOF), `write` only
-/// when every byte left. One thread reads; writers that share a channel hold `writeLock`.
+/// A TCP connection carrying migration frames. Reads and writes are whole: `read(exactly:)`
+/// returns only when every byte arrived (or throws on EOF), `write` only when every byte
+/// left. Both keep deadlines for a whole frame (`frameTimeout`, `Deadline`), waited for with
+/// poll(2), never a timeout per recv that a trickling peer could renew (docs/PROTOCOL.md).
+/// One thread reads; writers that share a channel hold `writeLock`.
+///
+/// Hot path: every page frame goes through `read` and `write`; they allocate nothing and try
+/// the socket before they poll, so a streaming peer costs no extra system call.
 public final class Channel: @unchecked Sendable {
     private let socket: Descriptor
     /// The socket's number, for poll arrays; valid while the channel lives.
@@ -49,9 +54,10 @@ public final class Channel: @unchecked Sendable {
 
     // MARK: reading
 
-    /// How long a whole frame (header and payload) may take once its first byte arrived, in
-    /// seconds (0: no limit). Set before the channel is read. A deadline for the whole frame,
-    /// not a timeout per recv: a peer trickling a byte at a time cannot hold the channel longer.
+    /// How long a whole frame (header and payload) may take once its first byte arrived, and
+    /// how long one may take to leave, in seconds (0: no limit). Set before the channel is
+    /// shared. A deadline for the whole frame, not a timeout per recv or send: a peer trickling
+    /// a byte at a time, or reading one, cannot hold the channel longer.
     public var frameTimeout: Double = 0
     /// When the frame being read must be complete: set by `readHeader` at the frame's first
     /// byte and shared by the payload reads that follow. Only the reading thread touches it.
@@ -164,6 +170,10 @@ public final class Channel: @unchecked Sendable {
         let fd = socket.rawValue
         var remaining = firstLength + secondLength
         bytesWritten.add(UInt64(remaining))
+        // The frame must leave within `frameTimeout`: a peer that stops reading cannot hold
+        // the writer (and the write lock) for ever. Without one, sendmsg blocks as it likes.
+        let deadline = frameTimeout > 0 ? Deadline(in: frameTimeout) : .never
+        let flags = Int32(MSG_NOSIGNAL) | (deadline.isSet ? Int32(MSG_DONTWAIT) : 0)
         try withUnsafeMutableBytes(of: &vec) { raw in
             let iov = raw.baseAddress!.assumingMemoryBound(to: iovec.self)
             var index = 0
@@ -172,8 +182,15 @@ public final class Channel: @unchecked Sendable {
                 var msg = msghdr()
                 msg.msg_iov = iov + index
                 msg.msg_iovlen = Int(vecCount)
-                // EAGAIN only if someone set a send timeout: the bytes are still to send.
-                guard let n = try syscallValueUnlessWouldBlock("sendmsg", { sendmsg(fd, &msg, Int32(MSG_NOSIGNAL)) }) else { continue }
+                guard let n = try syscallValueUnlessWouldBlock("sendmsg", { sendmsg(fd, &msg, flags) }) else {
+                    // The send buffer is full: wait for room, as long as the deadline allows.
+                    guard let wait = deadline.remainingMilliseconds else {
+                        throw ProtocolError.stalled("a frame sent to the peer", seconds: deadline.seconds)
+                    }
+                    var entry = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+                    _ = try syscallValue("poll(sendmsg)") { poll(&entry, 1, wait) }
+                    continue
+                }
                 remaining -= n
                 var advance = n
                 while advance > 0 && vecCount > 0 {

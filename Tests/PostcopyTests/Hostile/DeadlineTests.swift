@@ -133,3 +133,29 @@ struct DeadlineTests {
         #expect(try src.qmp.execute("query-status")["running"]?.boolValue == true)
     }
 }
+
+/// The source's side of a destination that stops reading.
+@Suite("Hostile peers: a destination that stops reading", .serialized)
+struct StalledDestinationTests {
+    @Test("a destination that answers the handshake and then stops reading fails the migration at the frame deadline; the guest keeps running")
+    func destinationStopsReading() throws {
+        let bed = try TestBed()
+        let src = try TestHost(directory: bed.directory, role: "src", memory: HostilePeer.memory)
+        try src.waitForPasses(1)
+        _ = try src.qmp.run("migrate_set_capability multifd off")
+        _ = try src.qmp.run("migrate_set_capability postcopy-preempt off")
+        try src.qmp.execute("migrate-set-parameters", [("x-frame-timeout", .int(1000)), ("max-bandwidth", .int(100_000_000_000))])
+        let fake = try Listener(endpoint: Endpoint(host: "127.0.0.1", port: 0))
+        try src.qmp.execute("migrate", [("uri", .string("tcp:127.0.0.1:\(fake.endpoint.port)"))])
+        let main = try fake.accept(timeout: 10)
+        _ = try main.readHandshake(by: Deadline(in: 10))
+        try main.write(FrameHeader(.helloAck))
+        // From here on nothing is read: the socket buffers fill and the source's writes stall.
+        let info = try src.waitForMigration(timeout: 30)
+        #expect(info["status"]?.stringValue == "failed")
+        #expect(info["error-desc"]?.stringValue?.contains("a frame sent to the peer did not complete within 1 s") == true, "\(info.jsonText)")
+        #expect(try src.qmp.execute("query-status")["running"]?.boolValue == true)
+        let before = src.passes
+        try src.waitForPasses(before + 1, timeout: 20)
+    }
+}
