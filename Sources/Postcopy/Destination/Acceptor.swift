@@ -16,8 +16,10 @@ import Glibc
 /// then shut down, which ends it).
 /// Not the hot path: it runs once per connection.
 extension IncomingMigration {
-    /// The most connections whose hello is read at once; more are refused until some finish.
-    static let maxGreetings = 16
+    /// The most connections whose hello is read at once. A new one beyond it drops the one
+    /// that has waited longest: a real source says hello at once, so a flood of silent
+    /// connections cannot shut it out, and cannot use up this process's descriptors either.
+    static let maxGreetings = 64
 
     /// A connection whose hello is being read.
     struct Greeting {
@@ -65,20 +67,20 @@ extension IncomingMigration {
                 stopListening(error)
                 return
             }
-            if let greeting = admit(channel, greetings: greetings.count) { greetings.append(greeting) }
+            guard let greeting = admit(channel) else { continue }
+            if greetings.count == Self.maxGreetings {
+                reject(greetings.removeFirst().channel, "\(Self.maxGreetings) newer connections came before this one said hello")
+            }
+            greetings.append(greeting)
         }
     }
 
     /// Whether a new connection's hello is read: while listening (or while the last attempt is
     /// being torn down), and while the attempt waits for its announced channels.
-    private func admit(_ channel: Channel, greetings: Int) -> Greeting? {
+    private func admit(_ channel: Channel) -> Greeting? {
         let open = state.read { s in phase == .listening || phase == .finished || (phase == .handshaking && s.expecting > 0) }
         guard open else {
             reject(channel, busyMessage)
-            return nil
-        }
-        guard greetings < Self.maxGreetings else {
-            reject(channel, "\(greetings) connections are saying hello on \(endpoint) already: try again in a moment")
             return nil
         }
         return Greeting(channel: channel, deadline: Deadline(in: settings().handshakeTimeout))

@@ -320,7 +320,9 @@ public final class Listener: @unchecked Sendable {
             Log.kernel.warning("\(error): listening may fail while an earlier migration's connections linger")
         }
         try socket.bind(to: address, what: "\(endpoint)")
-        try socket.listen(backlog: 8, what: "\(endpoint)")
+        // Room for a burst: the destination's acceptor takes each connection at once, but a
+        // SYN that finds the queue full is only retried a second later.
+        try socket.listen(backlog: 128, what: "\(endpoint)")
         self.endpoint = Endpoint(host: endpoint.host, port: try socket.boundPort(what: "\(endpoint)"))
         self.socket = socket
     }

@@ -33,6 +33,19 @@ struct OneAtATimeTests {
         try PrecopyMigrationTests.checkDestination(dst)
     }
 
+    @Test("a hundred idle connections neither fill the backlog nor keep the real source out")
+    func idleConnectionsDoNotHoldThePort() throws {
+        let (src, dst, bed) = try startHosts(workload: "idle", memory: HostilePeer.memory)
+        let idle = try (0..<100).map { _ in try FakeSource(port: UInt16(bed.port)) }
+        try HostilePeer.migrateForReal(src, to: dst, uri: bed.uri)
+        // Each was dropped (for newer ones, or when the guest came) without ever being served.
+        for connection in idle {
+            #expect(throws: (any Error).self) {
+                while try connection.readReply().0.kind == .error {}
+            }
+        }
+    }
+
     @Test("migrate_cancel on the destination before the switch: the source keeps the guest, the destination listens again")
     func destinationCancelBeforeSwitch() throws {
         let (src, dst, bed) = try Self.slowMigration()
