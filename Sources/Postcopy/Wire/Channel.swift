@@ -71,7 +71,7 @@ public final class Channel: @unchecked Sendable {
         let deadline = deadline ?? frameDeadline
         var done = 0
         while done < count {
-            guard let n = try receive(buffer + done, count - done, until: deadline, what: what) else {
+            guard let n = try receive(buffer + done, count - done, until: deadline, whole: true, what: what) else {
                 throw ProtocolError.stalled(what(), seconds: deadline.seconds)
             }
             if n > 0 { done += n; continue }
@@ -90,7 +90,10 @@ public final class Channel: @unchecked Sendable {
     /// the whole frame has `frameTimeout`.
     @inline(__always)
     public func readHeader(scratch: UnsafeMutableRawPointer, idle: Deadline) throws -> FrameHeader? {
-        guard let first = try receive(scratch, FrameHeader.size, until: idle, what: { "a frame header" }) else { return nil }
+        // Only the first bytes here, whatever is there: the frame's deadline starts with them.
+        guard let first = try receive(scratch, FrameHeader.size, until: idle, whole: frameTimeout == 0, what: { "a frame header" }) else {
+            return nil
+        }
         guard first > 0 else { throw ProtocolError.closed }
         frameDeadline = frameTimeout > 0 ? Deadline(in: frameTimeout) : .never
         if first < FrameHeader.size {
@@ -106,15 +109,17 @@ public final class Channel: @unchecked Sendable {
         return try syscallValueUnlessWouldBlock("recv(a handshake)") { recv(fd, buffer, count, Int32(MSG_DONTWAIT)) }
     }
 
-    /// One recv of up to `count` bytes (all of them when there is no deadline). Returns the
-    /// bytes read, 0 at EOF (or after `shutdown`), nil when `deadline` passed first.
+    /// One recv of up to `count` bytes. Without a deadline it blocks: until all `count` came
+    /// when `whole` (one syscall for a whole page frame), else until at least one did. Returns
+    /// the bytes read, 0 at EOF (or after `shutdown`), nil when `deadline` passed first.
     @inline(__always)
-    private func receive(_ buffer: UnsafeMutableRawPointer, _ count: Int, until deadline: Deadline, what: () -> String) throws -> Int? {
+    private func receive(_ buffer: UnsafeMutableRawPointer, _ count: Int, until deadline: Deadline, whole: Bool,
+                         what: () -> String) throws -> Int? {
         let fd = socket.rawValue
         guard deadline.isSet else {
-            // No deadline: block until every byte came (one syscall for a whole page frame).
+            let flags = whole ? Int32(MSG_WAITALL) : 0
             while true {
-                if let n = try syscallValueUnlessWouldBlock("recv(\(what()))", { recv(fd, buffer, count, Int32(MSG_WAITALL)) }) { return n }
+                if let n = try syscallValueUnlessWouldBlock("recv(\(what()))", { recv(fd, buffer, count, flags) }) { return n }
             }
         }
         while true {

@@ -35,6 +35,35 @@ struct DeadlineTests {
         try HostilePeer.migrateForReal(src, to: dst, uri: bed.uri)
     }
 
+    @Test("a frame trickled on the urgent channel is cut off at the frame deadline too")
+    func slowLorisOnUrgentChannel() throws {
+        let memory = try GuestMemory(size: 64 * HostilePeer.pageSize)
+        var settings = MigrationSettings()
+        settings.xFrameTimeoutMs = 500
+        let frozen = settings
+        let incoming = try IncomingMigration(memory: memory, endpoint: Endpoint(host: "127.0.0.1", port: 0), vcpuCount: 1,
+                                             settings: { frozen }, hooks: RecordingHooks())
+        incoming.start()
+        var hello = Handshake(role: .main, session: 7, pageSize: HostilePeer.pageSize, regionSize: memory.size, flags: Handshake.preemptFlag)
+        let source = try FakeSource(port: incoming.endpoint.port)
+        try source.main.writeHandshake(hello)
+        #expect(try source.readReply().0.kind == .helloAck)
+        let urgent = try Channel.connect(to: Endpoint(host: "127.0.0.1", port: incoming.endpoint.port))
+        hello.role = .urgent
+        try urgent.writeHandshake(hello)
+        let stop = AtomicFlag()
+        let trickle = try JoinableThread("test-loris") {
+            for byte in HostilePeer.headerBytes(FrameHeader(.pages, count: 1, argument: 7)) where !stop.isSet {
+                do { try [byte].withUnsafeBytes { try urgent.writeRaw($0.baseAddress!, length: 1) } } catch { return }
+                usleep(200_000)
+            }
+        }
+        defer { stop.set(); trickle.join() }
+        #expect(incoming.waitUntilFinished(timeout: 10) == .failed)
+        let error = incoming.info().errorDescription ?? ""
+        #expect(error.contains("a frame header did not complete within 0.5 s"), "\(error)")
+    }
+
     @Test("a peer trickling its hello, or saying nothing, does not keep the real source waiting")
     func tricklingHelloDoesNotBlockTheSource() throws {
         let (src, dst, bed) = try startHosts(workload: "idle", memory: HostilePeer.memory)
