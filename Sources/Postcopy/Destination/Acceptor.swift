@@ -62,6 +62,12 @@ extension IncomingMigration {
             let channel: Channel
             do {
                 channel = try listener.accept()
+            } catch let error as SystemError where ![EBADF, EINVAL, ENOTSOCK].contains(error.errno) {
+                // A connection reset before it was taken (ECONNABORTED), or no descriptor or
+                // memory to spare for now: the next connection may go through, so keep listening.
+                Log.destination.warning("\(error): still listening")
+                usleep(10_000)
+                continue
             } catch {
                 if state.read({ $0.closed }) { return }
                 stopListening(error)
@@ -99,7 +105,8 @@ extension IncomingMigration {
                 }
                 greeting.count += n ?? 0
             } catch {
-                return .failure(error)
+                // Reset before it said anything (a port scan): nothing to answer, as for a close.
+                return .failure(have == 0 ? ProtocolError.closed : error)
             }
             // Not ours: said at the fourth byte, not after the deadline.
             let magic = greeting.bytes.prefix(4).enumerated().reduce(UInt32(0)) { $0 | UInt32($1.element) << (8 * UInt32($1.offset)) }
