@@ -59,6 +59,17 @@ enum DestinationPhase: UInt8, Sendable, CustomStringConvertible {
         }
     }
 
+    /// Before the switch the source is expected to keep sending: silence past
+    /// `x-incoming-idle-timeout` ends the attempt. Once the guest runs here, silence is not a
+    /// failure (a quiet guest asks for nothing); the recovery issue decides what a lost
+    /// source means then.
+    var silenceEndsAttempt: Bool {
+        switch self {
+        case .handshaking, .precopy, .discarding, .deviceRestored: true
+        case .listening, .running, .finished: false
+        }
+    }
+
     /// The error that ends the attempt when a frame is not admitted.
     func violation(_ kind: FrameKind, on channel: Channel) -> MigrationError {
         .protocolViolation("unexpected \(kind) frame on the \(channel) channel \(self)")

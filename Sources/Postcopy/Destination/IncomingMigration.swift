@@ -2,19 +2,25 @@ import CPostcopy
 import Glibc
 import Synchronization
 
-/// The destination side: listens, accepts one migration at a time, registers the guest memory
+/// The destination side: listens, takes one migration at a time, registers the guest memory
 /// with userfaultfd before the vCPUs run, then places every page that arrives, on whichever
 /// channel, and asks the source for each page a vCPU touches before it is here.
 ///
-/// The pipeline, one file per role: this file is the lifecycle (accept, handshake, the phase,
-/// reset, finish, fail); `PageReceiver` reads each channel's frames and places pages;
+/// The pipeline, one file per role: `Acceptor` takes connections and reads their hellos; this
+/// file is the attempt's lifecycle (handshake, the phase, reset, finish, fail, cancel);
+/// `PageReceiver` reads each channel's frames and places pages;
 /// `Switchover` handles discards, the device state and `run`; `FaultThread` turns faults into
 /// requests on the return path; `DestinationPhase` says which frame is legal when.
 ///
-/// Threads: `mig-incoming` (accept, handshake, then the main-channel receiver), and per
-/// attempt `mig-faults` (the fault thread), `mig-urgent` (the postcopy-preempt receiver), one
-/// `mig-multifdN` receiver per multifd channel, and `mig-free-stale` after a large discard.
-/// The attempt's threads are joined when it ends, before the next one is accepted.
+/// One attempt at a time, and nothing holds the port past its deadlines (docs/PROTOCOL.md):
+/// the acceptor (`Acceptor.swift`) takes every connection at once and reads the hellos of all
+/// of them side by side, so neither the backlog nor a slow peer keeps the real source waiting.
+///
+/// Threads: `mig-incoming` (the acceptor), and per attempt `mig-main` (the rest of the
+/// handshake, then the main-channel receiver, then the attempt's end), `mig-faults` (the
+/// fault thread), `mig-urgent` (the postcopy-preempt receiver), one `mig-multifdN` receiver
+/// per multifd channel, and `mig-free-stale` after a large discard. `mig-main` joins the others when the
+/// attempt ends; the acceptor joins `mig-main` before it starts the next attempt.
 ///
 /// Hot path: none in this file (it runs once per attempt); the receivers and the fault thread,
 /// which allocate nothing per page, are in their own files.
@@ -47,6 +53,11 @@ public final class IncomingMigration: @unchecked Sendable {
     /// The current attempt's threads; `endAttempt` joins them.
     private let attemptThreads = Guarded([JoinableThread]())
     private let acceptor = Guarded<JoinableThread?>(nil)
+    /// The current (or last) attempt's `mig-main`; the acceptor joins it before the next.
+    let attemptMain = Guarded<JoinableThread?>(nil)
+    /// When a frame last arrived on any of the attempt's channels (monotonic ns): before the
+    /// switch, the main receiver ends the attempt after `x-incoming-idle-timeout` of silence.
+    let lastFrameNs = AtomicCounter()
 
     struct DestinationState {
         var status = MigrationStatus.setup
@@ -60,6 +71,15 @@ public final class IncomingMigration: @unchecked Sendable {
         var main: Channel?
         var urgent: Channel?
         var multifd: [Channel] = []
+        /// The attempt's session (from its main hello).
+        var session: UInt64 = 0
+        /// How many channels the handshake announced that have not been handed over yet; the
+        /// acceptor reads the hellos of new connections and queues those of this session in
+        /// `arrivals` only while this is above 0.
+        var expecting = 0
+        var arrivals: [(channel: Channel, hello: Handshake)] = []
+        /// The guest ran here and the attempt is over: the listener is closed for good.
+        var closed = false
     }
 
     /// The largest frame payload accepted: 1 MiB, or one page where pages are larger.
@@ -108,7 +128,11 @@ public final class IncomingMigration: @unchecked Sendable {
             let thread = try JoinableThread("mig-incoming") { [self] in acceptLoop() }
             acceptor.update { $0 = thread }
         } catch {
-            fail(error)
+            state.update { s in
+                s.status = .failed
+                s.error = "\(error)"
+                s.closed = true
+            }
         }
     }
 
@@ -125,79 +149,51 @@ public final class IncomingMigration: @unchecked Sendable {
 
     // MARK: lifecycle
 
-    private func acceptLoop() {
-        while true {
-            let channel: Channel
-            do {
-                channel = try listener.accept()
-            } catch {
-                fail(error)
-                return
-            }
-            state.update { _ in enter(.handshaking) }
-            do {
-                try handshake(channel)
-            } catch {
-                // Refused before anything was written to guest memory: say why, keep listening.
-                refuse(channel, error)
-                endAttempt()
-                reset()
-                continue
-            }
-            receive(on: channel, as: .main)
+    /// One attempt, on `mig-main`: the rest of the handshake (the acceptor read `hello`), the
+    /// main channel's frames, then the end.
+    func runAttempt(main: Channel, hello: Handshake) {
+        do {
+            try handshake(main, hello: hello)
+        } catch {
+            // Refused before anything was written to guest memory: say why, keep listening.
+            refuse(main, error)
             endAttempt()
-            guard state.read({ $0.runningNs == nil }) else {
-                // Done (or failed after the guest ran here): this host takes no other migration.
-                listener.shutdown()
-                return
-            }
-            // Failed before the switchover: the source still runs the guest.
-            // Drop everything that came and wait for the next attempt.
             reset()
+            return
         }
+        receive(on: main, as: .main)
+        endAttempt()
+        guard state.read({ $0.runningNs == nil }) else {
+            // Done (or failed after the guest ran here): this host takes no other migration.
+            state.update { $0.closed = true }
+            listener.shutdown()
+            return
+        }
+        // Failed or cancelled before the switchover: the source still runs the guest.
+        // Drop everything that came and wait for the next attempt.
+        reset()
     }
 
-    private func readHandshake(_ channel: Channel) throws -> Handshake {
-        var bytes = [UInt8](repeating: 0, count: Handshake.size)
-        try bytes.withUnsafeMutableBytes { try channel.read(into: $0.baseAddress!, exactly: Handshake.size, what: "the handshake") }
-        return try bytes.withUnsafeBytes { try Handshake.decode($0.baseAddress!) }
-    }
-
-    private func handshake(_ main: Channel) throws {
-        // A peer that connects and stays silent must not block the port: 10 s per step.
-        main.setReceiveTimeout(seconds: 10)
-        defer { main.setReceiveTimeout(seconds: 0) }
-        let hello = try readHandshake(main)
-        guard hello.role == .main else { throw ProtocolError.unexpectedFrame(.hello, while: "expecting the main channel first") }
+    private func handshake(_ main: Channel, hello: Handshake) throws {
+        let settings = self.settings()
         try hello.validate(pageSize: memory.pageSize, regionSize: memory.size)
         // Register before the vCPUs can run: from here on every touch of a missing page faults to us.
         let uffd = try UserfaultFD(features: [.threadID])
         try uffd.register(address: memory.base, length: memory.size, mode: .missing)
-        try main.write(FrameHeader(.helloAck))
-        var urgent: Channel?
-        if hello.flags & Handshake.preemptFlag != 0 {
-            let channel = try listener.accept(timeout: 10)
-            channel.setReceiveTimeout(seconds: 10)
-            defer { channel.setReceiveTimeout(seconds: 0) }
-            let second = try readHandshake(channel)
-            guard second.role == .urgent, second.session == hello.session else {
-                throw ProtocolError.unexpectedFrame(.hello, while: "expecting the urgent channel of session \(hello.session)")
-            }
-            urgent = channel
-        }
-        var multifd: [Channel] = []
-        for index in 0..<hello.multifdChannels {
-            let channel = try listener.accept(timeout: 10)
-            channel.setReceiveTimeout(seconds: 10)
-            defer { channel.setReceiveTimeout(seconds: 0) }
-            let data = try readHandshake(channel)
-            guard data.role == .multifd, data.session == hello.session, data.multifdIndex == index else {
-                throw ProtocolError.unexpectedFrame(.hello, while: "expecting multifd channel \(index) of session \(hello.session)")
-            }
-            multifd.append(channel)
-        }
-        multifdSynced.update { $0 = Array(repeating: 0, count: multifd.count) }
+        let preempt = hello.flags & Handshake.preemptFlag != 0
+        // Routed to this attempt from now on, before the source can hear the ack and connect.
         state.update { s in
+            s.session = hello.session
+            s.expecting = (preempt ? 1 : 0) + hello.multifdChannels
+        }
+        try main.write(FrameHeader(.helloAck))
+        let (urgent, multifd) = try announcedChannels(of: hello, preempt: preempt, by: Deadline(in: settings.handshakeTimeout))
+        for channel in [main] + (urgent.map { [$0] } ?? []) + multifd { channel.frameTimeout = settings.frameTimeout }
+        multifdSynced.update { $0 = Array(repeating: 0, count: multifd.count) }
+        lastFrameNs.store(monotonicNanoseconds())
+        try state.update { s in
+            // A cancel may have ended the attempt while it waited.
+            guard phase == .handshaking else { throw MigrationError.cancelled }
             s.status = .active
             s.startNs = monotonicNanoseconds()
             s.runningNs = nil
@@ -220,20 +216,80 @@ public final class IncomingMigration: @unchecked Sendable {
         }
     }
 
+    /// The urgent and multifd channels `hello` announced, each connected and its hello read (by
+    /// the acceptor) by `deadline`. A connection of this session whose role or index is not
+    /// awaited is refused alone; the attempt goes on waiting.
+    private func announcedChannels(of hello: Handshake, preempt: Bool, by deadline: Deadline) throws -> (Channel?, [Channel]) {
+        var urgent: Channel?
+        var multifd = [Channel?](repeating: nil, count: hello.multifdChannels)
+        defer {
+            // Whatever was queued and not taken: refused, and nothing more is routed here.
+            let leftovers = state.update { s in
+                defer { s.expecting = 0; s.arrivals = [] }
+                return s.arrivals
+            }
+            for arrival in leftovers { reject(arrival.channel, busyMessage) }
+        }
+        while (preempt && urgent == nil) || multifd.contains(where: { $0 == nil }) {
+            var waitSeconds: Double? = 0   // the deadline passed: look once more, do not wait
+            if let left = deadline.remainingMilliseconds { waitSeconds = left < 0 ? nil : Double(left) / 1000 }
+            state.wait(timeout: waitSeconds) { !$0.arrivals.isEmpty || phase != .handshaking }
+            let next = state.update { s -> (channel: Channel, hello: Handshake)? in
+                guard phase == .handshaking, !s.arrivals.isEmpty else { return nil }
+                return s.arrivals.removeFirst()
+            }
+            guard phase == .handshaking else { throw MigrationError.cancelled }
+            guard let next else {
+                let absent = multifd.count(where: { $0 == nil })
+                let missing = (preempt && urgent == nil ? ["the urgent channel"] : [])
+                    + (absent > 0 ? ["\(absent) of \(multifd.count) multifd channels"] : [])
+                throw MigrationError.protocolViolation("\(missing.joined(separator: " and ")) announced in the handshake "
+                    + "did not connect within \(ProtocolError.format(deadline.seconds)) s")
+            }
+            switch next.hello.role {
+            case .urgent where preempt && urgent == nil:
+                urgent = next.channel
+            case .multifd where next.hello.multifdIndex < multifd.count && multifd[next.hello.multifdIndex] == nil:
+                multifd[next.hello.multifdIndex] = next.channel
+            default:
+                reject(next.channel, "\(ProtocolError.unexpectedFrame(.hello, while: "expecting the urgent or multifd channels of session \(hello.session)"))")
+                continue
+            }
+            state.update { $0.expecting -= 1 }
+        }
+        return (urgent, multifd.compactMap { $0 })
+    }
+
+    /// What a connection that comes while an attempt is under way is told.
+    var busyMessage: String { "a migration is already in progress on \(endpoint): this connection is refused" }
+
     /// Starts a thread that lives as long as the current attempt; `endAttempt` joins it.
     func startAttemptThread(_ name: String, _ body: @escaping @Sendable () -> Void) throws {
         let thread = try JoinableThread(name, body)
         attemptThreads.update { $0.append(thread) }
     }
 
-    private func refuse(_ channel: Channel, _ error: any Error) {
+    /// Ends an attempt refused in its handshake, unless a cancel or a failure ended it first
+    /// (then the source has been told already).
+    func refuse(_ channel: Channel, _ error: any Error) {
         let message = "\(error)"
-        state.update { s in
+        let first = state.update { s -> Bool in
+            guard !s.status.isTerminal, phase != .finished else { return false }
             s.status = .failed
             s.error = message
+            s.endNs = monotonicNanoseconds()
             enter(.finished)
+            return true
         }
+        guard first else { return }
         Log.destination.warning("refused an incoming migration, still listening: \(message)")
+        try? channel.writeError(message)
+        channel.shutdown()
+    }
+
+    /// Refuses one connection, leaving the attempt as it is.
+    func reject(_ channel: Channel, _ message: String) {
+        Log.destination.warning("refused a connection: \(message)")
         try? channel.writeError(message)
         channel.shutdown()
     }
@@ -250,17 +306,23 @@ public final class IncomingMigration: @unchecked Sendable {
 
     /// Back to the state before any migration: nothing registered, every page missing.
     /// The attempt's threads have been joined.
-    private func reset() {
+    func reset() {
         var drain: UInt64 = 0
         do {
             _ = try withUnsafeMutableBytes(of: &drain) { try stopFaults.read(into: $0, what: "read(eventfd)") }   // nil: nothing to drain
         } catch {
             Log.destination.error("could not reset the fault thread's wake-up: \(error)")
         }
-        let uffd = state.update { s -> UserfaultFD? in
-            defer { s.uffd = nil; s.main = nil; s.urgent = nil; s.multifd = [] }
-            enter(.listening)
-            return s.uffd
+        let uffd = state.read { $0.uffd }
+        defer {
+            // Listening again only once every page is dropped: a source that comes right back
+            // waits for this (see `route`), it never meets the old attempt's pages.
+            let stray = state.update { s -> [Channel] in
+                defer { s.uffd = nil; s.main = nil; s.urgent = nil; s.multifd = []; s.expecting = 0; s.arrivals = [] }
+                enter(.listening)
+                return s.arrivals.map(\.channel)
+            }
+            for channel in stray { channel.shutdown() }
         }
         // Refused in the handshake, before anything was registered: no page came.
         guard let uffd else { return }
@@ -305,16 +367,43 @@ public final class IncomingMigration: @unchecked Sendable {
         Log.destination.info("incoming migration completed: \(receivedPages.value) pages in \(seconds) s")
     }
 
-    func fail(_ error: any Error) {
+    /// `migrate_cancel` here. Before the switch the attempt ends (the source is told and keeps
+    /// the guest; this side drops every page and listens again); after it the guest's memory is
+    /// split between the hosts, so it is refused. Waits (up to 5 s) until the attempt's threads
+    /// and sockets are gone; with no attempt under way there is nothing to do.
+    public func cancel() throws {
+        let ranHere = state.read { s in s.runningNs != nil && !s.status.isTerminal }
+        if ranHere {
+            throw MigrationError.notNow("cannot cancel a migration in postcopy: the guest already runs here and its memory is split between both hosts")
+        }
+        guard fail(MigrationError.cancelled, as: .cancelled) else {
+            // `run` came between the check and the cancel: refused, as above.
+            if state.read({ $0.runningNs != nil && !$0.status.isTerminal }) {
+                throw MigrationError.notNow("cannot cancel a migration in postcopy: the guest already runs here and its memory is split between both hosts")
+            }
+            return
+        }
+        Log.destination.warning("incoming migration cancelled: back to listening")
+        state.wait(timeout: 5) { $0.closed || phase == .listening }
+    }
+
+    /// Ends the attempt as `status` (failed, or cancelled), unless it already ended; returns
+    /// whether this call ended it.
+    @discardableResult
+    func fail(_ error: any Error, as status: MigrationStatus = .failed) -> Bool {
         let outcome = state.update { s -> (ranHere: Bool, main: Channel?)? in
-            guard !s.status.isTerminal, phase != .finished else { return nil }
-            s.status = .failed
+            guard !s.status.isTerminal, phase != .finished, phase != .listening else { return nil }
+            // A cancel decided under this lock: `run` either came first (and the cancel is
+            // refused above or here) or will be refused.
+            if status == .cancelled, s.runningNs != nil { return nil }
+            s.status = status
             s.error = "\(error)"
             s.endNs = monotonicNanoseconds()
             enter(.finished)
             return (s.runningNs != nil, s.main)
         }
-        guard let outcome else { return }
+        guard let outcome else { return false }
+        defer { shutdownChannels(); wakeFaultThread() }
         if outcome.ranHere {
             Log.destination.error("incoming migration failed after the guest ran here: \(error)")
         } else {
@@ -322,12 +411,11 @@ public final class IncomingMigration: @unchecked Sendable {
             // Before the guest ran here, the source may take it back: say so on the return path.
             try? outcome.main?.writeError("the destination did not run the guest: \(error)")
         }
-        shutdownChannels()
-        wakeFaultThread()
+        return true
     }
 
     func shutdownChannels() {
-        let channels = state.read { [$0.main, $0.urgent].compactMap { $0 } + $0.multifd }
+        let channels = state.read { [$0.main, $0.urgent].compactMap { $0 } + $0.multifd + $0.arrivals.map(\.channel) }
         for channel in channels { channel.shutdown() }
     }
 

@@ -27,15 +27,20 @@ extension IncomingMigration {
         }
     }
 
-    /// Reads `channel` until it ends; a frame the phase does not admit ends the attempt.
+    /// Reads `channel` until it ends; a frame the phase does not admit ends the attempt. Each
+    /// frame has the channel's `frameTimeout` from its first byte; between frames, the main
+    /// receiver also keeps the idle deadline for the whole attempt (`nextHeader`).
     func receive(on channel: Channel, as kind: ChannelKind) {
         let buffer = UnsafeMutableRawPointer.allocate(byteCount: maxFrameBytes, alignment: 4096)
         defer { buffer.deallocate() }
         guard let uffd = state.read({ $0.uffd }) else { return }
         var switchover = Switchover()
+        let idleLimit = kind == .main ? settings().incomingIdleTimeout : 0
         do {
             while true {
-                let header = try channel.readHeader(scratch: buffer)
+                let header = try idleLimit > 0 ? nextHeader(on: channel, scratch: buffer, idleLimit: idleLimit)
+                                               : channel.readHeader(scratch: buffer)
+                lastFrameNs.store(monotonicNanoseconds())
                 let phase = self.phase
                 guard phase.admits(header.kind, on: kind.role) else { throw phase.violation(header.kind, on: kind.role) }
                 switch header.kind {
@@ -62,6 +67,21 @@ extension IncomingMigration {
             }
         } catch {
             fail(error)   // a no-op once the migration completed: the source closes its channels then
+        }
+    }
+
+    /// The next header on main. Before the switch the attempt ends once no frame came on any of
+    /// its channels for `idleLimit` seconds (with multifd, main itself is quiet during precopy);
+    /// after it, main waits as long as it takes.
+    private func nextHeader(on channel: Channel, scratch: UnsafeMutableRawPointer, idleLimit: Double) throws -> FrameHeader {
+        let limitNs = UInt64(idleLimit * 1e9)
+        while true {
+            let idle = phase.silenceEndsAttempt ? Deadline(nanoseconds: lastFrameNs.value + limitNs, seconds: idleLimit) : .never
+            if let header = try channel.readHeader(scratch: scratch, idle: idle) { return header }
+            let phase = self.phase
+            if phase.silenceEndsAttempt, monotonicNanoseconds() >= lastFrameNs.value + limitNs {
+                throw ProtocolError.idle(seconds: idleLimit, while: phase.description)
+            }
         }
     }
 

@@ -17,6 +17,9 @@ extension IncomingMigration {
     }
 
     func receiveDiscard(_ header: FrameHeader, into switchover: inout Switchover) throws {
+        guard header.count <= FrameHeader.maxDiscardPages else {
+            throw MigrationError.protocolViolation("a discard of \(header.count) pages exceeds the limit of \(FrameHeader.maxDiscardPages) pages per frame")
+        }
         try checkRange(header)
         let first = Int(header.argument), count = Int(header.count)
         if switchover.discards.isEmpty { state.update { _ in enter(.discarding) } }

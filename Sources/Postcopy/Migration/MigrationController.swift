@@ -109,6 +109,13 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
             if let warning = endpoint.exposureWarning(tlsCreds: tlsCreds) { Log.destination.warning("\(warning)") }
             try lock.withLock { _ in
                 if let incoming { throw MigrationError.notNow("an incoming migration is already set up on \(incoming.endpoint)") }
+                // Only a guest that never ran may be replaced by an incoming one: anything else
+                // would let a stream overwrite the memory of a live guest.
+                let runState = host.runState()
+                guard runState == .inmigrate else {
+                    throw MigrationError.notNow("migrate-incoming needs a host started with --incoming defer (or --incoming URI): "
+                        + "this guest has run here (state '\(runState.rawValue)') and its memory must not be replaced")
+                }
                 let m = try IncomingMigration(memory: memory, endpoint: endpoint, vcpuCount: host.vcpuThreadIDs.count,
                                               settings: { [weak self] in self?.currentSettings ?? MigrationSettings() }, hooks: host)
                 for (i, tid) in host.vcpuThreadIDs.enumerated() { m.registerVCPU(i, threadID: tid) }
@@ -140,7 +147,11 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
     public func cancelMigration() throws {
         Log.controller.info("migrate_cancel")
         do {
-            try outgoingMigration?.cancel()
+            if let outgoing = outgoingMigration {
+                try outgoing.cancel()
+            } else {
+                try incomingMigration?.cancel()
+            }
         } catch {
             Log.controller.warning("migrate_cancel refused: \(error)")
             throw error

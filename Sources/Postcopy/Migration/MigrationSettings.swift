@@ -27,8 +27,22 @@ public struct MigrationSettings: Sendable, Equatable {
     /// Pages after a requested one that go with it on the urgent channel (0: just the page).
     /// 16 halved blocktime on the linear and random 1000 MiB runs (BENCHMARKS.md).
     public var xPostcopyReadAhead: Int64 = 16
+    /// Milliseconds for a connection's handshake: the destination reads each handshake and
+    /// waits for each announced channel within it; the source connects, says hello and gets
+    /// the answer within it (0: no limit).
+    public var xHandshakeTimeoutMs: Int64 = 10_000
+    /// Milliseconds for one whole frame, header and payload, from its first byte (0: no limit).
+    public var xFrameTimeoutMs: Int64 = 10_000
+    /// Milliseconds a destination waits for the next frame before the switch (setup and
+    /// precopy) before it gives the attempt up; after the switch silence is not a failure (0: no limit).
+    public var xIncomingIdleTimeoutMs: Int64 = 30_000
 
     public init() {}
+
+    /// The deadlines above in seconds, as the channels take them (0: none).
+    public var handshakeTimeout: Double { Double(xHandshakeTimeoutMs) / 1000 }
+    public var frameTimeout: Double { Double(xFrameTimeoutMs) / 1000 }
+    public var incomingIdleTimeout: Double { Double(xIncomingIdleTimeoutMs) / 1000 }
 
     public static let capabilityNames = ["zero-blocks", "events", "postcopy-ram", "multifd", "postcopy-blocktime", "postcopy-preempt"]
 
@@ -74,7 +88,10 @@ public struct MigrationSettings: Sendable, Equatable {
          ("max-postcopy-bandwidth", .int(maxPostcopyBandwidth)),
          ("x-pages-per-frame", .int(xPagesPerFrame)),
          ("x-postcopy-readahead", .int(xPostcopyReadAhead)),
-         ("x-postcopy-after-passes", .int(xPostcopyAfterPasses))]
+         ("x-postcopy-after-passes", .int(xPostcopyAfterPasses)),
+         ("x-handshake-timeout", .int(xHandshakeTimeoutMs)),
+         ("x-frame-timeout", .int(xFrameTimeoutMs)),
+         ("x-incoming-idle-timeout", .int(xIncomingIdleTimeoutMs))]
     }
 
     public mutating func setParameter(_ given: String, _ value: MonitorValue) throws(MigrationError) {
@@ -103,6 +120,9 @@ public struct MigrationSettings: Sendable, Equatable {
             guard (0...256).contains(number) else { throw MigrationError.invalidSetting("Parameter 'x-postcopy-readahead' expects a value between 0 and 256") }
             xPostcopyReadAhead = number
         case "x-postcopy-after-passes": xPostcopyAfterPasses = number
+        case "x-handshake-timeout": xHandshakeTimeoutMs = number
+        case "x-frame-timeout": xFrameTimeoutMs = number
+        case "x-incoming-idle-timeout": xIncomingIdleTimeoutMs = number
         default: throw MigrationError.invalidSetting("Parameter '\(name)' not found")
         }
     }

@@ -52,6 +52,8 @@ public final class OutgoingMigration: @unchecked Sendable {
     var syncGeneration: UInt64 = 0
     private var requestServer: JoinableThread?
     private let control = Mutex<JoinableThread?>(nil)
+    /// Set when the control thread has returned (it has joined the others by then).
+    private let controlEnded = Guarded(false)
     /// Every channel connected so far, from the first: a cancel or failure during the handshake
     /// shuts them down too, so no thread stays blocked on a silent destination.
     private let opened = Mutex<[Channel]>([])
@@ -85,10 +87,12 @@ public final class OutgoingMigration: @unchecked Sendable {
                     fail(error)
                 }
                 joinHelpersAtEnd()
+                controlEnded.update { $0 = true }
             }
             control.withLock { $0 = thread }
         } catch {
             fail(MigrationError.system(error))
+            controlEnded.update { $0 = true }
         }
     }
 
@@ -105,6 +109,8 @@ public final class OutgoingMigration: @unchecked Sendable {
 
     /// Cancels before the switchover: the source keeps running, the destination drops what it got.
     /// After "run" the guest's state is split between the hosts, so cancelling is refused.
+    /// In any state, a connect or handshake under way ends at once (`open`), and this returns
+    /// once the migration's threads are joined and its sockets shut (up to 5 s).
     public func cancel() throws {
         let wasPaused: Bool? = try state.update { s in
             switch s.verdict(for: .cancel) {
@@ -120,6 +126,7 @@ public final class OutgoingMigration: @unchecked Sendable {
         shutdownChannels()
         if wasPaused { hooks?.resumeVCPUs() }
         Log.source.warning("migration cancelled: the guest keeps running on this host")
+        if controlEnded.wait(timeout: 5, until: { $0 }), let thread = control.withLock({ $0 }) { thread.join() }
     }
 
     public var status: MigrationStatus { state.read { $0.status } }
@@ -155,16 +162,21 @@ public final class OutgoingMigration: @unchecked Sendable {
     private func run() throws {
         // The channels are published (self.main, ...) only once set up, under the state lock,
         // so `info()` and `cancel()` on other threads never see them half made.
-        let main = try open()
+        // Every connect, the hello and the destination's answer by one deadline: a destination
+        // that accepts and says nothing cannot keep the migration in setup.
+        let deadline = Deadline(in: settings.handshakeTimeout)
+        let main = try open(by: deadline)
         let session = UInt64.random(in: 1...UInt64.max)
         var hello = Handshake(role: .main, session: session, pageSize: memory.pageSize, regionSize: memory.size,
                               flags: settings.postcopyPreempt ? Handshake.preemptFlag : 0)
         hello.multifdChannels = settings.multifd ? settings.multifdChannels : 0
-        try send(hello, on: main)
+        try main.writeHandshake(hello)
         // The destination accepts or explains why not.
         let scratch = UnsafeMutableRawPointer.allocate(byteCount: Channel.maxMessageBytes, alignment: 16)
         defer { scratch.deallocate() }
-        let reply = try main.readHeader(scratch: scratch)
+        guard let reply = try main.readHeader(scratch: scratch, idle: deadline) else {
+            throw ProtocolError.stalled("the destination's answer to the handshake", seconds: deadline.seconds)
+        }
         switch reply.kind {
         case .helloAck: break
         case .error: throw MigrationError.refusedByPeer(try main.readErrorMessage(reply, scratch: scratch))
@@ -172,18 +184,18 @@ public final class OutgoingMigration: @unchecked Sendable {
         }
         var urgent: Channel?
         if settings.postcopyPreempt {
-            let channel = try open()
+            let channel = try open(by: deadline)
             hello.role = .urgent
-            try send(hello, on: channel)
+            try channel.writeHandshake(hello)
             urgent = channel
         }
         var multifd: [Channel] = []
         for index in 0..<hello.multifdChannels {
-            let channel = try open()
+            let channel = try open(by: deadline)
             var data = hello
             data.role = .multifd
             data.multifdIndex = index
-            try send(data, on: channel)
+            try channel.writeHandshake(data)
             multifd.append(channel)
         }
         // Track writes from before the first page is read, so none is missed.
@@ -219,9 +231,11 @@ public final class OutgoingMigration: @unchecked Sendable {
         requestServer?.join()
     }
 
-    /// Connects one more channel to the destination, unless the migration already ended.
-    private func open() throws -> Channel {
-        let channel = try Channel.connect(to: endpoint)
+    /// Connects one more channel to the destination by `deadline`, unless the migration already
+    /// ended; a cancel ends a connect under way within 50 ms.
+    private func open(by deadline: Deadline) throws -> Channel {
+        let channel = try Channel.connect(to: endpoint, deadline: deadline, cancelled: { state.read { $0.status.isTerminal } })
+        channel.frameTimeout = settings.frameTimeout
         opened.withLock { $0.append(channel) }
         // Checked after publishing it: a cancel either sees it in `opened` or is seen here.
         if state.read({ $0.status.isTerminal }) {
@@ -229,12 +243,6 @@ public final class OutgoingMigration: @unchecked Sendable {
             throw MigrationError.cancelled
         }
         return channel
-    }
-
-    func send(_ hello: Handshake, on channel: Channel) throws {
-        var bytes = [UInt8](repeating: 0, count: Handshake.size)
-        bytes.withUnsafeMutableBytes { hello.encode(into: $0.baseAddress!) }
-        try bytes.withUnsafeBytes { try channel.writeRaw($0.baseAddress!, length: Handshake.size) }
     }
 
     // MARK: end

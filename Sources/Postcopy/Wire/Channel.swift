@@ -2,9 +2,14 @@ import CPostcopy
 import Glibc
 import Synchronization
 
-/// A TCP connection carrying migration frames. Reads and writes are blocking and whole:
-/// `read(exactly:)` returns only when every byte arrived (or throws on EOF), `write` only
-/// when every byte left. One thread reads; writers that share a channel hold `writeLock`.
+/// A TCP connection carrying migration frames. Reads and writes are whole: `read(exactly:)`
+/// returns only when every byte arrived (or throws on EOF), `write` only when every byte
+/// left. Both keep deadlines for a whole frame (`frameTimeout`, `Deadline`), waited for with
+/// poll(2), never a timeout per recv that a trickling peer could renew (docs/PROTOCOL.md).
+/// One thread reads; writers that share a channel hold `writeLock`.
+///
+/// Hot path: every page frame goes through `read` and `write`; they allocate nothing and try
+/// the socket before they poll, so a streaming peer costs no extra system call.
 public final class Channel: @unchecked Sendable {
     private let socket: Descriptor
     /// The socket's number, for poll arrays; valid while the channel lives.
@@ -24,14 +29,18 @@ public final class Channel: @unchecked Sendable {
         self.socket = socket
     }
 
-    /// Connects to `endpoint`, retrying refused connections for `retryFor` seconds.
-    public static func connect(to endpoint: Endpoint, retryFor seconds: Double = 0) throws -> Channel {
-        let deadline = monotonicNanoseconds() + UInt64(seconds * 1e9)
+    /// Connects to `endpoint`, retrying refused connections for `retryFor` seconds. Gives up
+    /// with ETIMEDOUT at `deadline`, and with `MigrationError.cancelled` within 50 ms of
+    /// `cancelled` turning true (a host that drops SYNs would otherwise hold the caller for the
+    /// kernel's two minutes).
+    public static func connect(to endpoint: Endpoint, retryFor seconds: Double = 0, deadline: Deadline = .never,
+                               cancelled: () -> Bool = { false }) throws -> Channel {
+        let retryUntil = monotonicNanoseconds() + UInt64(seconds * 1e9)
         while true {
             do {
-                return Channel(socket: try endpoint.connectSocket())
+                return Channel(socket: try endpoint.connectSocket(deadline: deadline, cancelled: cancelled))
             } catch let error as SystemError where error.errno == ECONNREFUSED {
-                guard monotonicNanoseconds() < deadline else {
+                guard monotonicNanoseconds() < retryUntil else {
                     throw SystemError("connect(\(endpoint)): nothing listens there; start the destination with --incoming \(endpoint) (or migrate_incoming)",
                                       errno: ECONNREFUSED)
                 }
@@ -40,41 +49,86 @@ public final class Channel: @unchecked Sendable {
         }
     }
 
-    /// Makes reads give up after `seconds` (0: wait forever), so a silent peer cannot hold a
-    /// handshake hostage.
-    public func setReceiveTimeout(seconds: Int) {
-        do {
-            try socket.setOption(SOL_SOCKET, SO_RCVTIMEO, timeval(tv_sec: seconds, tv_usec: 0), what: "SO_RCVTIMEO \(seconds) s")
-        } catch {
-            Log.kernel.warning("\(error): reads on this channel keep their previous timeout")
-        }
-    }
-
     /// Shuts both directions down, waking a thread blocked reading it.
     public func shutdown() { socket.shutdown(what: "migration channel") }
 
     // MARK: reading
 
-    /// Reads exactly `count` bytes into `buffer`; throws `.truncated` on a clean EOF.
+    /// How long a whole frame (header and payload) may take once its first byte arrived, and
+    /// how long one may take to leave, in seconds (0: no limit). Set before the channel is
+    /// shared. A deadline for the whole frame, not a timeout per recv or send: a peer trickling
+    /// a byte at a time, or reading one, cannot hold the channel longer.
+    public var frameTimeout: Double = 0
+    /// When the frame being read must be complete: set by `readHeader` at the frame's first
+    /// byte and shared by the payload reads that follow. Only the reading thread touches it.
+    private var frameDeadline = Deadline.never
+
+    /// Reads exactly `count` bytes into `buffer` by `deadline` (nil: the current frame's, see
+    /// `readHeader`). Throws `.stalled` when the deadline passes, `.truncated` on a clean EOF.
     @inline(__always)
-    public func read(into buffer: UnsafeMutableRawPointer, exactly count: Int, what: @autoclosure () -> String) throws -> Void {
-        let fd = socket.rawValue
+    public func read(into buffer: UnsafeMutableRawPointer, exactly count: Int, what: @autoclosure () -> String,
+                     deadline: Deadline? = nil) throws {
+        let deadline = deadline ?? frameDeadline
         var done = 0
         while done < count {
-            // EAGAIN: the receive timeout (setReceiveTimeout) ran out.
-            guard let n = try syscallValueUnlessWouldBlock("recv(\(what()))", {
-                recv(fd, buffer + done, count - done, Int32(MSG_WAITALL))
-            }) else { throw ProtocolError.truncated("\(what()) (the peer went silent)") }
+            guard let n = try receive(buffer + done, count - done, until: deadline, whole: true, what: what) else {
+                throw ProtocolError.stalled(what(), seconds: deadline.seconds)
+            }
             if n > 0 { done += n; continue }
             throw done == 0 && count == FrameHeader.size ? ProtocolError.closed : ProtocolError.truncated(what())
         }
     }
 
-    /// Reads one frame header.
+    /// Reads one frame header, waiting as long as it takes for the first byte.
     @inline(__always)
     public func readHeader(scratch: UnsafeMutableRawPointer) throws -> FrameHeader {
-        try read(into: scratch, exactly: FrameHeader.size, what: "a frame header")
+        try readHeader(scratch: scratch, idle: .never)!
+    }
+
+    /// Reads one frame header; nil when its first byte has not come by `idle` (nothing was
+    /// consumed: the caller decides whether silence is allowed now). From the first byte on,
+    /// the whole frame has `frameTimeout`.
+    @inline(__always)
+    public func readHeader(scratch: UnsafeMutableRawPointer, idle: Deadline) throws -> FrameHeader? {
+        // Only the first bytes here, whatever is there: the frame's deadline starts with them.
+        guard let first = try receive(scratch, FrameHeader.size, until: idle, whole: frameTimeout == 0, what: { "a frame header" }) else {
+            return nil
+        }
+        guard first > 0 else { throw ProtocolError.closed }
+        frameDeadline = frameTimeout > 0 ? Deadline(in: frameTimeout) : .never
+        if first < FrameHeader.size {
+            try read(into: scratch + first, exactly: FrameHeader.size - first, what: "a frame header")
+        }
         return try FrameHeader.decode(scratch)
+    }
+
+    /// What has arrived, up to `count` bytes, without waiting: nil when nothing is there yet,
+    /// 0 at EOF. For a caller that polls many connections at once (the destination's acceptor).
+    public func readAvailable(into buffer: UnsafeMutableRawPointer, count: Int) throws -> Int? {
+        let fd = socket.rawValue
+        return try syscallValueUnlessWouldBlock("recv(a handshake)") { recv(fd, buffer, count, Int32(MSG_DONTWAIT)) }
+    }
+
+    /// One recv of up to `count` bytes. Without a deadline it blocks: until all `count` came
+    /// when `whole` (one syscall for a whole page frame), else until at least one did. Returns
+    /// the bytes read, 0 at EOF (or after `shutdown`), nil when `deadline` passed first.
+    @inline(__always)
+    private func receive(_ buffer: UnsafeMutableRawPointer, _ count: Int, until deadline: Deadline, whole: Bool,
+                         what: () -> String) throws -> Int? {
+        let fd = socket.rawValue
+        guard deadline.isSet else {
+            let flags = whole ? Int32(MSG_WAITALL) : 0
+            while true {
+                if let n = try syscallValueUnlessWouldBlock("recv(\(what()))", { recv(fd, buffer, count, flags) }) { return n }
+            }
+        }
+        while true {
+            // What is already here first: a streaming peer costs no poll.
+            if let n = try syscallValueUnlessWouldBlock("recv(\(what()))", { recv(fd, buffer, count, Int32(MSG_DONTWAIT)) }) { return n }
+            guard let wait = deadline.remainingMilliseconds else { return nil }
+            var entry = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            _ = try syscallValue("poll(\(what()))") { poll(&entry, 1, wait) }
+        }
     }
 
     // MARK: writing
@@ -121,6 +175,10 @@ public final class Channel: @unchecked Sendable {
         let fd = socket.rawValue
         var remaining = firstLength + secondLength
         bytesWritten.add(UInt64(remaining))
+        // The frame must leave within `frameTimeout`: a peer that stops reading cannot hold
+        // the writer (and the write lock) for ever. Without one, sendmsg blocks as it likes.
+        let deadline = frameTimeout > 0 ? Deadline(in: frameTimeout) : .never
+        let flags = Int32(MSG_NOSIGNAL) | (deadline.isSet ? Int32(MSG_DONTWAIT) : 0)
         try withUnsafeMutableBytes(of: &vec) { raw in
             let iov = raw.baseAddress!.assumingMemoryBound(to: iovec.self)
             var index = 0
@@ -129,8 +187,15 @@ public final class Channel: @unchecked Sendable {
                 var msg = msghdr()
                 msg.msg_iov = iov + index
                 msg.msg_iovlen = Int(vecCount)
-                // EAGAIN only if someone set a send timeout: the bytes are still to send.
-                guard let n = try syscallValueUnlessWouldBlock("sendmsg", { sendmsg(fd, &msg, Int32(MSG_NOSIGNAL)) }) else { continue }
+                guard let n = try syscallValueUnlessWouldBlock("sendmsg", { sendmsg(fd, &msg, flags) }) else {
+                    // The send buffer is full: wait for room, as long as the deadline allows.
+                    guard let wait = deadline.remainingMilliseconds else {
+                        throw ProtocolError.stalled("a frame sent to the peer", seconds: deadline.seconds)
+                    }
+                    var entry = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+                    _ = try syscallValue("poll(sendmsg)") { poll(&entry, 1, wait) }
+                    continue
+                }
                 remaining -= n
                 var advance = n
                 while advance > 0 && vecCount > 0 {
@@ -145,6 +210,37 @@ public final class Channel: @unchecked Sendable {
                 }
             }
         }
+    }
+}
+
+/// A point on the monotonic clock by which something must be done, with the length it was
+/// given (for the error that says so).
+public struct Deadline: Sendable {
+    /// Monotonic nanoseconds; 0: never.
+    public let nanoseconds: UInt64
+    public let seconds: Double
+
+    public static let never = Deadline(nanoseconds: 0, seconds: 0)
+
+    init(nanoseconds: UInt64, seconds: Double) {
+        self.nanoseconds = nanoseconds
+        self.seconds = seconds
+    }
+
+    /// `seconds` from now (0 or less: never).
+    public init(in seconds: Double) {
+        self.seconds = seconds
+        nanoseconds = seconds > 0 ? monotonicNanoseconds() + UInt64(seconds * 1e9) : 0
+    }
+
+    public var isSet: Bool { nanoseconds != 0 }
+
+    /// Milliseconds left, rounded up, for poll(2): -1 without a deadline, nil once it passed.
+    public var remainingMilliseconds: Int32? {
+        guard isSet else { return -1 }
+        let now = monotonicNanoseconds()
+        guard now < nanoseconds else { return nil }
+        return Int32(clamping: (nanoseconds - now + 999_999) / 1_000_000)
     }
 }
 
@@ -180,10 +276,34 @@ public struct Endpoint: Sendable, Equatable, CustomStringConvertible {
         return addr
     }
 
-    func connectSocket() throws -> Descriptor {
+    /// A connected socket. The connect runs non-blocking and is watched in 50 ms steps, so a
+    /// cancel or the deadline ends it (see `Channel.connect`); the socket is blocking afterwards.
+    func connectSocket(deadline: Deadline, cancelled: () -> Bool) throws -> Descriptor {
         let address = try socketAddress()
         let socket = try Descriptor.streamSocket(AF_INET, what: "\(self)")
-        try socket.connect(to: address, what: "\(self)")
+        let fd = socket.rawValue
+        let flags = try syscallValue("fcntl(F_GETFL)") { fcntl(fd, F_GETFL) }
+        _ = try syscallValue("fcntl(F_SETFL)") { fcntl(fd, F_SETFL, flags | O_NONBLOCK) }
+        let started = withUnsafeBytes(of: address) {
+            Glibc.connect(fd, $0.baseAddress!.assumingMemoryBound(to: sockaddr.self), socklen_t(MemoryLayout<sockaddr_in>.size))
+        }
+        if started != 0 {
+            // EINTR: the connection goes on in the background, as after EINPROGRESS.
+            guard errno == EINPROGRESS || errno == EINTR else { throw SystemError("connect(\(self))") }
+            while true {
+                if cancelled() { throw MigrationError.cancelled }
+                guard let left = deadline.remainingMilliseconds else {
+                    throw SystemError("connect(\(self)): no answer within \(ProtocolError.format(deadline.seconds)) s", errno: ETIMEDOUT)
+                }
+                var entry = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+                if try syscallValue("poll(connect \(self))", { poll(&entry, 1, min(left, 50)) }) > 0 { break }
+            }
+            var error: Int32 = 0
+            var length = socklen_t(MemoryLayout<Int32>.size)
+            _ = try syscallValue("getsockopt(SO_ERROR, \(self))") { getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length) }
+            if error != 0 { throw SystemError("connect(\(self))", errno: error) }
+        }
+        _ = try syscallValue("fcntl(F_SETFL)") { fcntl(fd, F_SETFL, flags) }
         return socket
     }
 }
@@ -205,7 +325,9 @@ public final class Listener: @unchecked Sendable {
             Log.kernel.warning("\(error): listening may fail while an earlier migration's connections linger")
         }
         try socket.bind(to: address, what: "\(endpoint)")
-        try socket.listen(backlog: 8, what: "\(endpoint)")
+        // Room for a burst: the destination's acceptor takes each connection at once, but a
+        // SYN that finds the queue full is only retried a second later.
+        try socket.listen(backlog: 128, what: "\(endpoint)")
         self.endpoint = Endpoint(host: endpoint.host, port: try socket.boundPort(what: "\(endpoint)"))
         self.socket = socket
     }

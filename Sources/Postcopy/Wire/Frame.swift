@@ -24,6 +24,8 @@ public struct FrameHeader: Sendable, Equatable {
     public static let size = 16
     /// The most payload bytes a page frame carries (one page, where pages are larger).
     public static let maxPayload = 1 << 20
+    /// The most pages one discard frame drops (docs/PROTOCOL.md); the source splits longer runs.
+    public static let maxDiscardPages = 65536
     public var kind: FrameKind
     public var count: UInt32
     public var argument: UInt64
@@ -43,11 +45,16 @@ public struct FrameHeader: Sendable, Equatable {
         p.storeBytes(of: argument.littleEndian, toByteOffset: 8, as: UInt64.self)
     }
 
-    /// Decodes a header; an unknown kind is a protocol error, reported with its value.
+    /// Decodes a header; an unknown kind, or flags or reserved bytes that are not zero, is a
+    /// protocol error reported with the values seen (a later version that uses those bits must
+    /// not be half-understood by this one).
     @inline(__always)
     public static func decode(_ p: UnsafeRawPointer) throws(ProtocolError) -> FrameHeader {
         let raw = p.load(as: UInt8.self)
         guard let kind = FrameKind(rawValue: raw) else { throw .unknownFrame(raw) }
+        let flags = p.load(fromByteOffset: 1, as: UInt8.self)
+        let reserved = UInt16(littleEndian: p.loadUnaligned(fromByteOffset: 2, as: UInt16.self))
+        guard flags == 0, reserved == 0 else { throw .reservedBits(kind, flags: flags, reserved: reserved) }
         let count = UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 4, as: UInt32.self))
         let argument = UInt64(littleEndian: p.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
         return FrameHeader(kind, count: count, argument: argument)
@@ -61,10 +68,16 @@ public enum ProtocolError: Error, Equatable, CustomStringConvertible, Sendable {
     case pageSizeMismatch(ours: Int, theirs: Int)
     case regionSizeMismatch(ours: Int, theirs: Int)
     case unknownFrame(UInt8)
+    case reservedBits(FrameKind, flags: UInt8, reserved: UInt16)
+    case unknownHandshakeFlags(UInt64)
     case unexpectedFrame(FrameKind, while: String)
     case pagesOutOfRange(first: UInt64, count: UInt32, pageCount: Int)
     case oversized(FrameKind, bytes: UInt64, limit: Int)
     case truncated(String)
+    /// A handshake or frame began but did not complete within its deadline (seconds).
+    case stalled(String, seconds: Double)
+    /// Nothing arrived for `seconds` while the phase expected the peer to be sending.
+    case idle(seconds: Double, while: String)
     case closed
     case peer(String)
 
@@ -80,6 +93,10 @@ public enum ProtocolError: Error, Equatable, CustomStringConvertible, Sendable {
             "guest memory size mismatch: the source has \(theirs) bytes, this side has \(ours) bytes"
         case let .unknownFrame(k):
             "unknown frame kind \(k) in the stream"
+        case let .reservedBits(k, flags, reserved):
+            "\(k) frame header with flags 0x\(String(flags, radix: 16)) and reserved 0x\(String(reserved, radix: 16)): both must be 0"
+        case let .unknownHandshakeFlags(flags):
+            "handshake flags 0x\(String(flags, radix: 16)) set bits this version does not define (known: 0x\(String(Handshake.knownFlags, radix: 16)))"
         case let .unexpectedFrame(k, state):
             "unexpected \(k) frame while \(state)"
         case let .pagesOutOfRange(first, count, pageCount):
@@ -88,10 +105,19 @@ public enum ProtocolError: Error, Equatable, CustomStringConvertible, Sendable {
             "\(k) frame of \(bytes) bytes exceeds the limit of \(limit) bytes"
         case let .truncated(what):
             "the stream ended in the middle of \(what)"
+        case let .stalled(what, seconds):
+            "\(what) did not complete within \(Self.format(seconds)) s: the peer stalled or is too slow"
+        case let .idle(seconds, state):
+            "the peer sent nothing for \(Self.format(seconds)) s \(state)"
         case .closed:
             "the peer closed the connection before the migration completed"
         case let .peer(message):
             "the peer reported: \(message)"
         }
+    }
+
+    /// 10 for 10 s, 0.5 for 500 ms.
+    static func format(_ seconds: Double) -> String {
+        seconds == seconds.rounded() ? String(Int(seconds)) : String(seconds)
     }
 }

@@ -22,6 +22,9 @@ public struct Handshake: Sendable, Equatable {
     public var flags: UInt64
 
     public static let preemptFlag: UInt64 = 1
+    /// The flag bits this version defines (preempt, multifd count, multifd index); any other
+    /// set bit is refused.
+    static let knownFlags: UInt64 = preemptFlag | 0xFF_FF00
 
     /// Bits 8-15 of the flags: how many multifd channels follow (0: none).
     public var multifdChannels: Int {
@@ -61,6 +64,7 @@ public struct Handshake: Sendable, Equatable {
         let rawRole = UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 8, as: UInt32.self))
         guard let role = Role(rawValue: rawRole) else { throw .truncated("a handshake with channel role \(rawRole)") }
         let flags = UInt64(UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 12, as: UInt32.self)))
+        guard flags & ~knownFlags == 0 else { throw .unknownHandshakeFlags(flags) }
         let session = UInt64(littleEndian: p.loadUnaligned(fromByteOffset: 16, as: UInt64.self))
         let pageSize = UInt64(littleEndian: p.loadUnaligned(fromByteOffset: 24, as: UInt64.self))
         let regionSize = UInt64(littleEndian: p.loadUnaligned(fromByteOffset: 32, as: UInt64.self))
@@ -74,5 +78,24 @@ public struct Handshake: Sendable, Equatable {
     public func validate(pageSize ours: Int, regionSize ourRegion: Int) throws(ProtocolError) {
         guard pageSize == ours else { throw .pageSizeMismatch(ours: ours, theirs: pageSize) }
         guard regionSize == ourRegion else { throw .regionSizeMismatch(ours: ourRegion, theirs: regionSize) }
+    }
+}
+
+extension Channel {
+    /// Reads the peer's handshake, all of it by `deadline`: a peer that connects and trickles
+    /// or says nothing cannot hold the port past it.
+    public func readHandshake(by deadline: Deadline) throws -> Handshake {
+        try withUnsafeTemporaryAllocation(byteCount: Handshake.size, alignment: 8) { bytes in
+            try read(into: bytes.baseAddress!, exactly: Handshake.size, what: "the handshake", deadline: deadline)
+            return try Handshake.decode(bytes.baseAddress!)
+        }
+    }
+
+    /// Sends `hello` as this connection's first bytes.
+    public func writeHandshake(_ hello: Handshake) throws {
+        try withUnsafeTemporaryAllocation(byteCount: Handshake.size, alignment: 8) { bytes in
+            hello.encode(into: bytes.baseAddress!)
+            try writeRaw(bytes.baseAddress!, length: Handshake.size)
+        }
     }
 }

@@ -1,0 +1,201 @@
+import Glibc
+
+/// The destination's door (`mig-incoming`): it accepts every connection at once and reads the
+/// hellos of all of them side by side with poll(2), each by its own `x-handshake-timeout`, so
+/// that neither the backlog nor a peer that trickles bytes or says nothing keeps the real
+/// source waiting. Each greeted connection is then routed:
+/// - a main hello while listening starts an attempt (`mig-main`, `runAttempt`);
+/// - an urgent or multifd hello of the attempt's session, while the attempt waits for the
+///   channels it announced, is handed to it (`arrivals`);
+/// - anything else gets an error frame and is closed. A connection that comes while an
+///   attempt runs and waits for no channel is refused at once, before its hello is read.
+/// A refusal while listening shows in `info migrate` (failed, with the reason) and the
+/// destination keeps listening; during an attempt it leaves the attempt alone.
+///
+/// Threads: `mig-incoming`, from `start()` until the guest has run here (the listener is
+/// then shut down, which ends it).
+/// Not the hot path: it runs once per connection.
+extension IncomingMigration {
+    /// The most connections whose hello is read at once. A new one beyond it drops the one
+    /// that has waited longest: a real source says hello at once, so a flood of silent
+    /// connections cannot shut it out, and cannot use up this process's descriptors either.
+    static let maxGreetings = 64
+
+    /// A connection whose hello is being read.
+    struct Greeting {
+        let channel: Channel
+        var bytes = [UInt8](repeating: 0, count: Handshake.size)
+        var count = 0
+        let deadline: Deadline
+    }
+
+    func acceptLoop() {
+        var greetings: [Greeting] = []
+        var fds: [pollfd] = []
+        defer { for greeting in greetings { greeting.channel.shutdown() } }
+        while true {
+            fds.removeAll(keepingCapacity: true)
+            fds.append(pollfd(fd: listener.descriptor, events: Int16(POLLIN), revents: 0))
+            var timeout: Int32 = -1
+            for greeting in greetings {
+                fds.append(pollfd(fd: greeting.channel.descriptor, events: Int16(POLLIN), revents: 0))
+                let left = greeting.deadline.remainingMilliseconds ?? 0
+                if left >= 0 { timeout = timeout < 0 ? left : min(timeout, left) }
+            }
+            do {
+                _ = try syscallValue("poll(\(endpoint))") { poll(&fds, nfds_t(fds.count), timeout) }
+            } catch {
+                stopListening(error)
+                return
+            }
+            if state.read({ $0.closed }) { return }   // the guest ran here: the listener is shut
+            var waiting: [Greeting] = []
+            for (index, var greeting) in greetings.enumerated() {
+                if let result = hear(&greeting, ready: fds[index + 1].revents != 0) {
+                    greeted(greeting.channel, result)
+                } else {
+                    waiting.append(greeting)
+                }
+            }
+            greetings = waiting
+            guard fds[0].revents != 0 else { continue }
+            let channel: Channel
+            do {
+                channel = try listener.accept()
+            } catch let error as SystemError where ![EBADF, EINVAL, ENOTSOCK].contains(error.errno) {
+                // A connection reset before it was taken (ECONNABORTED), or no descriptor or
+                // memory to spare for now: the next connection may go through, so keep listening.
+                Log.destination.warning("\(error): still listening")
+                usleep(10_000)
+                continue
+            } catch {
+                if state.read({ $0.closed }) { return }
+                stopListening(error)
+                return
+            }
+            guard let greeting = admit(channel) else { continue }
+            if greetings.count == Self.maxGreetings {
+                reject(greetings.removeFirst().channel, "\(Self.maxGreetings) newer connections came before this one said hello")
+            }
+            greetings.append(greeting)
+        }
+    }
+
+    /// Whether a new connection's hello is read: while listening (or while the last attempt is
+    /// being torn down), and while the attempt waits for its announced channels.
+    private func admit(_ channel: Channel) -> Greeting? {
+        let open = state.read { s in phase == .listening || phase == .finished || (phase == .handshaking && s.expecting > 0) }
+        guard open else {
+            reject(channel, busyMessage)
+            return nil
+        }
+        return Greeting(channel: channel, deadline: Deadline(in: settings().handshakeTimeout))
+    }
+
+    /// Reads what `greeting` sent (when poll said so); returns its hello, or why it is refused,
+    /// once complete, or once its deadline passed; nil while it is still to come.
+    private func hear(_ greeting: inout Greeting, ready: Bool) -> Result<Handshake, any Error>? {
+        if ready {
+            let have = greeting.count
+            let channel = greeting.channel
+            do {
+                let n = try greeting.bytes.withUnsafeMutableBytes { try channel.readAvailable(into: $0.baseAddress! + have, count: Handshake.size - have) }
+                if n == 0 {
+                    return .failure(have == 0 ? ProtocolError.closed : ProtocolError.truncated("the handshake"))
+                }
+                greeting.count += n ?? 0
+            } catch {
+                // Reset before it said anything (a port scan): nothing to answer, as for a close.
+                return .failure(have == 0 ? ProtocolError.closed : error)
+            }
+            // Not ours: said at the fourth byte, not after the deadline.
+            let magic = greeting.bytes.prefix(4).enumerated().reduce(UInt32(0)) { $0 | UInt32($1.element) << (8 * UInt32($1.offset)) }
+            if greeting.count >= 4, magic != Handshake.magic { return .failure(ProtocolError.badMagic(magic)) }
+            if greeting.count == Handshake.size {
+                return Result { try greeting.bytes.withUnsafeBytes { try Handshake.decode($0.baseAddress!) } }
+            }
+        }
+        if greeting.deadline.remainingMilliseconds == nil {
+            return .failure(ProtocolError.stalled("the handshake", seconds: greeting.deadline.seconds))
+        }
+        return nil
+    }
+
+    /// Routes a connection whose hello is complete (or refused).
+    private func greeted(_ channel: Channel, _ result: Result<Handshake, any Error>) {
+        let hello: Handshake
+        switch result {
+        case .failure(ProtocolError.closed):
+            channel.shutdown()   // connected and left without a word: nothing to answer
+            return
+        case .failure(let error):
+            refuseGreeting(channel, error)
+            return
+        case .success(let value):
+            hello = value
+        }
+        guard hello.role == .main else {
+            let handed = state.update { s -> Bool in
+                guard phase == .handshaking, s.expecting > 0, hello.session == s.session else { return false }
+                s.arrivals.append((channel, hello))
+                return true
+            }
+            if !handed {
+                refuseGreeting(channel, ProtocolError.unexpectedFrame(.hello, while: "expecting the main channel first"))
+            }
+            return
+        }
+        // An attempt that just ended is torn down in moments (its threads join, its pages are
+        // dropped): a source that comes right back waits for that, it is not "in progress".
+        state.wait { $0.closed || phase != .finished }
+        let starts = state.update { s -> Bool in
+            guard !s.closed, phase == .listening else { return false }
+            s.status = .setup
+            s.error = nil
+            s.startNs = monotonicNanoseconds()
+            s.endNs = nil
+            s.main = channel
+            enter(.handshaking)
+            return true
+        }
+        guard starts else {
+            reject(channel, busyMessage)
+            return
+        }
+        attemptMain.update { $0 }?.join()
+        do {
+            let thread = try JoinableThread("mig-main") { [self] in runAttempt(main: channel, hello: hello) }
+            attemptMain.update { $0 = thread }
+        } catch {
+            refuse(channel, error)
+            reset()
+        }
+    }
+
+    /// Refuses a connection whose hello was bad or late. While listening, this is what
+    /// `info migrate` shows; during an attempt it is not the attempt's business.
+    private func refuseGreeting(_ channel: Channel, _ error: any Error) {
+        let message = "\(error)"
+        let listening = state.update { s -> Bool in
+            guard phase == .listening, !s.closed else { return false }
+            s.status = .failed
+            s.error = message
+            s.endNs = monotonicNanoseconds()
+            return true
+        }
+        reject(channel, listening ? message : busyMessage)
+    }
+
+    /// The listener broke: nothing more can come in.
+    private func stopListening(_ error: any Error) {
+        Log.destination.error("stopped listening on \(endpoint): \(error)")
+        state.update { s in
+            if phase == .listening {
+                s.status = .failed
+                s.error = "stopped listening on \(endpoint): \(error)"
+            }
+            s.closed = true
+        }
+        fail(error)
+    }
+}
