@@ -15,6 +15,7 @@ enum HMPSettings {
         "announce-initial": " ms", "announce-max": " ms", "announce-step": " ms",
         "max-bandwidth": " bytes/second", "avail-switchover-bandwidth": " bytes/second",
         "downtime-limit": " ms", "x-checkpoint-delay": " ms", "x-vcpu-dirty-limit-period": " ms",
+        "x-handshake-timeout": " ms", "x-frame-timeout": " ms", "x-incoming-idle-timeout": " ms",
         "xbzrle-cache-size": " bytes", "vcpu-dirty-limit": " MB/s",
     ]
 
