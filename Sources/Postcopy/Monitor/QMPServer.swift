@@ -46,13 +46,16 @@ public final class QMPServer: Sendable {
                 if bytes.isEmpty { return }
                 for piece in splitter.append(bytes) {
                     let response = session.handle(piece)
+                    // Subscribed before the reply goes out: a client may act on the reply at
+                    // once, and an event emitted then must reach it (after the reply, since this
+                    // thread writes events only between commands).
+                    if session.negotiated, subscription == nil, let events {
+                        subscription = try events.subscribe()
+                    }
                     try socket.send(response.reply.jsonText + "\r\n")
                     if response.quit {
                         backend.quit()
                         return
-                    }
-                    if session.negotiated, subscription == nil, let events {
-                        subscription = try events.subscribe()
                     }
                 }
             }
