@@ -13,6 +13,6 @@ struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Run benchmarks and print their figures.",
-        subcommands: [FaultsBenchCommand.self, DirtyBenchCommand.self]
+        subcommands: [FaultsBenchCommand.self, DirtyBenchCommand.self, VMDirtyBenchCommand.self]
     )
 }

@@ -18,6 +18,8 @@ final class KVMHost: MigratableHost, @unchecked Sendable {
     private let pauseFlag = AtomicCounter()
     private let control: Guarded<Control>
     private let quitRequested = Guarded(false)
+    /// Bytes the guest wrote to COM1 (one per pass for the test guests), for benchmarks.
+    let serialBytes = AtomicCounter()
     /// Port 0x92 (fast A20 gate): remembered as written, so the guest reads back what it set.
     private let systemControlPort = AtomicCounter(0)
 
@@ -100,6 +102,7 @@ final class KVMHost: MigratableHost, @unchecked Sendable {
     private func portIO(port: UInt16, out: Bool, size: Int, count: Int, data: UnsafeMutableRawPointer) throws {
         switch port {
         case 0x3f8 where out:
+            serialBytes.add(UInt64(size * count))
             if serialFD >= 0 { _ = write(serialFD, data, size * count) }
         case 0x3f9...0x3ff:
             if !out { data.initializeMemory(as: UInt8.self, repeating: port == 0x3fd ? 0x60 : 0, count: size * count) }
