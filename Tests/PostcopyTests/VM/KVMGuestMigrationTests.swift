@@ -92,4 +92,23 @@ struct KVMGuestMigrationTests {
         try dst.qmp.execute("cont")
         try dst.waitForPasses(dst.passes + 1)
     }
+
+    @Test("a destination with another number of vCPUs refuses the vCPU state, saying what it expected",
+          .enabled(if: VMProcess.kvmMissing == nil, "\(VMProcess.kvmMissing ?? "")"))
+    func refusesStateForOtherVCPUCount() throws {
+        let bed = try TestBed()
+        let image = try BootSectorGuest.linear.build(memoryMiB: 64, in: bed.directory)
+        let dst = try VMProcess(directory: bed.directory, role: "dst", image: image, memoryMiB: 64, vcpus: 2, incoming: bed.uri)
+        let src = try VMProcess(directory: bed.directory, role: "src", image: image, memoryMiB: 64)
+        try src.waitForPasses(1)
+        for side in [src, dst] { try side.setCapabilities(postcopy: false) }
+        try src.qmp.execute("migrate", [("uri", .string(dst.incomingURI))])
+        let info = try src.waitForMigration()
+        #expect(info["status"]?.stringValue == "failed", "\(info.jsonText)")
+        let reason = try dst.query()["error-desc"]?.stringValue ?? ""
+        #expect(reason.contains("different number of vCPUs") && reason.contains("--vcpus"), "destination: \(reason)\n\(dst.log)")
+        // The source goes on running its guest.
+        #expect(try src.qmp.execute("query-status")["running"]?.boolValue == true)
+        try src.waitForPasses(src.passes + 1)
+    }
 }
