@@ -8,11 +8,11 @@ struct KVMGuestMigrationTests {
     static let memoryMiB = 256
 
     /// A source running `guest` and a destination waiting on a fresh port.
-    static func startPair(_ guest: BootSectorGuest, memoryMiB: Int = memoryMiB) throws -> (src: VMProcess, dst: VMProcess) {
+    static func startPair(_ guest: BootSectorGuest, memoryMiB: Int = memoryMiB, backing: String = "anon") throws -> (src: VMProcess, dst: VMProcess) {
         let bed = try TestBed()
         let image = try guest.build(memoryMiB: memoryMiB, in: bed.directory)
-        let dst = try VMProcess(directory: bed.directory, role: "dst", image: image, memoryMiB: memoryMiB, incoming: bed.uri)
-        let src = try VMProcess(directory: bed.directory, role: "src", image: image, memoryMiB: memoryMiB)
+        let dst = try VMProcess(directory: bed.directory, role: "dst", image: image, memoryMiB: memoryMiB, backing: backing, incoming: bed.uri)
+        let src = try VMProcess(directory: bed.directory, role: "src", image: image, memoryMiB: memoryMiB, backing: backing)
         try src.waitForPasses(1)
         return (src, dst)
     }
@@ -43,9 +43,10 @@ struct KVMGuestMigrationTests {
     }
 
     @Test("precopy then postcopy: the destination guest runs on while its pages arrive, blocktime is kept for its vCPU thread, and RAM passes QEMU's check",
-          .enabled(if: VMProcess.kvmMissing == nil, "\(VMProcess.kvmMissing ?? "")"))
-    func precopyThenPostcopy() throws {
-        let (src, dst) = try Self.startPair(.linear)
+          .enabled(if: VMProcess.kvmMissing == nil, "\(VMProcess.kvmMissing ?? "")"),
+          arguments: ["anon", "memfd"])
+    func precopyThenPostcopy(backing: String) throws {
+        let (src, dst) = try Self.startPair(.linear, backing: backing)
         for side in [src, dst] { try side.setCapabilities(postcopy: true) }
         try src.qmp.execute("migrate", [("uri", .string(dst.incomingURI))])
         try src.qmp.execute("migrate-start-postcopy")

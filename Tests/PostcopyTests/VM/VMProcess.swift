@@ -21,7 +21,8 @@ final class VMProcess {
     /// The destination's `--incoming` address.
     let incomingURI: String
 
-    init(directory: String, role: String, image: String, memoryMiB: Int, vcpus: Int = 1, incoming: String? = nil) throws {
+    init(directory: String, role: String, image: String, memoryMiB: Int, vcpus: Int = 1, backing: String = "anon",
+         incoming: String? = nil) throws {
         self.role = role
         incomingURI = incoming ?? ""
         serialPath = "\(directory)/\(role).serial"
@@ -31,7 +32,7 @@ final class VMProcess {
         FileManager.default.createFile(atPath: logPath, contents: nil)
         process.executableURL = URL(fileURLWithPath: TestHost.executable)
         process.arguments = ["vm", "--memory", "\(memoryMiB)M", "--vcpus", String(vcpus), "--boot", image,
-                             "--qmp", qmpPath, "--serial", serialPath] + (incoming.map { ["--incoming", $0] } ?? [])
+                             "--backing", backing, "--qmp", qmpPath, "--serial", serialPath] + (incoming.map { ["--incoming", $0] } ?? [])
         process.standardError = FileHandle(forWritingAtPath: logPath)
         process.standardOutput = FileHandle.nullDevice
         try process.run()
