@@ -122,7 +122,11 @@ final class KVMHost: MigratableHost, @unchecked Sendable {
 
     // MARK: run state
 
-    func pauseVCPUs() { pause(as: .postmigrate) }
+    func pauseVCPUs() {
+        let start = monotonicNanoseconds()
+        pause(as: .postmigrate)
+        logger.debug("vCPUs parked for the switchover in \((monotonicNanoseconds() - start) / 1000) µs")
+    }
 
     /// QEMU raises `RESUME` before the vCPUs go and `STOP` once they have stopped. A destination
     /// told to `stop` while it waited stays paused when the migration hands it the guest.
@@ -185,7 +189,10 @@ final class KVMHost: MigratableHost, @unchecked Sendable {
     /// The runtime calls this with the vCPUs paused (`pauseVCPUs`), so none is in KVM_RUN.
     func saveDeviceState() -> [UInt8] {
         do {
-            return try ArchitecturalState.save(vcpus: vcpus, memorySize: memory.size, msrs: machine.migratableMSRs)
+            let start = monotonicNanoseconds()
+            let state = try ArchitecturalState.save(vcpus: vcpus, memorySize: memory.size, msrs: machine.migratableMSRs)
+            logger.debug("vCPU state: \(state.count) bytes saved in \((monotonicNanoseconds() - start) / 1000) µs")
+            return state
         } catch {
             // An empty state is refused by the destination, which fails the migration there
             // with this log line's reason on the source.
@@ -195,7 +202,9 @@ final class KVMHost: MigratableHost, @unchecked Sendable {
     }
 
     func restoreDeviceState(_ bytes: [UInt8]) throws {
+        let start = monotonicNanoseconds()
         try ArchitecturalState.restore(bytes, vcpus: vcpus, memorySize: memory.size, msrs: machine.migratableMSRs)
+        logger.debug("vCPU state: \(bytes.count) bytes restored in \((monotonicNanoseconds() - start) / 1000) µs")
     }
 
     // MARK: host commands
