@@ -9,6 +9,8 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <signal.h>
+#include <stdlib.h>
 #include <unistd.h>
 
 int cpc_userfaultfd_syscall(int flags) { return (int)syscall(SYS_userfaultfd, flags); }
@@ -81,4 +83,129 @@ int cpc_node_of_page(void *addr) {
     int status[1] = { -1 };
     if (syscall(SYS_move_pages, 0, 1UL, pages, NULL, status, 0) != 0) return -errno;
     return status[0];
+}
+
+// MARK: KVM
+
+int cpc_kvm_open(void) { return open("/dev/kvm", O_RDWR | O_CLOEXEC); }
+int cpc_kvm_api_version(int kvm) { return ioctl(kvm, KVM_GET_API_VERSION, 0); }
+int cpc_kvm_check_extension(int fd, int capability) { return ioctl(fd, KVM_CHECK_EXTENSION, capability); }
+int cpc_kvm_create_vm(int kvm) { return ioctl(kvm, KVM_CREATE_VM, 0); }
+int cpc_kvm_vcpu_mmap_size(int kvm) { return ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0); }
+
+int cpc_kvm_set_user_memory_region(int vm, uint32_t slot, uint32_t flags, uint64_t gpa, uint64_t size, uint64_t hva) {
+    struct kvm_userspace_memory_region region = {
+        .slot = slot, .flags = flags, .guest_phys_addr = gpa, .memory_size = size, .userspace_addr = hva,
+    };
+    return ioctl(vm, KVM_SET_USER_MEMORY_REGION, &region);
+}
+
+int cpc_kvm_set_tss_addr(int vm, unsigned long address) { return ioctl(vm, KVM_SET_TSS_ADDR, address); }
+int cpc_kvm_create_irqchip(int vm) { return ioctl(vm, KVM_CREATE_IRQCHIP, 0); }
+int cpc_kvm_create_vcpu(int vm, int index) { return ioctl(vm, KVM_CREATE_VCPU, (unsigned long)index); }
+
+int cpc_kvm_set_supported_cpuid(int kvm, int vcpu) {
+    enum { capacity = 256 };
+    struct kvm_cpuid2 *cpuid = calloc(1, sizeof(*cpuid) + capacity * sizeof(struct kvm_cpuid_entry2));
+    if (!cpuid) { errno = ENOMEM; return -1; }
+    cpuid->nent = capacity;
+    int result = ioctl(kvm, KVM_GET_SUPPORTED_CPUID, cpuid);
+    if (result == 0) result = ioctl(vcpu, KVM_SET_CPUID2, cpuid);
+    int saved = errno;
+    free(cpuid);
+    errno = saved;
+    return result;
+}
+
+int cpc_kvm_msr_index_list(int kvm, uint32_t *indices, int capacity) {
+    struct kvm_msr_list *list = calloc(1, sizeof(*list) + (size_t)capacity * sizeof(uint32_t));
+    if (!list) { errno = ENOMEM; return -1; }
+    list->nmsrs = (uint32_t)capacity;
+    int result = ioctl(kvm, KVM_GET_MSR_INDEX_LIST, list);
+    if (result == 0) {
+        memcpy(indices, list->indices, list->nmsrs * sizeof(uint32_t));
+        result = (int)list->nmsrs;
+    }
+    int saved = errno;
+    free(list);
+    errno = saved;
+    return result;
+}
+
+int cpc_kvm_msrs(int vcpu, int set, const uint32_t *indices, uint64_t *values, int count) {
+    struct kvm_msrs *msrs = calloc(1, sizeof(*msrs) + (size_t)count * sizeof(struct kvm_msr_entry));
+    if (!msrs) { errno = ENOMEM; return -1; }
+    msrs->nmsrs = (uint32_t)count;
+    for (int i = 0; i < count; i++) {
+        msrs->entries[i].index = indices[i];
+        msrs->entries[i].data = set ? values[i] : 0;
+    }
+    int result = ioctl(vcpu, set ? KVM_SET_MSRS : KVM_GET_MSRS, msrs);
+    if (!set && result > 0) for (int i = 0; i < result; i++) values[i] = msrs->entries[i].data;
+    int saved = errno;
+    free(msrs);
+    errno = saved;
+    return result;
+}
+
+int cpc_kvm_run(int vcpu) { return ioctl(vcpu, KVM_RUN, 0); }
+
+int cpc_kvm_get_dirty_log(int vm, uint32_t slot, uint64_t *bitmap) {
+    struct kvm_dirty_log log = { .slot = slot, .dirty_bitmap = bitmap };
+    return ioctl(vm, KVM_GET_DIRTY_LOG, &log);
+}
+
+int cpc_kvm_clear_dirty_log(int vm, uint32_t slot, uint64_t first, uint32_t count, uint64_t *bitmap) {
+    struct kvm_clear_dirty_log clear = { .slot = slot, .num_pages = count, .first_page = first, .dirty_bitmap = bitmap };
+    return ioctl(vm, KVM_CLEAR_DIRTY_LOG, &clear);
+}
+
+int cpc_kvm_enable_cap(int vm, uint32_t capability, uint64_t argument) {
+    struct kvm_enable_cap cap = { .cap = capability, .args = { argument } };
+    return ioctl(vm, KVM_ENABLE_CAP, &cap);
+}
+
+size_t cpc_kvm_state_size(enum cpc_kvm_state part) {
+    switch (part) {
+    case CPC_KVM_REGS: return sizeof(struct kvm_regs);
+    case CPC_KVM_SREGS: return sizeof(struct kvm_sregs);
+    case CPC_KVM_FPU: return sizeof(struct kvm_fpu);
+    case CPC_KVM_XCRS: return sizeof(struct kvm_xcrs);
+    case CPC_KVM_LAPIC: return sizeof(struct kvm_lapic_state);
+    case CPC_KVM_VCPU_EVENTS: return sizeof(struct kvm_vcpu_events);
+    case CPC_KVM_MP_STATE: return sizeof(struct kvm_mp_state);
+    default: return 0;
+    }
+}
+
+int cpc_kvm_state(int vcpu, enum cpc_kvm_state part, void *buffer, int set) {
+    static const unsigned long get[CPC_KVM_STATE_COUNT] = {
+        KVM_GET_REGS, KVM_GET_SREGS, KVM_GET_FPU, KVM_GET_XCRS, KVM_GET_LAPIC, KVM_GET_VCPU_EVENTS, KVM_GET_MP_STATE,
+    };
+    static const unsigned long put[CPC_KVM_STATE_COUNT] = {
+        KVM_SET_REGS, KVM_SET_SREGS, KVM_SET_FPU, KVM_SET_XCRS, KVM_SET_LAPIC, KVM_SET_VCPU_EVENTS, KVM_SET_MP_STATE,
+    };
+    if ((unsigned)part >= CPC_KVM_STATE_COUNT) { errno = EINVAL; return -1; }
+    return ioctl(vcpu, set ? put[part] : get[part], buffer);
+}
+
+uint32_t cpc_kvm_run_exit_reason(const struct kvm_run *run) { return run->exit_reason; }
+void cpc_kvm_run_io(const struct kvm_run *run, uint8_t *direction, uint8_t *size, uint16_t *port, uint32_t *count, uint64_t *data_offset) {
+    *direction = run->io.direction;
+    *size = run->io.size;
+    *port = run->io.port;
+    *count = run->io.count;
+    *data_offset = run->io.data_offset;
+}
+uint64_t cpc_kvm_run_fail_entry_reason(const struct kvm_run *run) { return run->fail_entry.hardware_entry_failure_reason; }
+uint32_t cpc_kvm_run_internal_suberror(const struct kvm_run *run) { return run->internal.suberror; }
+void cpc_kvm_run_set_immediate_exit(struct kvm_run *run, uint8_t value) { __atomic_store_n(&run->immediate_exit, value, __ATOMIC_SEQ_CST); }
+
+static void cpc_kick_handler(int signal) { (void)signal; }
+int cpc_kvm_install_kick_handler(int signal) {
+    struct sigaction action;
+    memset(&action, 0, sizeof(action));
+    action.sa_handler = cpc_kick_handler;
+    sigemptyset(&action.sa_mask);
+    return sigaction(signal, &action, NULL);
 }

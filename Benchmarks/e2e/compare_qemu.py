@@ -3,10 +3,13 @@
 
 For each scenario it runs the anchor harness (qmp-migrate.py) alternately against QEMU and
 against `postcopy host`, N times each, and prints the medians as a table and as JSON.
+The vm-* scenarios run `postcopy vm` (our KVM host) on the very image QEMU boots, built by
+the anchors' build-guest.sh: the same guest in two VMMs, compared like for like.
 
   Benchmarks/e2e/compare_qemu.py --anchors ../shared/anchors/qemu --runs 3
 
-Needs: qemu-system-x86 (/dev/kvm), a release build (swift build -c release).
+Needs: qemu-system-x86 (/dev/kvm), a release build (swift build -c release; another
+--scratch-path is given here too), gcc and ld for the vm-* scenarios' images.
 """
 import argparse
 import json
@@ -14,9 +17,11 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
+BUILD = ".build"  # --scratch-path of the release build
 
 SCENARIOS = {
     # name: (qemu guest, our workload, mode, extra harness args, extra host args)
@@ -27,7 +32,22 @@ SCENARIOS = {
     "linear-postcopy-paced": ("linear.S", "linear", "postcopy", [], "--touch-ns 3900"),
     "random-postcopy": (None, "random", "postcopy", [], ""),
     "hotcold-precopy": ("hotcold.S", "hotcold", "precopy", [], ""),
+    # `postcopy vm` boots the QEMU guest's own image under KVM ("vm" as our workload).
+    "vm-linear-postcopy-preempt": ("linear.S", "vm", "postcopy", ["--cap", "postcopy-preempt"], ""),
+    "vm-hotcold-precopy": ("hotcold.S", "vm", "precopy", [], ""),
 }
+
+IMAGES = {}
+
+
+def guest_image(anchors, guest, memory_mb):
+    """The boot-sector image QEMU's side boots, built once per guest and size."""
+    key = (guest, memory_mb)
+    if key not in IMAGES:
+        path = os.path.join(tempfile.mkdtemp(prefix="compare-qemu-"), f"{guest}.{memory_mb}.img")
+        subprocess.run([os.path.join(anchors, "build-guest.sh"), os.path.join(anchors, guest), str(memory_mb), path], check=True)
+        IMAGES[key] = path
+    return IMAGES[key]
 
 
 def run_once(anchors, target, scenario, memory_mb, vcpus, base_binary=None):
@@ -36,9 +56,16 @@ def run_once(anchors, target, scenario, memory_mb, vcpus, base_binary=None):
     if target == "qemu":
         cmd += ["--guest", os.path.join(anchors, guest)]
     else:
-        binary = base_binary if target == "base" else os.path.join(ROOT, ".build", "release", "postcopy")
-        cmd += ["--host-cmd", f"{binary} host --memory {{mb}}M --vcpus {vcpus} --workload {workload} {host_extra} "
-                              "--qmp {qmp} --serial {serial} {incoming}", "--check"]
+        binary = base_binary if target == "base" else os.path.join(ROOT, BUILD, "release", "postcopy")
+        if workload == "vm":
+            image = guest_image(anchors, guest, memory_mb)
+            cmd += ["--host-cmd", f"{binary} vm --memory {{mb}}M --vcpus {vcpus} --boot {image} {host_extra} "
+                                  "--qmp {qmp} --serial {serial} {incoming}"]
+            # x-check-memory on `postcopy vm` is QEMU's check of the linear guest's RAM.
+            cmd += ["--check"] if guest == "linear.S" else []
+        else:
+            cmd += ["--host-cmd", f"{binary} host --memory {{mb}}M --vcpus {vcpus} --workload {workload} {host_extra} "
+                                  "--qmp {qmp} --serial {serial} {incoming}", "--check"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(f"{target} {scenario}: {out.stderr[-2000:]}")
@@ -61,6 +88,7 @@ def figures(result):
         "dirty_sync_count": ram.get("dirty-sync-count"),
         "avg_fault_latency_us": None if lat is None else round(lat / 1000, 1),
         "source_passes": result.get("source_passes"),
+        "passes_in_window": result.get("destination_passes_in_window"),
         "check_ok": None if result.get("check") is None else result["check"].get("ok"),
     }
 
@@ -79,7 +107,10 @@ def main():
     ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), help="default: all")
     ap.add_argument("--targets", default="qemu,ours", help="any of qemu, ours, base (base needs --base-binary)")
     ap.add_argument("--base-binary", help="another build of postcopy to run as target 'base' (an A/B against an older commit)")
+    ap.add_argument("--scratch-path", default=".build", help="where the release build is (swift build --scratch-path)")
     a = ap.parse_args()
+    global BUILD
+    BUILD = a.scratch_path
     targets = a.targets.split(",")
     if "base" in targets and not a.base_binary:
         ap.error("target 'base' needs --base-binary")
@@ -98,17 +129,17 @@ def main():
             if not runs[t]:
                 continue
             keys = ["total_ms", "downtime_ms", "mbps", "transferred_mb", "blocktime_ms", "requests",
-                    "dirty_sync_count", "avg_fault_latency_us"]
+                    "dirty_sync_count", "avg_fault_latency_us", "passes_in_window"]
             m = {k: median([r[k] for r in runs[t]]) for k in keys}
             m["statuses"] = [r["status"] for r in runs[t]]
             m["checks"] = [r["check_ok"] for r in runs[t]]
             report[scenario][t] = m
-    print("| scenario | target | total ms | downtime ms | Mbit/s | MB sent | blocktime ms | requests | syncs | avg fault µs |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| scenario | target | total ms | downtime ms | Mbit/s | MB sent | blocktime ms | requests | syncs | avg fault µs | passes in window |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for scenario, per in report.items():
         for t, m in per.items():
             print(f"| {scenario} | {t} | {m['total_ms']} | {m['downtime_ms']} | {m['mbps']} | {m['transferred_mb']} | "
-                  f"{m['blocktime_ms']} | {m['requests']} | {m['dirty_sync_count']} | {m['avg_fault_latency_us']} |")
+                  f"{m['blocktime_ms']} | {m['requests']} | {m['dirty_sync_count']} | {m['avg_fault_latency_us']} | {m['passes_in_window']} |")
     print(json.dumps(report))
 
 

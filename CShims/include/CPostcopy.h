@@ -17,6 +17,7 @@
 #include <sys/eventfd.h>
 #include <linux/userfaultfd.h>
 #include <linux/fs.h>
+#include <linux/kvm.h>
 
 // MARK: userfaultfd ABI newer than linux-libc-dev 6.1
 
@@ -137,6 +138,65 @@ int cpc_mempolicy_of(void *addr, int *mode, int *node);
 int cpc_numa_available(void);
 /// The NUMA node a page is on now (move_pages query), or -errno.
 int cpc_node_of_page(void *addr);
+
+// MARK: KVM (the `postcopy vm` host): every KVM_* request number is an _IOW/_IOR macro and
+// ioctl is variadic, so each request the host makes has one function here.
+
+/// open("/dev/kvm", O_RDWR | O_CLOEXEC): open is variadic. The descriptor, or -1 and errno.
+int cpc_kvm_open(void);
+/// KVM_GET_API_VERSION (12 on every kernel since 2.6.22), or -1 and errno.
+int cpc_kvm_api_version(int kvm);
+/// KVM_CHECK_EXTENSION: 0 when the capability is missing, else its value.
+int cpc_kvm_check_extension(int fd, int capability);
+/// KVM_CREATE_VM (default machine type): the VM descriptor, or -1 and errno.
+int cpc_kvm_create_vm(int kvm);
+/// KVM_GET_VCPU_MMAP_SIZE: the size of each vCPU's shared kvm_run area.
+int cpc_kvm_vcpu_mmap_size(int kvm);
+/// KVM_SET_USER_MEMORY_REGION: guest-physical [gpa, gpa + size) is the host memory at hva.
+int cpc_kvm_set_user_memory_region(int vm, uint32_t slot, uint32_t flags, uint64_t gpa, uint64_t size, uint64_t hva);
+/// KVM_SET_TSS_ADDR: Intel VMX needs three pages of guest-physical space for real mode (a no-op on AMD).
+int cpc_kvm_set_tss_addr(int vm, unsigned long address);
+/// KVM_CREATE_IRQCHIP: the in-kernel PIC, IOAPIC and local APICs (KVM_GET_LAPIC needs them).
+int cpc_kvm_create_irqchip(int vm);
+/// KVM_CREATE_VCPU: the vCPU descriptor, or -1 and errno.
+int cpc_kvm_create_vcpu(int vm, int index);
+/// KVM_GET_SUPPORTED_CPUID then KVM_SET_CPUID2 on the vCPU (kvm_cpuid2 ends in a flexible array).
+int cpc_kvm_set_supported_cpuid(int kvm, int vcpu);
+/// KVM_GET_MSR_INDEX_LIST into indices (capacity entries): the number of MSRs, or -1 and errno.
+int cpc_kvm_msr_index_list(int kvm, uint32_t *indices, int capacity);
+/// KVM_GET_MSRS (set = 0) or KVM_SET_MSRS (set = 1) of count MSRs (kvm_msrs ends in a flexible
+/// array): the number of MSRs read or written (fewer when one was refused), or -1 and errno.
+int cpc_kvm_msrs(int vcpu, int set, const uint32_t *indices, uint64_t *values, int count);
+/// KVM_RUN: 0 on an exit to handle, -1 and errno (EINTR when kicked).
+int cpc_kvm_run(int vcpu);
+/// KVM_GET_DIRTY_LOG of a slot into bitmap (one bit per page, 64-bit aligned).
+int cpc_kvm_get_dirty_log(int vm, uint32_t slot, uint64_t *bitmap);
+/// KVM_CLEAR_DIRTY_LOG (manual protect): re-protects pages [first, first + count) of a slot
+/// whose bits are set in bitmap (bit 0 is page first; first and count multiples of 64).
+int cpc_kvm_clear_dirty_log(int vm, uint32_t slot, uint64_t first, uint32_t count, uint64_t *bitmap);
+/// KVM_ENABLE_CAP on the VM with one argument (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2).
+int cpc_kvm_enable_cap(int vm, uint32_t capability, uint64_t argument);
+
+/// The vCPU state that migrates, each read and written whole by one ioctl pair.
+enum cpc_kvm_state {
+    CPC_KVM_REGS, CPC_KVM_SREGS, CPC_KVM_FPU, CPC_KVM_XCRS, CPC_KVM_LAPIC, CPC_KVM_VCPU_EVENTS, CPC_KVM_MP_STATE,
+    CPC_KVM_STATE_COUNT
+};
+/// The size of one part of the state (its kernel struct), so Swift can move it as bytes.
+size_t cpc_kvm_state_size(enum cpc_kvm_state part);
+/// KVM_GET_* (set = 0) or KVM_SET_* (set = 1) of one part: 0, or -1 and errno.
+int cpc_kvm_state(int vcpu, enum cpc_kvm_state part, void *buffer, int set);
+
+/// kvm_run keeps its exit data in an anonymous union; these read and write the fields the host uses.
+uint32_t cpc_kvm_run_exit_reason(const struct kvm_run *run);
+void cpc_kvm_run_io(const struct kvm_run *run, uint8_t *direction, uint8_t *size, uint16_t *port, uint32_t *count, uint64_t *data_offset);
+uint64_t cpc_kvm_run_fail_entry_reason(const struct kvm_run *run);
+uint32_t cpc_kvm_run_internal_suberror(const struct kvm_run *run);
+void cpc_kvm_run_set_immediate_exit(struct kvm_run *run, uint8_t value);
+
+/// Installs a handler that does nothing for signal, without SA_RESTART: the signal only makes a
+/// vCPU's KVM_RUN return EINTR (sigaction's handler field is a union Swift cannot fill).
+int cpc_kvm_install_kick_handler(int signal);
 
 // MARK: constants Swift sees as macros it cannot import
 

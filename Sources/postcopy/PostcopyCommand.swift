@@ -5,7 +5,7 @@ struct PostcopyCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "postcopy",
         abstract: "A userfaultfd postcopy live-migration runtime: host, monitor client, demo and benchmarks.",
-        subcommands: [HostCommand.self, MonitorCommand.self, DemoCommand.self, BenchCommand.self]
+        subcommands: [HostCommand.self, VMCommand.self, MonitorCommand.self, DemoCommand.self, BenchCommand.self]
     )
 }
 
@@ -13,6 +13,6 @@ struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Run benchmarks and print their figures.",
-        subcommands: [FaultsBenchCommand.self, DirtyBenchCommand.self]
+        subcommands: [FaultsBenchCommand.self, DirtyBenchCommand.self, VMDirtyBenchCommand.self]
     )
 }

@@ -1,0 +1,238 @@
+import CPostcopy
+import Glibc
+import Logging
+import Postcopy
+
+/// The KVM host: a VM whose vCPU threads sit in KVM_RUN, and its run state. It embeds the
+/// migration runtime through `MigratableHost`, the same protocol as the synthetic host:
+/// the runtime sees guest RAM (`memory`), the vCPU threads' tids, the pause/resume hooks and
+/// the device state, and nothing else of KVM.
+final class KVMHost: MigratableHost, @unchecked Sendable {
+    let machine: KVMMachine
+    var memory: GuestMemory { machine.memory }
+    let vcpus: [VCPU]
+    private let serialFD: Int32
+    private let logger = Logger(label: "postcopy.vm")
+
+    /// Checked by every vCPU before it enters the guest; set while a pause is wanted.
+    private let pauseFlag = AtomicCounter()
+    private let control: Guarded<Control>
+    private let quitRequested = Guarded(false)
+    /// Bytes the guest wrote to COM1 (one per pass for the test guests), for benchmarks.
+    let serialBytes = AtomicCounter()
+    /// Port 0x92 (fast A20 gate): remembered as written, so the guest reads back what it set.
+    private let systemControlPort = AtomicCounter(0)
+
+    struct Control {
+        var pauseRequested: Bool
+        var parked = 0
+        var started = 0
+        var runState: RunState
+        /// Whether the guest starts when an incoming migration hands it over (QEMU's autostart).
+        var autostart = true
+    }
+
+    /// Where `STOP` and `RESUME` go (the controller's bus); set before the monitors start.
+    var events: MonitorEvents?
+
+    /// Where a BIOS loads the boot sector and jumps to, in real mode.
+    static let bootAddress = 0x7c00
+
+    /// A source boots `image`; a destination (`incoming`) leaves RAM untouched, for the pages
+    /// come from the source, and parks its vCPUs until the switchover.
+    init(memory: GuestMemory, vcpuCount: Int, image: [UInt8], serialPath: String?, incoming: Bool) throws {
+        let machine = try KVMMachine(memory: memory)
+        self.machine = machine
+        vcpus = try (0..<vcpuCount).map { try VCPU(machine: machine, index: $0) }
+        if !incoming {
+            try machine.load(image: image, at: Self.bootAddress)
+            for vcpu in vcpus { try vcpu.resetToRealMode(at: UInt64(Self.bootAddress)) }
+        }
+        serialFD = serialPath.map { open($0, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644) } ?? -1
+        if serialPath != nil, serialFD < 0 { throw SystemError("open(\(serialPath!))") }
+        control = Guarded(Control(pauseRequested: incoming, runState: incoming ? .inmigrate : .running))
+        if incoming { pauseFlag.store(1) }
+        _ = cpc_kvm_install_kick_handler(VCPU.kickSignal)
+        for vcpu in vcpus {
+            startDetachedThread("vcpu\(vcpu.index)") { [self] in
+                vcpu.thread = pthread_self()
+                vcpu.threadID = currentThreadID()
+                control.update { $0.started += 1 }
+                runVCPU(vcpu)
+            }
+        }
+        control.wait { $0.started == vcpuCount }
+        if incoming { control.wait { $0.parked == vcpuCount } }
+    }
+
+    var vcpuThreadIDs: [Int32] { vcpus.map(\.threadID) }
+
+    // MARK: vCPU loop
+
+    private func runVCPU(_ vcpu: VCPU) {
+        while true {
+            if pauseFlag.value != 0 {
+                park()
+                // Cleared before the flag is looked at again: a kick for a new pause that came
+                // in between sets the flag first, so it is not lost.
+                vcpu.clearKick()
+                continue
+            }
+            do {
+                switch try vcpu.enter() {
+                case .interrupted:
+                    continue
+                case let .io(port, out, size, count, data):
+                    try portIO(port: port, out: out, size: size, count: count, data: data)
+                case .halt:
+                    // Only without an in-kernel APIC; nothing can wake this guest but a stop.
+                    control.wait { $0.pauseRequested }
+                case .unexpected(let exit):
+                    throw KVMError("vCPU \(vcpu.index) stopped on \(exit) at \(vcpu.instructionPointer)")
+                }
+            } catch {
+                logger.critical("\(error)")
+                Glibc.exit(1)
+            }
+        }
+    }
+
+    /// COM1 (0x3f8-0x3ff): bytes written to its data register go to --serial; its line status
+    /// says the transmitter is always empty. Port 0x92: A20 gate, remembered. Nothing else.
+    private func portIO(port: UInt16, out: Bool, size: Int, count: Int, data: UnsafeMutableRawPointer) throws {
+        switch port {
+        case 0x3f8 where out:
+            serialBytes.add(UInt64(size * count))
+            if serialFD >= 0 { _ = write(serialFD, data, size * count) }
+        case 0x3f9...0x3ff:
+            if !out { data.initializeMemory(as: UInt8.self, repeating: port == 0x3fd ? 0x60 : 0, count: size * count) }
+        case 0x92:
+            if out { systemControlPort.store(UInt64(data.load(as: UInt8.self))) }
+            else { data.initializeMemory(as: UInt8.self, repeating: UInt8(truncatingIfNeeded: systemControlPort.value), count: size * count) }
+        default:
+            throw KVMError("KVM_EXIT_IO: \(out ? "out to" : "in from") port \(hex(port)) (\(size) bytes), which this VM does not have")
+        }
+    }
+
+    private func park() {
+        control.update { $0.parked += 1 }
+        control.wait { !$0.pauseRequested }
+        control.update { $0.parked -= 1 }
+    }
+
+    // MARK: run state
+
+    func pauseVCPUs() {
+        let start = monotonicNanoseconds()
+        pause(as: .postmigrate)
+        logger.debug("vCPUs parked for the switchover in \((monotonicNanoseconds() - start) / 1000) µs")
+    }
+
+    /// QEMU raises `RESUME` before the vCPUs go and `STOP` once they have stopped. A destination
+    /// told to `stop` while it waited stays paused when the migration hands it the guest.
+    func resumeVCPUs() {
+        let (wasRunning, start) = control.update { c -> (Bool, Bool) in
+            let wasRunning = c.runState.isRunning
+            if c.runState == .inmigrate, !c.autostart {
+                c.runState = .paused
+                return (wasRunning, false)
+            }
+            c.pauseRequested = false
+            c.runState = .running
+            return (wasRunning, true)
+        }
+        guard start else { return }
+        if !wasRunning { events?.emit("RESUME") }
+        pauseFlag.store(0)
+    }
+
+    /// Raises the flag, kicks every vCPU out of KVM_RUN, and returns once all are parked.
+    private func pause(as state: RunState) {
+        pauseFlag.store(1)
+        let wasRunning = control.update { c in
+            defer { c.pauseRequested = true; if c.runState.isRunning { c.runState = state } }
+            return c.runState.isRunning
+        }
+        for vcpu in vcpus { vcpu.kick() }
+        control.wait { $0.parked == self.vcpus.count }
+        if wasRunning { events?.emit("STOP") }
+    }
+
+    func runState() -> RunState { control.read { $0.runState } }
+
+    func stop() throws {
+        let waiting = control.update { c -> Bool in
+            guard c.runState == .inmigrate else { return false }
+            c.autostart = false
+            return true
+        }
+        if waiting { return }
+        pause(as: .paused)
+        control.update { $0.runState = .paused }
+    }
+
+    func cont() throws {
+        let waiting = control.update { c -> Bool in
+            guard c.runState == .inmigrate else { return false }
+            c.autostart = true
+            return true
+        }
+        if waiting { return }
+        resumeVCPUs()
+    }
+
+    func quit() { quitRequested.update { $0 = true } }
+    func waitForQuit() { quitRequested.wait { $0 } }
+
+    // MARK: device state
+
+    /// The runtime calls this with the vCPUs paused (`pauseVCPUs`), so none is in KVM_RUN.
+    func saveDeviceState() -> [UInt8] {
+        do {
+            let start = monotonicNanoseconds()
+            let state = try ArchitecturalState.save(vcpus: vcpus, memorySize: memory.size, msrs: machine.migratableMSRs)
+            logger.debug("vCPU state: \(state.count) bytes saved in \((monotonicNanoseconds() - start) / 1000) µs")
+            return state
+        } catch {
+            // An empty state is refused by the destination, which fails the migration there
+            // with this log line's reason on the source.
+            logger.error("saving the vCPUs' state: \(error)")
+            return []
+        }
+    }
+
+    func restoreDeviceState(_ bytes: [UInt8]) throws {
+        let start = monotonicNanoseconds()
+        try ArchitecturalState.restore(bytes, vcpus: vcpus, memorySize: memory.size, msrs: machine.migratableMSRs)
+        logger.debug("vCPU state: \(bytes.count) bytes restored in \((monotonicNanoseconds() - start) / 1000) µs")
+    }
+
+    // MARK: host commands
+
+    func extraCommand(_ name: String, arguments: [String: MonitorValue]) throws -> MonitorValue? {
+        switch name {
+        case "x-check-memory":
+            guard !runState().isRunning else { throw MonitorError("x-check-memory needs a stopped guest: run 'stop' first") }
+            let c = GuestRAMCheck.run(memory)
+            return .object([("ok", .bool(c.ok)), ("pages", .int(Int64(c.pages))),
+                            ("first-byte", .int(Int64(c.firstByte))), ("hit-edge", .bool(c.hitEdge)),
+                            ("bad-pages", .array(c.badPages.map { .int(Int64($0)) }))])
+        case "x-memory-digest":
+            return .object([("sha256", .string(MemoryDigest.sha256(memory))), ("bytes", .int(Int64(memory.size)))])
+        default:
+            return nil
+        }
+    }
+
+    func extraInfo(_ topic: String) throws -> String? {
+        guard topic == "check-memory" else { return nil }
+        guard !runState().isRunning else { throw MonitorError("info check-memory needs a stopped guest: run 'stop' first") }
+        let c = GuestRAMCheck.run(memory)
+        return """
+        memory check: \(c.ok ? "ok" : "FAILED")
+        pages: \(c.pages)
+        first byte: \(c.firstByte)
+        bad pages: \(c.badPages.map(String.init).joined(separator: ","))
+        """
+    }
+}

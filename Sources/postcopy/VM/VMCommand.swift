@@ -1,0 +1,102 @@
+import ArgumentParser
+import Glibc
+import Logging
+import Postcopy
+
+/// `postcopy vm`: a small KVM host that boots a boot-sector image and migrates it with the
+/// runtime, driven over QMP/HMP like QEMU. It embeds the library exactly as `postcopy host` does.
+struct VMCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "vm",
+        abstract: "Run a KVM guest from a boot-sector image, migratable over QMP and HMP like QEMU.",
+        discussion: """
+        The image is loaded at guest-physical 0x7c00 and the vCPUs start there in real mode, as after a BIOS.
+        The guest has RAM from address 0, COM1 (port 0x3f8, to --serial) and the A20 gate (port 0x92).
+        As a source:      postcopy vm --memory 1000M --boot linear.img --qmp /tmp/src.qmp --serial /tmp/src.serial
+        As a destination: postcopy vm --memory 1000M --boot linear.img --qmp /tmp/dst.qmp --incoming tcp:127.0.0.1:4444
+        Host commands: x-check-memory (QEMU's migration-test check of the linear guest), x-memory-digest (SHA-256 of RAM).
+        """
+    )
+
+    @Option(help: "Guest memory size, with a K, M or G suffix (at most 3000M: the guests are 32-bit).")
+    var memory: String = "1000M"
+
+    @Option(help: "Number of vCPUs (each runs the boot sector from 0000:7c00).")
+    var vcpus: Int = 1
+
+    @Option(help: "Raw boot-sector image to load at 0x7c00 (ignored on a destination, whose RAM comes from the source).")
+    var boot: String
+
+    @Option(help: "QMP (JSON) monitor on this unix socket path.")
+    var qmp: String?
+
+    @Option(help: "HMP (text) monitor on this unix socket path.")
+    var monitor: String?
+
+    @Option(help: "Append what the guest writes to COM1 to this file.")
+    var serial: String?
+
+    @Option(help: "Start as a migration destination listening on tcp:HOST:PORT; the vCPUs wait for the switchover.")
+    var incoming: String?
+
+    @Option(help: "What backs guest memory: anon, memfd or hugetlb (2 MiB pages from /proc/sys/vm/nr_hugepages).")
+    var backing: HostCommand.Backing = .anon
+
+    @Option(help: "Log level on stderr: trace, debug, info, notice, warning, error or critical.")
+    var logLevel: String = "info"
+
+    func validate() throws {
+        guard vcpus >= 1, vcpus <= 64 else { throw ValidationError("--vcpus must be between 1 and 64") }
+        let size = try parseSize(memory)
+        guard size <= 3000 << 20 else { throw ValidationError("--memory \(memory): the 32-bit boot-sector guests address at most 3000M here") }
+        guard size > KVMHost.bootAddress + 512 else { throw ValidationError("--memory \(memory) does not reach past the boot sector at 0x7c00") }
+        if backing == .hugetlb, size % GuestMemory.hugePageSize != 0 {
+            throw ValidationError("--memory \(memory) is not a multiple of 2 MiB: hugetlb guest memory is made of 2 MiB pages")
+        }
+        guard Logger.Level(rawValue: logLevel) != nil else {
+            throw ValidationError("unknown log level '\(logLevel)': use one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        if let reason = KVMMachine.unavailableReason() { throw ValidationError("KVM is not available: \(reason)") }
+    }
+
+    func run() throws {
+        let level = Logger.Level(rawValue: logLevel)!
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        // The vCPU threads inherit this mask, and a kick must reach them.
+        var none = sigset_t()
+        sigemptyset(&none)
+        pthread_sigmask(SIG_SETMASK, &none, nil)
+        let image = try readImage(boot)
+        let size = try parseSize(memory)
+        if backing == .hugetlb { try HugePagePool.check(needed: size / GuestMemory.hugePageSize) }
+        let guestMemory = try GuestMemory(size: size, backing: backing.guestMemoryBacking)
+        let vm = try KVMHost(memory: guestMemory, vcpuCount: vcpus, image: image, serialPath: serial, incoming: incoming != nil)
+        // From here on, the same embedding as `postcopy host` (docs/EMBEDDING.md).
+        let controller = MigrationController(memory: vm.memory, host: vm)
+        vm.events = controller.events
+        var servers: [AnyObject] = []
+        if let qmp { servers.append(try QMPServer(path: qmp, backend: controller, events: controller.events)) }
+        if let monitor { servers.append(try HMPServer(path: monitor, backend: controller)) }
+        if let incoming, incoming != "defer" {
+            try controller.migrateIncoming(uri: incoming)
+        }
+        vm.waitForQuit()
+        withExtendedLifetime(servers) {}
+        Glibc.exit(0)
+    }
+
+    private func readImage(_ path: String) throws -> [UInt8] {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw SystemError("open(\(path))") }
+        defer { close(fd) }
+        var image = [UInt8](repeating: 0, count: 64 << 10)
+        let n = read(fd, &image, image.count)
+        guard n > 0 else { throw ValidationError("--boot \(path) is empty or unreadable") }
+        guard n <= 0x7_0000 - KVMHost.bootAddress else { throw ValidationError("--boot \(path) is larger than a boot image may be") }
+        return Array(image[..<n])
+    }
+}

@@ -1,0 +1,146 @@
+import Foundation
+import Glibc
+
+/// The boot-sector guests QEMU's side of the benchmarks boots (BENCHMARKS.md), assembled here as
+/// build-guest.sh does, so `postcopy vm` is tested on the very same images.
+enum BootSectorGuest: String {
+    case linear, hotcold
+
+    /// Assembles the guest for `memoryMiB` of RAM into `directory`; returns the image's path.
+    func build(memoryMiB: Int, in directory: String) throws -> String {
+        let source = "\(directory)/\(rawValue).S", object = "\(directory)/\(rawValue).o", image = "\(directory)/\(rawValue).img"
+        try text.write(toFile: source, atomically: true, encoding: .utf8)
+        try run("/usr/bin/gcc", ["-m32", "-c", "-x", "assembler-with-cpp", "-DEND=\(memoryMiB << 20)",
+                                 "-DNPAGES=\((memoryMiB - 1) * 256)", source, "-o", object])
+        try run("/usr/bin/ld", ["-m", "elf_i386", "-Ttext", "0x7c00", "--oformat", "binary", object, "-o", image])
+        return image
+    }
+
+    private func run(_ tool: String, _ arguments: [String]) throws {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: tool)
+        p.arguments = arguments
+        try p.run()
+        p.waitUntilExit()
+        guard p.terminationStatus == 0 else {
+            throw GuestBuildError(description: "\(tool) \(arguments.joined(separator: " ")) exited with \(p.terminationStatus)")
+        }
+    }
+
+    var text: String {
+        switch self {
+        case .linear: Self.linearSource
+        case .hotcold: Self.hotcoldSource
+        }
+    }
+
+    static let linearSource = """
+# A boot-sector guest for migration tests.
+# It switches to 32-bit protected mode, then sweeps memory forever: each pass
+# increments the first byte of every 4 KiB page from 1 MiB up to END, and
+# writes one 'B' to COM1 when the pass is done. Build with build-guest.sh.
+.code16
+.globl _start
+_start:
+  cli
+  xor %ax, %ax
+  mov %ax, %ds
+  lgdtl gdt_desc
+  mov %cr0, %eax
+  or $1, %eax
+  mov %eax, %cr0
+  ljmpl $0x08, $protected
+.code32
+protected:
+  mov $0x10, %ax
+  mov %ax, %ds
+  mov %ax, %es
+  mov %ax, %ss
+  inb $0x92, %al          # fast A20 gate
+  orb $2, %al
+  outb %al, $0x92
+pass:
+  mov $0x100000, %eax
+page:
+  incb (%eax)
+  add $4096, %eax
+  cmp $END, %eax
+  jb page
+  mov $0x3f8, %dx
+  mov $'B', %al
+  outb %al, %dx
+  jmp pass
+.p2align 3
+gdt:
+  .quad 0
+  .quad 0x00cf9a000000ffff  # flat code segment
+  .quad 0x00cf92000000ffff  # flat data segment
+gdt_desc:
+  .word 23
+  .long gdt
+.org 510
+.word 0xaa55
+"""
+
+    static let hotcoldSource = """
+# A boot-sector guest for migration tests that precopy can finish.
+# It switches to 32-bit protected mode, increments the first byte of every
+# 4 KiB page from 1 MiB up to END once, then sweeps only the first 32 MiB
+# above 1 MiB forever, writing one 'B' to COM1 after every 16 hot passes.
+.code16
+.globl _start
+_start:
+  cli
+  xor %ax, %ax
+  mov %ax, %ds
+  lgdtl gdt_desc
+  mov %cr0, %eax
+  or $1, %eax
+  mov %eax, %cr0
+  ljmpl $0x08, $protected
+.code32
+protected:
+  mov $0x10, %ax
+  mov %ax, %ds
+  mov %ax, %es
+  mov %ax, %ss
+  inb $0x92, %al          # fast A20 gate
+  orb $2, %al
+  outb %al, $0x92
+  mov $0x100000, %eax
+fill:
+  incb (%eax)
+  add $4096, %eax
+  cmp $END, %eax
+  jb fill
+hot:
+  mov $16, %ecx
+hotpass:
+  mov $0x100000, %eax
+hotpage:
+  incb (%eax)
+  add $4096, %eax
+  cmp $0x2100000, %eax
+  jb hotpage
+  dec %ecx
+  jnz hotpass
+  mov $0x3f8, %dx
+  mov $'B', %al
+  outb %al, %dx
+  jmp hot
+.p2align 3
+gdt:
+  .quad 0
+  .quad 0x00cf9a000000ffff  # flat code segment
+  .quad 0x00cf92000000ffff  # flat data segment
+gdt_desc:
+  .word 23
+  .long gdt
+.org 510
+.word 0xaa55
+"""
+}
+
+struct GuestBuildError: Error, CustomStringConvertible {
+    let description: String
+}
