@@ -164,6 +164,8 @@ public final class IncomingMigration: @unchecked Sendable {
     }
 
     private func handshake(_ main: Channel) throws {
+        // TLS first (with tls-creds): a peer without the credentials gets no frame read.
+        try main.secure(settings(), as: .server)
         // A peer that connects and stays silent must not block the port: 10 s per step.
         main.setReceiveTimeout(seconds: 10)
         defer { main.setReceiveTimeout(seconds: 0) }
@@ -177,6 +179,7 @@ public final class IncomingMigration: @unchecked Sendable {
         var urgent: Channel?
         if hello.flags & Handshake.preemptFlag != 0 {
             let channel = try listener.accept(timeout: 10)
+            try channel.secure(settings(), as: .server)
             channel.setReceiveTimeout(seconds: 10)
             defer { channel.setReceiveTimeout(seconds: 0) }
             let second = try readHandshake(channel)
@@ -188,6 +191,7 @@ public final class IncomingMigration: @unchecked Sendable {
         var multifd: [Channel] = []
         for index in 0..<hello.multifdChannels {
             let channel = try listener.accept(timeout: 10)
+            try channel.secure(settings(), as: .server)
             channel.setReceiveTimeout(seconds: 10)
             defer { channel.setReceiveTimeout(seconds: 0) }
             let data = try readHandshake(channel)

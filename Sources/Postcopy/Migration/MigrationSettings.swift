@@ -27,6 +27,14 @@ public struct MigrationSettings: Sendable, Equatable {
     /// Pages after a requested one that go with it on the urgent channel (0: just the page).
     /// 16 halved blocktime on the linear and random 1000 MiB runs (BENCHMARKS.md).
     public var xPostcopyReadAhead: Int64 = 16
+    /// The id of the TLS credentials object every channel runs under (empty: no TLS).
+    public var tlsCreds = ""
+    /// The host name the source checks the destination's x509 certificate against (empty: the
+    /// migration URI's host).
+    public var tlsHostname = ""
+    /// The id of the `authz-simple` object a destination checks its source against (empty: any
+    /// source holding the credentials).
+    public var tlsAuthz = ""
 
     public init() {}
 
@@ -74,11 +82,29 @@ public struct MigrationSettings: Sendable, Equatable {
          ("max-postcopy-bandwidth", .int(maxPostcopyBandwidth)),
          ("x-pages-per-frame", .int(xPagesPerFrame)),
          ("x-postcopy-readahead", .int(xPostcopyReadAhead)),
-         ("x-postcopy-after-passes", .int(xPostcopyAfterPasses))]
+         ("x-postcopy-after-passes", .int(xPostcopyAfterPasses)),
+         ("tls-creds", .string(tlsCreds)),
+         ("tls-hostname", .string(tlsHostname)),
+         ("tls-authz", .string(tlsAuthz))]
     }
 
     public mutating func setParameter(_ given: String, _ value: MonitorValue) throws(MigrationError) {
         let name = Self.canonicalName(given)
+        if ["tls-creds", "tls-hostname", "tls-authz"].contains(name) {
+            // A string; null or "" turns it off, as in QEMU.
+            let text: String
+            switch value {
+            case .string(let s): text = s
+            case .null: text = ""
+            default: throw MigrationError.invalidSetting("Parameter '\(name)' expects a string")
+            }
+            switch name {
+            case "tls-creds": tlsCreds = text
+            case "tls-hostname": tlsHostname = text
+            default: tlsAuthz = text
+            }
+            return
+        }
         let number: Int64
         switch value {
         case let .int(v): number = v

@@ -12,6 +12,9 @@ public final class Channel: @unchecked Sendable {
     private let writeLock = Mutex(())
     /// Bytes written through this channel (frames and payloads).
     public let bytesWritten = AtomicCounter()
+    /// The TLS session every read and write goes through (with `tls-creds`); set by `secure`
+    /// right after connect or accept, before another thread uses the channel.
+    var tls: TLSSession?
 
     /// Takes over a connected TCP socket.
     public init(socket: consuming Descriptor) {
@@ -43,6 +46,7 @@ public final class Channel: @unchecked Sendable {
     /// Makes reads give up after `seconds` (0: wait forever), so a silent peer cannot hold a
     /// handshake hostage.
     public func setReceiveTimeout(seconds: Int) {
+        tls?.receiveTimeoutSeconds.store(seconds, ordering: .relaxed)
         do {
             try socket.setOption(SOL_SOCKET, SO_RCVTIMEO, timeval(tv_sec: seconds, tv_usec: 0), what: "SO_RCVTIMEO \(seconds) s")
         } catch {
@@ -58,6 +62,7 @@ public final class Channel: @unchecked Sendable {
     /// Reads exactly `count` bytes into `buffer`; throws `.truncated` on a clean EOF.
     @inline(__always)
     public func read(into buffer: UnsafeMutableRawPointer, exactly count: Int, what: @autoclosure () -> String) throws -> Void {
+        if let tls { return try tls.read(into: buffer, exactly: count, what: what) }
         let fd = socket.rawValue
         var done = 0
         while done < count {
@@ -118,9 +123,10 @@ public final class Channel: @unchecked Sendable {
     private func writeAll(_ first: UnsafeRawPointer, _ firstLength: Int, _ second: UnsafeRawPointer?, _ secondLength: Int) throws {
         var vec = (iovec(iov_base: UnsafeMutableRawPointer(mutating: first), iov_len: firstLength),
                    iovec(iov_base: second.map { UnsafeMutableRawPointer(mutating: $0) }, iov_len: secondLength))
+        bytesWritten.add(UInt64(firstLength + secondLength))
+        if let tls { return try tls.write(first, firstLength, second, secondLength) }
         let fd = socket.rawValue
         var remaining = firstLength + secondLength
-        bytesWritten.add(UInt64(remaining))
         try withUnsafeMutableBytes(of: &vec) { raw in
             let iov = raw.baseAddress!.assumingMemoryBound(to: iovec.self)
             var index = 0
