@@ -7,6 +7,8 @@
 #include <string.h>
 #include <sys/socket.h>
 
+enum { CPC_TLS_READ_BUFFER = 256 * 1024 };
+
 SSL_CTX *cpc_tls_context_new(int is_server) {
     SSL_CTX *ctx = SSL_CTX_new(is_server ? TLS_server_method() : TLS_client_method());
     if (ctx == NULL) return NULL;
@@ -19,6 +21,16 @@ SSL_CTX *cpc_tls_context_new(int is_server) {
     // the stream was whole.
     SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET | SSL_OP_IGNORE_UNEXPECTED_EOF);
     SSL_CTX_set_num_tickets(ctx, 0);
+    // AES-128-GCM first: a third cheaper than AES-256 per byte with AES-NI, and what the PSK
+    // callbacks use anyway.
+    if (!SSL_CTX_set_ciphersuites(ctx, "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256")) {
+        SSL_CTX_free(ctx);
+        return NULL;
+    }
+    // Read ahead into a buffer of several records: one recv then fetches a whole 64 KiB frame
+    // (four 16 KiB records) instead of two recvs (header, body) per record.
+    SSL_CTX_set_read_ahead(ctx, 1);
+    SSL_CTX_set_default_read_buffer_len(ctx, CPC_TLS_READ_BUFFER);
     return ctx;
 }
 

@@ -11,9 +11,9 @@ import Synchronization
 /// waiting for the socket happens outside it, so a reader waiting for bytes never holds a
 /// writer back. The lock is held for one record's encryption or decryption at most.
 ///
-/// Hot path: reads decrypt straight into the caller's buffer. A frame's header and payload are
-/// encrypted from one reused buffer (a copy of up to `coalesceBytes`, cheaper than a record and
-/// a syscall of their own for 16 header bytes); nothing is allocated per frame.
+/// Hot path: nothing is allocated per frame. Reads copy decrypted records into the caller's
+/// buffer. A frame's header travels in one record with the start of its payload (`write`), not
+/// in a record and a syscall of its own.
 final class TLSSession: @unchecked Sendable {
     private let ssl: OpaquePointer
     private let fd: Int32
@@ -22,9 +22,11 @@ final class TLSSession: @unchecked Sendable {
     let credentials: TLSCredentials
     /// Seconds a read may wait in all (0: forever); set through `Channel.setReceiveTimeout`.
     let receiveTimeoutSeconds = Atomic<Int>(0)
-    /// Header + payload of one frame, encrypted as one record; used under the channel's write lock.
+    /// A frame's header and the start of its payload, encrypted as one record; used under the
+    /// channel's write lock.
     private let coalesce: UnsafeMutableRawPointer
-    static let coalesceBytes = FrameHeader.size + (128 << 10)
+    /// TLS's largest record (16 KiB of plaintext).
+    static let coalesceBytes = 16 << 10
 
     /// How long a TLS handshake may take in all, as QEMU's migration gives its handshakes.
     static let handshakeSeconds = 10
@@ -122,16 +124,17 @@ final class TLSSession: @unchecked Sendable {
 
     /// Writes `first` then `second` (a header and its payload); called under the channel's
     /// write lock. Waits as long as the peer takes to read (a shutdown ends the wait).
+    ///
+    /// The header goes in one record with the start of the payload (copied: one record's worth,
+    /// not the whole frame), the rest straight from the caller's buffer: a 64 KiB frame is the
+    /// same five records as if it were copied whole, and a small frame is one record.
     func write(_ first: UnsafeRawPointer, _ firstLength: Int, _ second: UnsafeRawPointer?, _ secondLength: Int) throws {
         guard let second, secondLength > 0 else { return try writeAll(first, firstLength) }
-        if firstLength + secondLength <= Self.coalesceBytes {
-            coalesce.copyMemory(from: first, byteCount: firstLength)
-            (coalesce + firstLength).copyMemory(from: second, byteCount: secondLength)
-            try writeAll(coalesce, firstLength + secondLength)
-        } else {
-            try writeAll(first, firstLength)
-            try writeAll(second, secondLength)
-        }
+        let head = min(secondLength, Self.coalesceBytes - firstLength)
+        coalesce.copyMemory(from: first, byteCount: firstLength)
+        (coalesce + firstLength).copyMemory(from: second, byteCount: head)
+        try writeAll(coalesce, firstLength + head)
+        if head < secondLength { try writeAll(second + head, secondLength - head) }
     }
 
     private func writeAll(_ bytes: UnsafeRawPointer, _ length: Int) throws {
