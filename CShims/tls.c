@@ -7,8 +7,6 @@
 #include <string.h>
 #include <sys/socket.h>
 
-enum { CPC_TLS_READ_BUFFER = 256 * 1024 };
-
 SSL_CTX *cpc_tls_context_new(int is_server) {
     SSL_CTX *ctx = SSL_CTX_new(is_server ? TLS_server_method() : TLS_client_method());
     if (ctx == NULL) return NULL;
@@ -27,10 +25,6 @@ SSL_CTX *cpc_tls_context_new(int is_server) {
         SSL_CTX_free(ctx);
         return NULL;
     }
-    // Read ahead into a buffer of several records: one recv then fetches a whole 64 KiB frame
-    // (four 16 KiB records) instead of two recvs (header, body) per record.
-    SSL_CTX_set_read_ahead(ctx, 1);
-    SSL_CTX_set_default_read_buffer_len(ctx, CPC_TLS_READ_BUFFER);
     return ctx;
 }
 
