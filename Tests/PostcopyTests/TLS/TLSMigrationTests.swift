@@ -137,4 +137,32 @@ struct TLSMigrationTests {
         try Self.set(src, [("tls-creds", .string("tls0"))])
         try Self.migrateAndCheck(src: src, dst: dst, uri: bed.uri)
     }
+
+    @Test("a TLS handshake that trickles in a byte a second is cut at its 10 s deadline; the destination keeps listening")
+    func handshakeDeadline() throws {
+        let bed = try TestBed()
+        try TLSFiles.writePSK(in: "\(bed.directory)/psk")
+        let dst = try TestHost(directory: bed.directory, role: "dst", memory: "64M", incoming: bed.uri,
+                               extra: ["--object", "tls-creds-psk,id=tls0,endpoint=server,dir=\(bed.directory)/psk"])
+        try Self.set(dst, [("tls-creds", .string("tls0"))])
+        let channel = try Channel.connect(to: Endpoint(host: "127.0.0.1", port: UInt16(bed.port)), retryFor: 5)
+        let stop = AtomicFlag()
+        // A ClientHello record header announcing 512 bytes, then one byte a second for a minute:
+        // a timeout per read would never fire.
+        let trickle = try JoinableThread("test-trickle") {
+            var bytes: [UInt8] = [0x16, 0x03, 0x01, 0x02, 0x00] + Array(repeating: 0x01, count: 60)
+            for i in bytes.indices where !stop.isSet {
+                do { try withUnsafeBytes(of: &bytes[i]) { try channel.writeRaw($0.baseAddress!, length: 1) } } catch { return }
+                if i >= 5 { sleep(1) }
+            }
+        }
+        defer {
+            stop.set()
+            channel.shutdown()
+            trickle.join()
+        }
+        let dinfo = try dst.waitForQuery("the handshake deadline", timeout: 25) { $0["status"]?.stringValue == "failed" }
+        #expect(dinfo["error-desc"]?.stringValue?.contains("did not complete within 10 s") == true, "destination: \(dinfo.jsonText)")
+        #expect(try dst.qmp.execute("query-status")["status"]?.stringValue == "inmigrate")
+    }
 }
