@@ -121,10 +121,10 @@ public final class Channel: @unchecked Sendable {
 
     @inline(__always)
     private func writeAll(_ first: UnsafeRawPointer, _ firstLength: Int, _ second: UnsafeRawPointer?, _ secondLength: Int) throws {
-        var vec = (iovec(iov_base: UnsafeMutableRawPointer(mutating: first), iov_len: firstLength),
-                   iovec(iov_base: second.map { UnsafeMutableRawPointer(mutating: $0) }, iov_len: secondLength))
         bytesWritten.add(UInt64(firstLength + secondLength))
         if let tls { return try tls.write(first, firstLength, second, secondLength) }
+        var vec = (iovec(iov_base: UnsafeMutableRawPointer(mutating: first), iov_len: firstLength),
+                   iovec(iov_base: second.map { UnsafeMutableRawPointer(mutating: $0) }, iov_len: secondLength))
         let fd = socket.rawValue
         var remaining = firstLength + secondLength
         try withUnsafeMutableBytes(of: &vec) { raw in
