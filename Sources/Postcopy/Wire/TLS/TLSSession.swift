@@ -15,7 +15,7 @@ import Synchronization
 /// caller's buffer. A frame's header travels in one record with the start of its payload
 /// (`write`), not in a record and a syscall of its own. OpenSSL 3.0 itself mallocs about twice
 /// per 16 KiB record received and four times per record sent (Benchmarks/e2e/malloc_per_page.sh
-/// with TLS objects: 146k mallocs for 1000 MiB received, 342k sent; 111 and 1761 in plaintext).
+/// with TLS objects: 139k mallocs for 1000 MiB received, 323k sent; 111 and 1761 in plaintext).
 final class TLSSession: @unchecked Sendable {
     private let ssl: OpaquePointer
     private let fd: Int32
