@@ -15,8 +15,10 @@ let package = Package(
     ],
     targets: [
         // The only C the runtime needs: ioctl numbers, variadic syscalls, kernel ABI newer than the headers.
-        // It needs no C library beyond libc: NUMA calls are raw syscalls.
-        .target(name: "CPostcopy", path: "CShims"),
+        // Beyond libc it needs only OpenSSL (libssl-dev), for TLS on the migration channels:
+        // NUMA calls are raw syscalls.
+        .target(name: "CPostcopy", path: "CShims",
+                linkerSettings: [.linkedLibrary("ssl"), .linkedLibrary("crypto")]),
         // The C floor for the fault benchmarks: the same loops as the Swift path, in plain C.
         .target(name: "CFaultFloor", dependencies: ["CPostcopy"], path: "Sources/CFaultFloor"),
         .target(

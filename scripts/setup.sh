@@ -3,7 +3,7 @@
 # `make demo`, `make test` and `.ci/run` all call it. Without root it installs nothing and prints
 # the one command to run.
 #
-#   scripts/setup.sh          what the build and the demo need (C headers for the shim)
+#   scripts/setup.sh          what the build and the demo need (C headers for the shim, OpenSSL)
 #   scripts/setup.sh --test   also what the test suites need (iproute2, python3 + qemu.qmp)
 set -euo pipefail
 
@@ -12,6 +12,7 @@ want_tests=0
 
 apt_need=()
 [ -f /usr/include/linux/userfaultfd.h ] || apt_need+=(linux-libc-dev)
+[ -f /usr/include/openssl/ssl.h ] || apt_need+=(libssl-dev)   # TLS on the migration channels
 command -v cc >/dev/null || apt_need+=(gcc)
 if [ $want_tests = 1 ]; then
   { [ -x /usr/sbin/ip ] || [ -x /sbin/ip ]; } && { [ -x /usr/sbin/tc ] || [ -x /sbin/tc ]; } || apt_need+=(iproute2)   # network-namespace tests

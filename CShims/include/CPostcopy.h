@@ -197,6 +197,32 @@ void cpc_kvm_run_set_immediate_exit(struct kvm_run *run, uint8_t value);
 /// Installs a handler that does nothing for signal, without SA_RESTART: the signal only makes a
 /// vCPU's KVM_RUN return EINTR (sigaction's handler field is a union Swift cannot fill).
 int cpc_kvm_install_kick_handler(int signal);
+// MARK: TLS (OpenSSL 3, linked as libssl and libcrypto)
+//
+// The migration channels' encryption. Swift calls OpenSSL's functions directly; these
+// wrap only its macros and the one behaviour Swift must not inherit (SIGPIPE).
+
+#include <openssl/ssl.h>
+#include <openssl/err.h>
+#include <openssl/x509v3.h>
+
+/// A context that speaks TLS 1.3 only, as a server (is_server != 0) or a client, issues no
+/// session tickets (every connection authenticates afresh), prefers AES-128-GCM and lets a
+/// write that would block be retried from a moved buffer. NULL when OpenSSL cannot allocate it.
+/// Why: SSL_CTX_set_min/max_proto_version and SSL_CTX_set_mode are macros.
+SSL_CTX *cpc_tls_context_new(int is_server);
+
+/// Attaches a connected socket to ssl through a BIO that sends with MSG_NOSIGNAL and reports
+/// EAGAIN as "retry" (the socket is non-blocking). 1 on success, 0 when OpenSSL cannot allocate.
+/// Why: OpenSSL's socket BIO writes with write(2), whose SIGPIPE would kill the host when the
+/// peer has gone; the retry flags it must set (BIO_set_retry_*) are macros.
+int cpc_tls_set_socket(SSL *ssl, int fd);
+
+/// The peer certificate's subject as RFC 2253 text ("CN=client,O=Example,C=GB", the form of
+/// QEMU's authz-simple identities) into buf, NUL-terminated; its length, or -1 when the peer
+/// sent no certificate.
+/// Why: reading the text back from a memory BIO (BIO_get_mem_data) is a macro.
+int cpc_tls_peer_subject(SSL *ssl, char *buf, size_t size);
 
 // MARK: constants Swift sees as macros it cannot import
 

@@ -74,10 +74,56 @@ extension IncomingMigration {
                 return
             }
             guard let greeting = admit(channel) else { continue }
+            if !settings().tlsCreds.isEmpty {
+                greetSecurely(greeting)
+                continue
+            }
             if greetings.count == Self.maxGreetings {
                 reject(greetings.removeFirst().channel, "\(Self.maxGreetings) newer connections came before this one said hello")
             }
             greetings.append(greeting)
+        }
+    }
+
+    /// With `tls-creds`, a connection first completes a TLS handshake (a blocking exchange of
+    /// several messages), so its greeting runs on a short-lived thread of its own: the TLS
+    /// handshake, then the hello, both by the greeting's deadline. A peer without the
+    /// credentials is refused before one frame is read. At most `maxGreetings` at once.
+    private func greetSecurely(_ greeting: Greeting) {
+        let channel = greeting.channel
+        let admitted = secureGreetings.update { n -> Bool in
+            guard n < Self.maxGreetings else { return false }
+            n += 1
+            return true
+        }
+        guard admitted else {
+            reject(channel, "\(Self.maxGreetings) connections are already being greeted")
+            return
+        }
+        let settings = self.settings()
+        let started: Bool
+        do {
+            _ = try JoinableThread("mig-tls-greet") { [self] in
+                defer { secureGreetings.update { $0 -= 1 } }
+                let result = Result { () throws -> Handshake in
+                    try channel.secure(settings, as: .server)
+                    return try channel.readHandshake(by: greeting.deadline)
+                }
+                if case .failure(let error) = result, !(error is ProtocolError) {
+                    // The TLS layer refused (no or wrong credentials): say it and close.
+                    Log.destination.warning("refused a connection during the TLS handshake: \(error)")
+                    refuseGreeting(channel, error)
+                    return
+                }
+                greeted(channel, result)
+            }   // dropped unjoined: it detaches and ends by the greeting's deadline
+            started = true
+        } catch {
+            started = false
+        }
+        if !started {
+            secureGreetings.update { $0 -= 1 }
+            reject(channel, "no thread to greet this connection")
         }
     }
 

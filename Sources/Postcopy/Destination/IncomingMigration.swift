@@ -55,6 +55,8 @@ public final class IncomingMigration: @unchecked Sendable {
     private let acceptor = Guarded<JoinableThread?>(nil)
     /// The current (or last) attempt's `mig-main`; the acceptor joins it before the next.
     let attemptMain = Guarded<JoinableThread?>(nil)
+    /// Connections in their TLS handshake or hello on a greeting thread of their own (`tls-creds`).
+    let secureGreetings = Guarded(0)
     /// When a frame last arrived on any of the attempt's channels (monotonic ns): before the
     /// switch, the main receiver ends the attempt after `x-incoming-idle-timeout` of silence.
     let lastFrameNs = AtomicCounter()

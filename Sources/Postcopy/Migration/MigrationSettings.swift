@@ -36,6 +36,14 @@ public struct MigrationSettings: Sendable, Equatable {
     /// Milliseconds a destination waits for the next frame before the switch (setup and
     /// precopy) before it gives the attempt up; after the switch silence is not a failure (0: no limit).
     public var xIncomingIdleTimeoutMs: Int64 = 30_000
+    /// The id of the TLS credentials object every channel runs under (empty: no TLS).
+    public var tlsCreds = ""
+    /// The host name the source checks the destination's x509 certificate against (empty: the
+    /// migration URI's host).
+    public var tlsHostname = ""
+    /// The id of the `authz-simple` object a destination checks its source against (empty: any
+    /// source holding the credentials).
+    public var tlsAuthz = ""
 
     public init() {}
 
@@ -91,11 +99,29 @@ public struct MigrationSettings: Sendable, Equatable {
          ("x-postcopy-after-passes", .int(xPostcopyAfterPasses)),
          ("x-handshake-timeout", .int(xHandshakeTimeoutMs)),
          ("x-frame-timeout", .int(xFrameTimeoutMs)),
-         ("x-incoming-idle-timeout", .int(xIncomingIdleTimeoutMs))]
+         ("x-incoming-idle-timeout", .int(xIncomingIdleTimeoutMs)),
+         ("tls-creds", .string(tlsCreds)),
+         ("tls-hostname", .string(tlsHostname)),
+         ("tls-authz", .string(tlsAuthz))]
     }
 
     public mutating func setParameter(_ given: String, _ value: MonitorValue) throws(MigrationError) {
         let name = Self.canonicalName(given)
+        if ["tls-creds", "tls-hostname", "tls-authz"].contains(name) {
+            // A string; null or "" turns it off, as in QEMU.
+            let text: String
+            switch value {
+            case .string(let s): text = s
+            case .null: text = ""
+            default: throw MigrationError.invalidSetting("Parameter '\(name)' expects a string")
+            }
+            switch name {
+            case "tls-creds": tlsCreds = text
+            case "tls-hostname": tlsHostname = text
+            default: tlsAuthz = text
+            }
+            return
+        }
         let number: Int64
         switch value {
         case let .int(v): number = v

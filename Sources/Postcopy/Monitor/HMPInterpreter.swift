@@ -154,6 +154,8 @@ extension HMPInterpreter {
             try hmp.backend.startPostcopy()
             return HMPReply("")
         },
+        objectAdd,
+        objectDel,
         Command(names: ["quit", "q"], params: "", help: "quit the emulator") { _, words, _ in
             try words.end("quit")
             return HMPReply("", action: .quit)

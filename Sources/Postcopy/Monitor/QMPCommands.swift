@@ -117,6 +117,8 @@ extension QMPSession {
             try args.finish()
             return session.backend.queryMigrate().qmpValue
         },
+        objectAdd,
+        objectDel,
     ]
 
     /// QEMU's `migrate_cancel`, also under the newer spelling `migrate-cancel`.

@@ -242,6 +242,7 @@ public final class OutgoingMigration: @unchecked Sendable {
             channel.shutdown()
             throw MigrationError.cancelled
         }
+        try channel.secure(settings, as: .client(serverHost: endpoint.host))
         return channel
     }
 

@@ -17,6 +17,9 @@ public final class Channel: @unchecked Sendable {
     private let writeLock = Mutex(())
     /// Bytes written through this channel (frames and payloads).
     public let bytesWritten = AtomicCounter()
+    /// The TLS session every read and write goes through (with `tls-creds`); set by `secure`
+    /// right after connect or accept, before another thread uses the channel.
+    var tls: TLSSession?
 
     /// Takes over a connected TCP socket.
     public init(socket: consuming Descriptor) {
@@ -115,6 +118,7 @@ public final class Channel: @unchecked Sendable {
     @inline(__always)
     private func receive(_ buffer: UnsafeMutableRawPointer, _ count: Int, until deadline: Deadline, whole: Bool,
                          what: () -> String) throws -> Int? {
+        if let tls { return try tls.receive(buffer, count, until: deadline, whole: whole, what: what) }
         let fd = socket.rawValue
         guard deadline.isSet else {
             let flags = whole ? Int32(MSG_WAITALL) : 0
@@ -170,14 +174,15 @@ public final class Channel: @unchecked Sendable {
 
     @inline(__always)
     private func writeAll(_ first: UnsafeRawPointer, _ firstLength: Int, _ second: UnsafeRawPointer?, _ secondLength: Int) throws {
+        bytesWritten.add(UInt64(firstLength + secondLength))
+        // The frame must leave within `frameTimeout`: a peer that stops reading cannot hold
+        // the writer (and the write lock) for ever. Without one, sendmsg blocks as it likes.
+        let deadline = frameTimeout > 0 ? Deadline(in: frameTimeout) : .never
+        if let tls { return try tls.write(first, firstLength, second, secondLength, until: deadline) }
         var vec = (iovec(iov_base: UnsafeMutableRawPointer(mutating: first), iov_len: firstLength),
                    iovec(iov_base: second.map { UnsafeMutableRawPointer(mutating: $0) }, iov_len: secondLength))
         let fd = socket.rawValue
         var remaining = firstLength + secondLength
-        bytesWritten.add(UInt64(remaining))
-        // The frame must leave within `frameTimeout`: a peer that stops reading cannot hold
-        // the writer (and the write lock) for ever. Without one, sendmsg blocks as it likes.
-        let deadline = frameTimeout > 0 ? Deadline(in: frameTimeout) : .never
         let flags = Int32(MSG_NOSIGNAL) | (deadline.isSet ? Int32(MSG_DONTWAIT) : 0)
         try withUnsafeMutableBytes(of: &vec) { raw in
             let iov = raw.baseAddress!.assumingMemoryBound(to: iovec.self)

@@ -15,6 +15,7 @@ struct DemoCommand: ParsableCommand {
     @Option(help: "Seconds between migrate and migrate_start_postcopy.") var precopySeconds: Double = 1
     @Option(help: "TCP port for the migration (0: pick a free one).") var port: Int = 0
     @Option(help: "Precopy bandwidth limit in bytes per second (K, M, G suffixes).") var maxBandwidth: String = "100G"
+    @Flag(inversion: .prefixedNo, help: "Run every channel under TLS 1.3 with a pre-shared key made for this run.") var tls = true
 
     func run() throws {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("postcopy-demo-\(getpid())").path
@@ -22,8 +23,15 @@ struct DemoCommand: ParsableCommand {
         let port = self.port == 0 ? try freePort() : self.port
         let uri = "tcp:127.0.0.1:\(port)"
         print("Starting two hosts: \(memory) of guest memory, \(vcpus) vCPUs, workload \(workload)")
-        let destination = try HostProcess(directory: directory, role: "dst", memory: memory, vcpus: vcpus, workload: workload, incoming: uri)
-        let source = try HostProcess(directory: directory, role: "src", memory: memory, vcpus: vcpus, workload: workload, incoming: nil)
+        if tls {
+            try writePSK(to: "\(directory)/keys.psk")
+            print("TLS: a pre-shared key for this run in \(directory)/keys.psk")
+        }
+        let credentials = { (endpoint: String) in tls ? ["tls-creds-psk,id=tls0,endpoint=\(endpoint),dir=\(directory)"] : [] }
+        let destination = try HostProcess(directory: directory, role: "dst", memory: memory, vcpus: vcpus, workload: workload, incoming: uri,
+                                          objects: credentials("server"))
+        let source = try HostProcess(directory: directory, role: "src", memory: memory, vcpus: vcpus, workload: workload, incoming: nil,
+                                     objects: credentials("client"))
         defer {
             source.terminate()
             destination.terminate()
@@ -41,6 +49,12 @@ struct DemoCommand: ParsableCommand {
             for cap in ["postcopy-ram", "postcopy-blocktime"] {
                 print("(\(side === source ? "src" : "dst")) migrate_set_capability \(cap) on")
                 _ = try side.qmp.run("migrate_set_capability \(cap) on")
+            }
+        }
+        if tls {
+            for side in [source, destination] {
+                print("(\(side === source ? "src" : "dst")) migrate_set_parameter tls-creds tls0")
+                try check(side.qmp.run("migrate_set_parameter tls-creds tls0"))
             }
         }
         // QEMU's default max-bandwidth is 128 MiB/s; on one machine the link is much faster.
@@ -71,6 +85,16 @@ struct DemoCommand: ParsableCommand {
         print(try destination.qmp.run("info check-memory"))
         guard info["status"]?.stringValue == "completed" else {
             throw ValidationError("migration \(info["status"]?.stringValue ?? "?"): \(info["error-desc"]?.stringValue ?? "no error given")")
+        }
+    }
+
+    /// QEMU's PSK file: `identity:hexkey`, here `qemu` (the default username) and 32 random
+    /// bytes, readable by this user only.
+    private func writePSK(to path: String) throws {
+        var generator = SystemRandomNumberGenerator()
+        let key = (0..<32).map { _ in String(format: "%02x", UInt8.random(in: 0...255, using: &generator)) }.joined()
+        guard FileManager.default.createFile(atPath: path, contents: Data("qemu:\(key)\n".utf8), attributes: [.posixPermissions: 0o600]) else {
+            throw ValidationError("cannot write the TLS key file \(path)")
         }
     }
 

@@ -8,7 +8,7 @@ final class HostProcess {
     let serialPath: String
     private(set) var qmp: MonitorClient!
 
-    init(directory: String, role: String, memory: String, vcpus: Int, workload: String, incoming: String?) throws {
+    init(directory: String, role: String, memory: String, vcpus: Int, workload: String, incoming: String?, objects: [String] = []) throws {
         qmpPath = "\(directory)/\(role).qmp"
         serialPath = "\(directory)/\(role).serial"
         FileManager.default.createFile(atPath: serialPath, contents: nil)
@@ -19,6 +19,7 @@ final class HostProcess {
                          // so their log lines do not break its progress line.
                          "--log-level", "warning"]
         if let incoming { arguments += ["--incoming", incoming] }
+        for object in objects { arguments += ["--object", object] }
         process.arguments = arguments
         process.standardError = FileHandle(forWritingAtPath: "/dev/stderr")
         try process.run()

@@ -12,6 +12,8 @@ struct HostCommand: ParsableCommand {
         As a source:      postcopy host --memory 1000M --vcpus 2 --workload linear --qmp /tmp/src.qmp
         As a destination: postcopy host --memory 1000M --vcpus 2 --workload linear --qmp /tmp/dst.qmp --incoming tcp:127.0.0.1:4444
         Then drive it as QEMU: postcopy monitor /tmp/src.qmp 'migrate_set_capability postcopy-ram on' ...
+        With TLS, on each side: --object tls-creds-psk,id=tls0,endpoint=server,dir=DIR (endpoint=client
+        on the source), then 'migrate_set_parameter tls-creds tls0' before migrate / the incoming stream.
         """
     )
 
@@ -35,6 +37,10 @@ struct HostCommand: ParsableCommand {
 
     @Option(help: "Start as a migration destination listening on tcp:HOST:PORT; the vCPUs wait for the switchover.")
     var incoming: String?
+
+    @Option(name: .customLong("object"),
+            help: "Create an object, as QEMU's -object (repeatable): tls-creds-psk,id=ID,endpoint=server|client,dir=DIR; tls-creds-x509,id=ID,endpoint=server|client,dir=DIR[,verify-peer=on|off]; authz-simple,id=ID,identity=DN. Name them with migrate_set_parameter tls-creds / tls-authz.")
+    var objects: [String] = []
 
     @Option(help: "Log level on stderr: trace, debug, info, notice, warning, error or critical.")
     var logLevel: String = "info"
@@ -148,6 +154,7 @@ struct HostCommand: ParsableCommand {
                                     touchIntervalNs: touchNs)
         let controller = MigrationController(memory: vm.memory, host: vm)
         vm.events = controller.events
+        for object in objects { try SecurityObjects.shared.add(commandLine: object) }
         var servers: [AnyObject] = []
         if let qmp { servers.append(try QMPServer(path: qmp, backend: controller, events: controller.events)) }
         if let monitor { servers.append(try HMPServer(path: monitor, backend: controller)) }
