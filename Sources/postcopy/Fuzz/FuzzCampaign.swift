@@ -1,0 +1,187 @@
+import Foundation
+import Glibc
+import Postcopy
+
+/// The fuzz loop and its oracle. Each case is a mutated recording replayed against a fresh or
+/// reused destination host; afterwards the destination must be alive, its monitor must answer
+/// `query-status` and `query-migrate` within 1 s, and, unless its guest ran, it must be back
+/// to listening within the deadline (a probe source gets `hello-ack`) with its memory
+/// untouched (`x-check-memory`: every page counter 0, ok).
+final class FuzzCampaign {
+    /// What a case came to: the two expected outcomes, then the findings.
+    enum Verdict: String, Codable, CaseIterable {
+        /// The destination refused the stream and is listening again with its memory untouched.
+        case refused
+        /// The destination ran the guest (the mutation left a stream it could not tell from a real one).
+        case accepted
+        /// The destination process died.
+        case crash
+        /// Its monitor did not answer within 1 s.
+        case monitor
+        /// The port was held (no `hello-ack` for a probe, or still `active` with every connection closed) past the deadline.
+        case deadline
+        /// The guest never ran, yet its memory changed.
+        case memory
+        /// Refused without saying why: no error frame before the close, or no `error-desc`.
+        case silent
+
+        var isFinding: Bool { self != .refused && self != .accepted }
+    }
+
+    struct Finding: Codable {
+        let number: Int
+        let verdict: Verdict
+        let detail: String
+        let recording: String
+        let mutations: [String]
+        /// The saved case (`postcopy fuzz --replay PATH`), for the first finding of each kind and detail.
+        let reproducer: String?
+    }
+
+    let executable: String
+    let workDirectory: String
+    let findingsDirectory: String
+    let memory: String
+    let vcpus: Int
+    /// Seconds a refused stream may hold the port once every connection is closed.
+    var deadlineSeconds = 2.0
+    var restartEvery = 50
+    var replayer = Replayer(port: 0)
+    private var destination: FuzzHost?
+    private var port: UInt16 = 0
+    private(set) var restarts = 0
+    private var saved: Set<String> = []
+    /// The main handshake of a real recording with no channel announced: the probe's.
+    private let probeHandshake: [UInt8]
+
+    init(executable: String, workDirectory: String, findingsDirectory: String, memory: String, vcpus: Int, probeHandshake: [UInt8]) {
+        self.executable = executable
+        self.workDirectory = workDirectory
+        self.findingsDirectory = findingsDirectory
+        self.memory = memory
+        self.vcpus = vcpus
+        var hello = probeHandshake
+        for k in 12..<16 { hello[k] = 0 }
+        self.probeHandshake = hello
+    }
+
+    deinit { destination?.terminate() }
+
+    func stop() {
+        destination?.terminate()
+        destination = nil
+    }
+
+    private func startDestination() throws -> FuzzHost {
+        if let destination { return destination }
+        port = UInt16(try freePort())
+        let host = try FuzzHost(executable: executable, directory: workDirectory, role: "fuzz-dst", memory: memory,
+                                vcpus: vcpus, incomingPort: port)
+        destination = host
+        replayer = Replayer(port: port, awaitSeconds: replayer.awaitSeconds, sendSeconds: replayer.sendSeconds, lingerSeconds: replayer.lingerSeconds)
+        restarts += 1
+        return host
+    }
+
+    /// Replays one case and judges it; a finding is saved under `findingsDirectory`.
+    func run(_ replayCase: ReplayCase, number: Int, mutations: [String]) throws -> (Verdict, Finding?) {
+        if number > 0, number % restartEvery == 0 { stop() }
+        let host = try startDestination()
+        let outcome = replayer.replay(replayCase)
+        let (verdict, detail) = judge(host, outcome)
+        if verdict != .refused { stop() }   // a guest that ran, or a finding: the next case gets a fresh destination
+        guard verdict.isFinding else { return (verdict, nil) }
+        let signature = "\(verdict.rawValue): \(detail.prefix(120))"
+        var reproducer: String?
+        if !saved.contains(signature) {
+            saved.insert(signature)
+            let path = "\(findingsDirectory)/case-\(number)-\(verdict.rawValue).pcfz"
+            try FileManager.default.createDirectory(atPath: findingsDirectory, withIntermediateDirectories: true)
+            try CaseFile.write(replayCase, to: path)
+            let notes = ([signature, "recording: \(replayCase.name)"] + mutations.map { "mutation: \($0)" }).joined(separator: "\n")
+            _ = FileManager.default.createFile(atPath: path + ".txt", contents: Data((notes + "\n").utf8))
+            reproducer = path
+        }
+        return (verdict, Finding(number: number, verdict: verdict, detail: detail, recording: replayCase.name,
+                                 mutations: mutations, reproducer: reproducer))
+    }
+
+    private func judge(_ host: FuzzHost, _ outcome: Replayer.Outcome) -> (Verdict, String) {
+        let closed = Date()   // the replay has just closed every connection
+        guard host.isAlive else { return (.crash, "\(host.exitDescription); log: \(host.logTail)") }
+        let runState: String, migration: MonitorValue
+        do {
+            runState = try host.execute("query-status")["status"]?.stringValue ?? "?"
+            migration = try host.execute("query-migrate")
+        } catch {
+            if !host.isAlive { return (.crash, "\(host.exitDescription); log: \(host.logTail)") }
+            return (.monitor, "\(error)")
+        }
+        // Its guest ran: the stream was taken for a real one. Nothing more to check here.
+        if runState != RunState.inmigrate.rawValue { return (.accepted, "") }
+        // Every connection is closed: a refused attempt must end within the deadline.
+        var status = migration["status"]?.stringValue ?? "?"
+        let end = Date().addingTimeInterval(deadlineSeconds)
+        while status == MigrationStatus.active.rawValue, Date() < end {
+            usleep(10_000)
+            guard let s = try? host.execute("query-migrate")["status"]?.stringValue else { return (.monitor, "query-migrate: no answer within 1 s while the attempt ended") }
+            status = s
+        }
+        if status == MigrationStatus.active.rawValue {
+            return (.deadline, "still active \(deadlineSeconds) s after the source closed every connection")
+        }
+        if status == MigrationStatus.failed.rawValue, (migration["error-desc"]?.stringValue ?? "").isEmpty,
+           (try? host.execute("query-migrate")["error-desc"]?.stringValue ?? "")?.isEmpty ?? true {
+            return (.silent, "failed without an error-desc")
+        }
+        if outcome.closedByDestination, outcome.errorMessage == nil, !outcome.answers.contains(FrameKind.done.rawValue) {
+            return (.silent, "the destination closed main without an error frame (answers: \(outcome.answers))")
+        }
+        // Back to listening: a real source gets its hello-ack within the deadline.
+        guard probe() else {
+            while Date().timeIntervalSince(closed) < 20, !probe() { usleep(100_000) }
+            let held = Date().timeIntervalSince(closed)
+            return (.deadline, held < 20 ? "the port was held for \(String(format: "%.0f", held)) s after the case closed its connections"
+                                         : "the port was still held 20 s after the case closed its connections")
+        }
+        // The probe's own attempt ends on its close; then the memory must be as it was: all zero.
+        _ = waitUntilNotActive(host)
+        do {
+            let check = try host.execute("x-check-memory")
+            let sum = check["page-counter-sum"]?.intValue ?? -1
+            guard check["ok"]?.boolValue == true, sum == 0 else {
+                return (.memory, "after a refused stream: \(check.jsonText)")
+            }
+        } catch {
+            return host.isAlive ? (.monitor, "\(error)") : (.crash, "\(host.exitDescription); log: \(host.logTail)")
+        }
+        return (.refused, outcome.errorMessage ?? "")
+    }
+
+    /// A valid main handshake with nothing announced: true when `hello-ack` comes within the deadline.
+    private func probe() -> Bool {
+        guard let stream = TCPStream.connect(port: port, timeout: deadlineSeconds) else { return false }
+        defer { stream.shutdown() }
+        let deadline = monotonicNanoseconds() + UInt64(deadlineSeconds * 1e9)
+        guard stream.send(probeHandshake, deadline: deadline) == .sent else { return false }
+        var answer = [UInt8](repeating: 0, count: FrameHeader.size)
+        var got = 0
+        while got < FrameHeader.size {
+            let now = monotonicNanoseconds()
+            guard now < deadline, stream.poll(Int16(POLLIN), milliseconds: Int32((deadline - now) / 1_000_000 + 1)) else { return false }
+            let n = answer.withUnsafeMutableBytes { recv(stream.fd, $0.baseAddress! + got, FrameHeader.size - got, Int32(MSG_DONTWAIT)) }
+            if n == 0 { return false }
+            if n > 0 { got += n }
+        }
+        return answer[0] == FrameKind.helloAck.rawValue
+    }
+
+    private func waitUntilNotActive(_ host: FuzzHost) -> Bool {
+        let end = Date().addingTimeInterval(deadlineSeconds)
+        while Date() < end {
+            if let s = try? host.execute("query-migrate")["status"]?.stringValue, s != MigrationStatus.active.rawValue { return true }
+            usleep(2_000)
+        }
+        return false
+    }
+}
