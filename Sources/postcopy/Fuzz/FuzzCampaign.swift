@@ -47,6 +47,8 @@ final class FuzzCampaign {
     var deadlineSeconds = 2.0
     var restartEvery = 50
     var replayer = Replayer(port: 0)
+    /// Called with one line per case (`--verbose`).
+    var trace: ((String) -> Void)?
     private var destination: FuzzHost?
     private var port: UInt16 = 0
     private(set) var restarts = 0
@@ -86,10 +88,16 @@ final class FuzzCampaign {
     /// Replays one case and judges it; a finding is saved under `findingsDirectory`.
     func run(_ replayCase: ReplayCase, number: Int, mutations: [String]) throws -> (Verdict, Finding?) {
         if number > 0, number % restartEvery == 0 { stop() }
+        let started = Date()
         let host = try startDestination()
+        let replayed = Date()
         let outcome = replayer.replay(replayCase)
+        let judged = Date()
         let (verdict, detail) = judge(host, outcome)
         if verdict != .refused { stop() }   // a guest that ran, or a finding: the next case gets a fresh destination
+        trace?(String(format: "case %d %@: start %.2f s, replay %.2f s (%d bytes), judge %.2f s: %@", number, verdict.rawValue,
+                      replayed.timeIntervalSince(started), judged.timeIntervalSince(replayed), outcome.bytesSent,
+                      Date().timeIntervalSince(judged), mutations.joined(separator: "; ")))
         guard verdict.isFinding else { return (verdict, nil) }
         let signature = "\(verdict.rawValue): \(detail.prefix(120))"
         var reproducer: String?
@@ -135,14 +143,15 @@ final class FuzzCampaign {
             return (.silent, "failed without an error-desc")
         }
         if outcome.closedByDestination, outcome.errorMessage == nil, !outcome.answers.contains(FrameKind.done.rawValue) {
-            return (.silent, "the destination closed main without an error frame (answers: \(outcome.answers))")
+            return (.silent, "the destination closed main without an error frame (answers: \(outcome.answers)); log: \(host.logTail)")
         }
         // Back to listening: a real source gets its hello-ack within the deadline.
-        guard probe() else {
-            while Date().timeIntervalSince(closed) < 20, !probe() { usleep(100_000) }
+        if let refusal = probe() {
+            while Date().timeIntervalSince(closed) < 20, probe() != nil { usleep(100_000) }
             let held = Date().timeIntervalSince(closed)
-            return (.deadline, held < 20 ? "the port was held for \(String(format: "%.0f", held)) s after the case closed its connections"
-                                         : "the port was still held 20 s after the case closed its connections")
+            return (.deadline, "a real source's handshake got \(refusal), "
+                + (held < 20 ? "then the port was free \(String(format: "%.1f", held)) s after the case closed its connections"
+                             : "and the port was still held 20 s after the case closed its connections"))
         }
         // The probe's own attempt ends on its close; then the memory must be as it was: all zero.
         _ = waitUntilNotActive(host)
@@ -158,22 +167,29 @@ final class FuzzCampaign {
         return (.refused, outcome.errorMessage ?? "")
     }
 
-    /// A valid main handshake with nothing announced: true when `hello-ack` comes within the deadline.
-    private func probe() -> Bool {
-        guard let stream = TCPStream.connect(port: port, timeout: deadlineSeconds) else { return false }
+    /// A valid main handshake with nothing announced: nil when `hello-ack` comes within the
+    /// deadline, else what came instead.
+    private func probe() -> String? {
+        guard let stream = TCPStream.connect(port: port, timeout: deadlineSeconds) else { return "connection refused" }
         defer { stream.shutdown() }
         let deadline = monotonicNanoseconds() + UInt64(deadlineSeconds * 1e9)
-        guard stream.send(probeHandshake, deadline: deadline) == .sent else { return false }
-        var answer = [UInt8](repeating: 0, count: FrameHeader.size)
-        var got = 0
-        while got < FrameHeader.size {
+        guard stream.send(probeHandshake, deadline: deadline) == .sent else { return "the handshake could not be sent" }
+        var answer: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while answer.count < FrameHeader.size || answer[0] == FrameKind.error.rawValue && answer.count < FrameHeader.size + Int(answer[4]) + Int(answer[5]) << 8 {
             let now = monotonicNanoseconds()
-            guard now < deadline, stream.poll(Int16(POLLIN), milliseconds: Int32((deadline - now) / 1_000_000 + 1)) else { return false }
-            let n = answer.withUnsafeMutableBytes { recv(stream.fd, $0.baseAddress! + got, FrameHeader.size - got, Int32(MSG_DONTWAIT)) }
-            if n == 0 { return false }
-            if n > 0 { got += n }
+            guard now < deadline, stream.poll(Int16(POLLIN), milliseconds: Int32((deadline - now) / 1_000_000 + 1)) else {
+                return answer.isEmpty ? "no answer within \(deadlineSeconds) s" : "an incomplete answer"
+            }
+            let n = buffer.withUnsafeMutableBytes { recv(stream.fd, $0.baseAddress!, $0.count, Int32(MSG_DONTWAIT)) }
+            if n == 0 { return answer.isEmpty ? "closed without an answer" : "closed mid-answer" }
+            if n > 0 { answer += buffer[..<n] }
         }
-        return answer[0] == FrameKind.helloAck.rawValue
+        if answer[0] == FrameKind.helloAck.rawValue { return nil }
+        if answer[0] == FrameKind.error.rawValue {
+            return "error: " + String(decoding: answer[FrameHeader.size...], as: UTF8.self)
+        }
+        return "frame kind \(answer[0]) instead of hello-ack"
     }
 
     private func waitUntilNotActive(_ host: FuzzHost) -> Bool {

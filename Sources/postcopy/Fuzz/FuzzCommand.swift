@@ -25,7 +25,9 @@ struct FuzzCommand: ParsableCommand {
     @Option(help: "Restart the destination host after this many cases (refused cases reuse it).") var restartEvery: Int = 50
     @Option(help: "Seconds a refused stream may hold the port after its connections close.") var deadline: Double = 2
     @Option(help: "Replay this saved case once, judge it, and exit.") var replay: String?
+    @Option(help: "Also save the unmutated recordings as case files in this folder (NAME.pcfz).") var saveRecordings: String?
     @Flag(help: "Print the report as JSON on stdout.") var json = false
+    @Flag(help: "Print each case's verdict, timings and mutations on stderr.") var verbose = false
 
     struct Report: Codable {
         var seed: UInt64
@@ -55,6 +57,10 @@ struct FuzzCommand: ParsableCommand {
                 progress("recording \(scenario.name)...")
                 seeds.append(try recorder.record(scenario).replayCase())
             }
+            if let saveRecordings {
+                try FileManager.default.createDirectory(atPath: saveRecordings, withIntermediateDirectories: true)
+                for seed in seeds { try CaseFile.write(seed, to: "\(saveRecordings)/\(seed.name).pcfz") }
+            }
         }
         guard let probe = seeds.lazy.compactMap({ $0.steps.firstSend(on: 0) }).first(where: { $0.count == Handshake.size }) else {
             throw FuzzError("no recording starts with a main handshake to probe with")
@@ -64,6 +70,7 @@ struct FuzzCommand: ParsableCommand {
         defer { campaign.stop() }
         campaign.restartEvery = restartEvery
         campaign.deadlineSeconds = deadline
+        if verbose { campaign.trace = progress }
 
         var report = Report(seed: seed)
         for s in seeds { report.recordings[s.name] = s.byteCount }

@@ -94,7 +94,7 @@ struct Mutator {
         var (conn, bytes, unit) = parts(c.steps[i])
         let flips = Int.random(in: 1...4, using: &random)
         // Headers are where the parser decides things: most flips land there.
-        let span = Bool.random(using: &random) || bytes.count <= 40 ? min(bytes.count, unit == .handshake ? 40 : 16) : bytes.count
+        let span = Int.random(in: 0..<4, using: &random) > 0 || bytes.count <= 40 ? min(bytes.count, unit == .handshake ? 40 : 16) : bytes.count
         var offsets: [Int] = []
         for _ in 0..<flips {
             let offset = Int.random(in: 0..<span, using: &random)

@@ -7,11 +7,11 @@ import Postcopy
 struct Replayer {
     let port: UInt16
     /// How long an await waits for the destination's `hello-ack` or `running`.
-    var awaitSeconds = 1.0
+    var awaitSeconds = 0.5
     /// The budget for all the case's writes: a destination that stops reading ends the case.
     var sendSeconds = 4.0
     /// After the last step, how long to wait for the destination's `done`, error or close.
-    var lingerSeconds = 0.5
+    var lingerSeconds = 0.3
 
     /// What the destination did during the replay, as the source saw it.
     struct Outcome {
