@@ -88,16 +88,7 @@ final class FuzzCampaign {
     /// Replays one case and judges it; a finding is saved under `findingsDirectory`.
     func run(_ replayCase: ReplayCase, number: Int, mutations: [String]) throws -> (Verdict, Finding?) {
         if number > 0, number % restartEvery == 0 { stop() }
-        let started = Date()
-        let host = try startDestination()
-        let replayed = Date()
-        let outcome = replayer.replay(replayCase)
-        let judged = Date()
-        let (verdict, detail) = judge(host, outcome)
-        if verdict != .refused { stop() }   // a guest that ran, or a finding: the next case gets a fresh destination
-        trace?(String(format: "case %d %@: start %.2f s, replay %.2f s (%d bytes), judge %.2f s: %@", number, verdict.rawValue,
-                      replayed.timeIntervalSince(started), judged.timeIntervalSince(replayed), outcome.bytesSent,
-                      Date().timeIntervalSince(judged), mutations.joined(separator: "; ")))
+        let (verdict, detail) = try verdict(of: replayCase, number: number, mutations: mutations)
         guard verdict.isFinding else { return (verdict, nil) }
         let signature = "\(verdict.rawValue): \(detail.prefix(120))"
         var reproducer: String?
@@ -108,21 +99,42 @@ final class FuzzCampaign {
             try CaseFile.write(replayCase, to: path)
             let notes = ([signature, "recording: \(replayCase.name)"] + mutations.map { "mutation: \($0)" }).joined(separator: "\n")
             _ = FileManager.default.createFile(atPath: path + ".txt", contents: Data((notes + "\n").utf8))
+            // The destination's whole log (a crash's backtrace): the next destination has not started yet.
+            try? FileManager.default.copyItem(atPath: "\(workDirectory)/fuzz-dst.log", toPath: path + ".log")
             reproducer = path
         }
         return (verdict, Finding(number: number, verdict: verdict, detail: detail, recording: replayCase.name,
                                  mutations: mutations, reproducer: reproducer))
     }
 
+    /// Replays one case against the destination and judges it; after anything but a refusal
+    /// the destination is stopped, so the next case gets a fresh one.
+    func verdict(of replayCase: ReplayCase, number: Int = 0, mutations: [String] = []) throws -> (Verdict, String) {
+        let started = Date()
+        let host = try startDestination()
+        let replayed = Date()
+        let outcome = replayer.replay(replayCase)
+        let judged = Date()
+        let (verdict, detail) = judge(host, outcome)
+        if verdict != .refused { stop() }   // a guest that ran, or a finding: the next case gets a fresh destination
+        trace?(String(format: "case %d %@: start %.2f s, replay %.2f s (%d bytes), judge %.2f s: %@", number, verdict.rawValue,
+                      replayed.timeIntervalSince(started), judged.timeIntervalSince(replayed), outcome.bytesSent,
+                      Date().timeIntervalSince(judged), mutations.joined(separator: "; ")))
+        return (verdict, detail)
+    }
+
     private func judge(_ host: FuzzHost, _ outcome: Replayer.Outcome) -> (Verdict, String) {
         let closed = Date()   // the replay has just closed every connection
-        guard host.isAlive else { return (.crash, "\(host.exitDescription); log: \(host.logTail)") }
+        guard host.isAlive else { return (.crash, "\(host.exitDescription); log: \(host.crashSummary)") }
         let runState: String, migration: MonitorValue
         do {
             runState = try host.execute("query-status")["status"]?.stringValue ?? "?"
             migration = try host.execute("query-migrate")
         } catch {
-            if !host.isAlive { return (.crash, "\(host.exitDescription); log: \(host.logTail)") }
+            // A crashing Swift process prints its backtrace before it exits: give it the time.
+            let end = Date().addingTimeInterval(3)
+            while host.isAlive, Date() < end { usleep(10_000) }
+            if !host.isAlive { return (.crash, "\(host.exitDescription); log: \(host.crashSummary)") }
             return (.monitor, "\(error)")
         }
         // Its guest ran: the stream was taken for a real one. Nothing more to check here.
@@ -162,7 +174,7 @@ final class FuzzCampaign {
                 return (.memory, "after a refused stream: \(check.jsonText)")
             }
         } catch {
-            return host.isAlive ? (.monitor, "\(error)") : (.crash, "\(host.exitDescription); log: \(host.logTail)")
+            return host.isAlive ? (.monitor, "\(error)") : (.crash, "\(host.exitDescription); log: \(host.crashSummary)")
         }
         return (.refused, outcome.errorMessage ?? "")
     }

@@ -25,6 +25,7 @@ struct FuzzCommand: ParsableCommand {
     @Option(help: "Restart the destination host after this many cases (refused cases reuse it).") var restartEvery: Int = 50
     @Option(help: "Seconds a refused stream may hold the port after its connections close.") var deadline: Double = 2
     @Option(help: "Replay this saved case once, judge it, and exit.") var replay: String?
+    @Flag(help: "With --replay: shrink the case while it keeps its verdict, and save it as FILE.min.pcfz.") var minimize = false
     @Option(help: "Also save the unmutated recordings as case files in this folder (NAME.pcfz).") var saveRecordings: String?
     @Flag(help: "Print the report as JSON on stdout.") var json = false
     @Flag(help: "Print each case's verdict, timings and mutations on stderr.") var verbose = false
@@ -71,6 +72,17 @@ struct FuzzCommand: ParsableCommand {
         campaign.restartEvery = restartEvery
         campaign.deadlineSeconds = deadline
         if verbose { campaign.trace = progress }
+
+        if let replay, minimize {
+            let (verdict, detail) = try campaign.verdict(of: seeds[0])
+            progress("\(verdict.rawValue): \(detail)")
+            var minimizer = CaseMinimizer(campaign: campaign)
+            let small = try minimizer.minimize(seeds[0], keeping: verdict, progress: progress)
+            let path = replay.hasSuffix(".pcfz") ? String(replay.dropLast(5)) + ".min.pcfz" : replay + ".min.pcfz"
+            try CaseFile.write(small, to: path)
+            print("\(verdict.rawValue) kept with \(small.steps.count) steps and \(small.byteCount) bytes: \(path)")
+            return
+        }
 
         var report = Report(seed: seed)
         for s in seeds { report.recordings[s.name] = s.byteCount }

@@ -56,6 +56,19 @@ final class FuzzHost {
     /// How long the monitor may take to answer a command (the oracle's "answers within 1 s").
     static let monitorTimeout = 1.0
 
+    /// What a crash report says first: the failure, then the crashed thread's top frames in this program.
+    var crashSummary: String {
+        let lines = ((try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "").split(separator: "\n")
+        guard let failure = lines.firstIndex(where: { $0.contains("runtime failure") || $0.contains("Fatal error") }) else { return logTail }
+        var summary = [String(lines[failure])]
+        if let crashed = lines.firstIndex(where: { $0.hasSuffix("crashed:") }) {
+            summary.append(String(lines[crashed]))
+            summary += lines[(crashed + 1)...].prefix(6).filter { $0.contains(" in postcopy at /") }.prefix(2)
+                .map { String($0.split(separator: " in postcopy at ").last ?? $0) }
+        }
+        return summary.joined(separator: " | ")
+    }
+
     /// Runs a QMP command and returns its `return` value; throws when the monitor does not
     /// answer within `monitorTimeout` or answers with an error. A late answer would put the
     /// conversation out of step, so after a timeout the next command reconnects.
