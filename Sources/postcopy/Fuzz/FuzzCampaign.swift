@@ -46,6 +46,8 @@ final class FuzzCampaign {
     /// Seconds a refused stream may hold the port once every connection is closed.
     var deadlineSeconds = 2.0
     var restartEvery = 50
+    /// How long a destination whose guest ran is watched before it is replaced.
+    var acceptedGraceSeconds = 0.1
     var replayer = Replayer(port: 0)
     /// Called with one line per case (`--verbose`).
     var trace: ((String) -> Void)?
@@ -138,7 +140,12 @@ final class FuzzCampaign {
             return (.monitor, "\(error)")
         }
         // Its guest ran: the stream was taken for a real one. Nothing more to check here.
-        if runState != RunState.inmigrate.rawValue { return (.accepted, "") }
+        if runState != RunState.inmigrate.rawValue {
+            // The guest runs the restored vCPU state: a state that makes it trap does so within a sweep.
+            let end = Date().addingTimeInterval(acceptedGraceSeconds)
+            while host.isAlive, Date() < end { usleep(5_000) }
+            return host.isAlive ? (.accepted, "") : (.crash, "\(host.exitDescription) while its guest ran; log: \(host.crashSummary)")
+        }
         // Every connection is closed: a refused attempt must end within the deadline.
         var status = migration["status"]?.stringValue ?? "?"
         let end = Date().addingTimeInterval(deadlineSeconds)

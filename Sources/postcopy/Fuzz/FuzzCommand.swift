@@ -27,6 +27,7 @@ struct FuzzCommand: ParsableCommand {
     @Option(help: "Replay this saved case once, judge it, and exit.") var replay: String?
     @Flag(help: "With --replay: shrink the case while it keeps its verdict, and save it as FILE.min.pcfz.") var minimize = false
     @Option(help: "Also save the unmutated recordings as case files in this folder (NAME.pcfz).") var saveRecordings: String?
+    @Option(help: "Fuzz these saved recordings (a --save-recordings folder) instead of recording new ones: the same folder and seed give the same cases.") var recordings: String?
     @Flag(help: "Print the report as JSON on stdout.") var json = false
     @Flag(help: "Print each case's verdict, timings and mutations on stderr.") var verbose = false
 
@@ -51,6 +52,8 @@ struct FuzzCommand: ParsableCommand {
         var seeds: [ReplayCase]
         if let replay {
             seeds = [try CaseFile.read(from: replay)]
+        } else if let recordings {
+            seeds = try StreamRecorder.Scenario.all.map { try CaseFile.read(from: "\(recordings)/\($0.name).pcfz") }
         } else {
             let recorder = StreamRecorder(executable: executable, directory: work, memory: memory, vcpus: vcpus)
             seeds = []
@@ -74,7 +77,10 @@ struct FuzzCommand: ParsableCommand {
         if verbose { campaign.trace = progress }
 
         if let replay, minimize {
-            let (verdict, detail) = try campaign.verdict(of: seeds[0])
+            // Races make some findings come and go: the first of three tries that finds something is kept.
+            var (verdict, detail) = try campaign.verdict(of: seeds[0])
+            for _ in 0..<2 where !verdict.isFinding { (verdict, detail) = try campaign.verdict(of: seeds[0]) }
+            guard verdict.isFinding else { throw FuzzError("\(replay) was \(verdict.rawValue) three times: nothing to minimize") }
             progress("\(verdict.rawValue): \(detail)")
             var minimizer = CaseMinimizer(campaign: campaign)
             let small = try minimizer.minimize(seeds[0], keeping: verdict, progress: progress)
