@@ -10,7 +10,14 @@ struct CaseMinimizer {
     /// Replays allowed in all.
     var budget = 300
 
-    mutating func minimize(_ original: ReplayCase, keeping target: FuzzCampaign.Verdict, progress: (String) -> Void) throws -> ReplayCase {
+    /// What must stay the same: the verdict, and for a crash where it crashed (the last
+    /// source location of the summary), so a smaller case does not trade one bug for another.
+    static func signature(_ verdict: FuzzCampaign.Verdict, _ detail: String) -> String {
+        guard verdict == .crash else { return verdict.rawValue }
+        return "crash at " + (detail.components(separatedBy: " | ").last ?? "")
+    }
+
+    mutating func minimize(_ original: ReplayCase, keeping target: String, progress: (String) -> Void) throws -> ReplayCase {
         var current = original
         // Pages to zero pages: the payload goes, the header keeps its range.
         current = try shrink(current, target, "pages to zero pages", candidates: { c in
@@ -33,7 +40,7 @@ struct CaseMinimizer {
         return current
     }
 
-    private mutating func shrink(_ start: ReplayCase, _ target: FuzzCampaign.Verdict, _ what: String,
+    private mutating func shrink(_ start: ReplayCase, _ target: String, _ what: String,
                                  candidates: (ReplayCase) -> [Int], change: (inout ReplayCase, [Int]) -> Void,
                                  _ progress: (String) -> Void) throws -> ReplayCase {
         var current = start
@@ -46,7 +53,8 @@ struct CaseMinimizer {
                 var trial = current
                 change(&trial, Array(indices[offset..<min(offset + chunk, indices.count)]))
                 budget -= 1
-                if try campaign.verdict(of: trial).0 == target {
+                let (verdict, detail) = try campaign.verdict(of: trial)
+                if Self.signature(verdict, detail) == target {
                     current = trial   // the same indices now name the next candidates
                     progress("\(what): \(indices.count) candidates, \(current.steps.count) steps, \(current.byteCount) bytes")
                 } else {

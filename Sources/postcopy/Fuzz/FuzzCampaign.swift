@@ -46,8 +46,10 @@ final class FuzzCampaign {
     /// Seconds a refused stream may hold the port once every connection is closed.
     var deadlineSeconds = 2.0
     var restartEvery = 50
-    /// How long a destination whose guest ran is watched before it is replaced.
-    var acceptedGraceSeconds = 0.1
+    /// How long a destination whose guest ran a device state no recording had is watched before it is replaced.
+    var acceptedGraceSeconds = 1.0
+    /// The device states the real sources sent (the recordings').
+    var realDeviceStates: Set<[UInt8]> = []
     var replayer = Replayer(port: 0)
     /// Called with one line per case (`--verbose`).
     var trace: ((String) -> Void)?
@@ -117,7 +119,7 @@ final class FuzzCampaign {
         let replayed = Date()
         let outcome = replayer.replay(replayCase)
         let judged = Date()
-        let (verdict, detail) = judge(host, outcome)
+        let (verdict, detail) = judge(host, outcome, replayCase)
         if verdict != .refused { stop() }   // a guest that ran, or a finding: the next case gets a fresh destination
         trace?(String(format: "case %d %@: start %.2f s, replay %.2f s (%d bytes), judge %.2f s: %@", number, verdict.rawValue,
                       replayed.timeIntervalSince(started), judged.timeIntervalSince(replayed), outcome.bytesSent,
@@ -125,7 +127,7 @@ final class FuzzCampaign {
         return (verdict, detail)
     }
 
-    private func judge(_ host: FuzzHost, _ outcome: Replayer.Outcome) -> (Verdict, String) {
+    private func judge(_ host: FuzzHost, _ outcome: Replayer.Outcome, _ replayCase: ReplayCase) -> (Verdict, String) {
         let closed = Date()   // the replay has just closed every connection
         guard host.isAlive else { return (.crash, "\(host.exitDescription); log: \(host.crashSummary)") }
         let runState: String, migration: MonitorValue
@@ -133,16 +135,14 @@ final class FuzzCampaign {
             runState = try host.execute("query-status")["status"]?.stringValue ?? "?"
             migration = try host.execute("query-migrate")
         } catch {
-            // A crashing Swift process prints its backtrace before it exits: give it the time.
-            let end = Date().addingTimeInterval(3)
-            while host.isAlive, Date() < end { usleep(10_000) }
-            if !host.isAlive { return (.crash, "\(host.exitDescription); log: \(host.crashSummary)") }
-            return (.monitor, "\(error)")
+            return silentMonitor(host, error)
         }
         // Its guest ran: the stream was taken for a real one. Nothing more to check here.
         if runState != RunState.inmigrate.rawValue {
-            // The guest runs the restored vCPU state: a state that makes it trap does so within a sweep.
-            let end = Date().addingTimeInterval(acceptedGraceSeconds)
+            // The guest runs the restored vCPU state. A state no real source sent may make it trap
+            // within a sweep; the process then prints its backtrace (about 0.5 s) before it exits.
+            let grace = replayCase.deviceStates.allSatisfy(realDeviceStates.contains) ? 0.05 : acceptedGraceSeconds
+            let end = Date().addingTimeInterval(grace)
             while host.isAlive, Date() < end { usleep(5_000) }
             return host.isAlive ? (.accepted, "") : (.crash, "\(host.exitDescription) while its guest ran; log: \(host.crashSummary)")
         }
@@ -181,9 +181,17 @@ final class FuzzCampaign {
                 return (.memory, "after a refused stream: \(check.jsonText)")
             }
         } catch {
-            return host.isAlive ? (.monitor, "\(error)") : (.crash, "\(host.exitDescription); log: \(host.crashSummary)")
+            return silentMonitor(host, error)
         }
         return (.refused, outcome.errorMessage ?? "")
+    }
+
+    /// A monitor that did not answer: a crash if the process is on its way out (a crashing Swift
+    /// process prints its backtrace before it exits, which takes a second or two), else a hang.
+    private func silentMonitor(_ host: FuzzHost, _ error: any Error) -> (Verdict, String) {
+        let end = Date().addingTimeInterval(3)
+        while host.isAlive, Date() < end { usleep(10_000) }
+        return host.isAlive ? (.monitor, "\(error)") : (.crash, "\(host.exitDescription); log: \(host.crashSummary)")
     }
 
     /// A valid main handshake with nothing announced: nil when `hello-ack` comes within the

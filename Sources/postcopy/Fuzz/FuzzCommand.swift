@@ -74,6 +74,7 @@ struct FuzzCommand: ParsableCommand {
         defer { campaign.stop() }
         campaign.restartEvery = restartEvery
         campaign.deadlineSeconds = deadline
+        if replay == nil { campaign.realDeviceStates = Set(seeds.flatMap(\.deviceStates)) }
         if verbose { campaign.trace = progress }
 
         if let replay, minimize {
@@ -83,10 +84,11 @@ struct FuzzCommand: ParsableCommand {
             guard verdict.isFinding else { throw FuzzError("\(replay) was \(verdict.rawValue) three times: nothing to minimize") }
             progress("\(verdict.rawValue): \(detail)")
             var minimizer = CaseMinimizer(campaign: campaign)
-            let small = try minimizer.minimize(seeds[0], keeping: verdict, progress: progress)
+            let target = CaseMinimizer.signature(verdict, detail)
+            let small = try minimizer.minimize(seeds[0], keeping: target, progress: progress)
             let path = replay.hasSuffix(".pcfz") ? String(replay.dropLast(5)) + ".min.pcfz" : replay + ".min.pcfz"
             try CaseFile.write(small, to: path)
-            print("\(verdict.rawValue) kept with \(small.steps.count) steps and \(small.byteCount) bytes: \(path)")
+            print("\(target) kept with \(small.steps.count) steps and \(small.byteCount) bytes: \(path)")
             return
         }
 

@@ -35,7 +35,7 @@ struct Mutator {
     }
 
     private mutating func mutateOnce(_ c: inout ReplayCase) -> String? {
-        switch Int.random(in: 0..<20, using: &random) {
+        switch Int.random(in: 0..<22, using: &random) {
         case 0, 1: return bitFlips(&c)
         case 2: return insertBytes(&c)
         case 3: return deleteBytes(&c)
@@ -52,7 +52,9 @@ struct Mutator {
         case 16: return dropChannel(&c)
         case 17: return dropAwaits(&c)
         case 18: return deviceStateWord(&c)
-        default: return consistentPageRange(&c)
+        case 19: return consistentPageRange(&c)
+        case 20: return cutAtControlFrame(&c)
+        default: return dropControlFrame(&c)
         }
     }
 
@@ -143,6 +145,27 @@ struct Mutator {
         let keep = Int.random(in: 1..<c.steps.count, using: &random)
         c.steps.removeSubrange(keep...)
         return "end the case after step \(keep - 1)"
+    }
+
+    /// The frames that move the destination from one phase to the next.
+    private func controlFrames(_ c: ReplayCase) -> [Int] {
+        let control: Set<UInt8> = [FrameKind.sync, .syncWait, .discard, .deviceState, .run, .complete].map(\.rawValue).reduce(into: []) { $0.insert($1) }
+        return sends(c, .frame).filter { if case .send(_, let b, _) = c.steps[$0] { control.contains(b[0]) } else { false } }
+    }
+
+    /// The source goes away just before or just after a phase change (a random cut rarely lands there).
+    private mutating func cutAtControlFrame(_ c: inout ReplayCase) -> String? {
+        guard let i = pick(controlFrames(c)) else { return nil }
+        let (conn, bytes, unit) = parts(c.steps[i])
+        let keep = Bool.random(using: &random) ? i : i + 1
+        c.steps.removeSubrange(keep...)
+        return "end the case \(keep == i ? "before" : "after") \(describe(bytes, unit)) (step \(i), connection \(conn))"
+    }
+
+    private mutating func dropControlFrame(_ c: inout ReplayCase) -> String? {
+        guard let i = pick(controlFrames(c)) else { return nil }
+        let (conn, bytes, unit) = parts(c.steps.remove(at: i))
+        return "drop \(describe(bytes, unit)) (step \(i), connection \(conn))"
     }
 
     // MARK: frame-aware

@@ -32,6 +32,11 @@ struct ReplayCase: Sendable {
         steps.reduce(0) { if case .open(let c) = $1 { max($0, c + 1) } else { $0 } }
     }
 
+    /// The device-state frames the case sends, whole.
+    var deviceStates: [[UInt8]] {
+        steps.compactMap { if case .send(_, let bytes, .frame) = $0, bytes[0] == FrameKind.deviceState.rawValue { bytes } else { nil } }
+    }
+
     /// Total bytes the case sends.
     var byteCount: Int {
         steps.reduce(0) { if case .send(_, let bytes, _) = $1 { $0 + bytes.count } else { $0 } }
