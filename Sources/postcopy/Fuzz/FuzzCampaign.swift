@@ -168,9 +168,9 @@ final class FuzzCampaign {
         if let refusal = probe() {
             while Date().timeIntervalSince(closed) < 20, probe() != nil { usleep(100_000) }
             let held = Date().timeIntervalSince(closed)
-            return (.deadline, "a real source's handshake got \(refusal), "
-                + (held < 20 ? "then the port was free \(String(format: "%.1f", held)) s after the case closed its connections"
-                             : "and the port was still held 20 s after the case closed its connections"))
+            return (.deadline, "a real source's handshake got \(refusal); "
+                + (held < 20 ? "a later one got hello-ack \(String(format: "%.1f", held)) s after the case closed its connections"
+                             : "none got hello-ack within 20 s after the case closed its connections"))
         }
         // The probe's own attempt ends on its close; then the memory must be as it was: all zero.
         _ = waitUntilNotActive(host)
