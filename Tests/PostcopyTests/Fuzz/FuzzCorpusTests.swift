@@ -2,12 +2,14 @@ import Foundation
 import Postcopy
 import Testing
 
-/// Cases the fuzzer found (minimized, in Corpus/), replayed with `postcopy fuzz --replay`
-/// against a 16 MiB, 2-vCPU destination. Each must now be refused: the destination stays
+/// Cases the fuzzer found, minimized, replayed with `postcopy fuzz --replay` against a 16 MiB,
+/// 2-vCPU destination. They live in Tests/FuzzCorpus/, outside the test target, which would
+/// take them for sources. Each must now be refused: the destination stays
 /// alive, answers, listens again within 2 s and keeps its memory untouched.
 @Suite("Fuzz findings, replayed", .serialized)
 struct FuzzCorpusTests {
-    static let corpus = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Corpus").path
+    static let corpus = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().appendingPathComponent("FuzzCorpus").path
 
     static func verdict(of name: String) throws -> (String, MonitorValue) {
         let (report, _) = try FuzzRunTests.fuzz(["--replay", "\(corpus)/\(name)", "--memory", "16M", "--vcpus", "2"])
