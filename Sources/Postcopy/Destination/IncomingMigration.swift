@@ -79,6 +79,8 @@ public final class IncomingMigration: @unchecked Sendable {
         /// acceptor reads the hellos of new connections and queues those of this session in
         /// `arrivals` only while this is above 0.
         var expecting = 0
+        /// `fail` is writing its refusal to the source on main.
+        var refusalPending = false
         var arrivals: [(channel: Channel, hello: Handshake)] = []
         /// The guest ran here and the attempt is over: the listener is closed for good.
         var closed = false
@@ -144,8 +146,11 @@ public final class IncomingMigration: @unchecked Sendable {
     var phase: DestinationPhase { DestinationPhase(rawValue: phaseWord.load(ordering: .acquiring))! }
 
     /// Moves to `phase`. Called only inside `state.update`, so that the phase changes together
-    /// with the status and a check-then-move is atomic.
+    /// with the status and a check-then-move is atomic. `finished` is left only for
+    /// `listening` (a reset): a receiver that admitted a frame just before another channel
+    /// failed must not revive the attempt, or the fault thread would never leave.
     func enter(_ phase: DestinationPhase) {
+        if self.phase == .finished, phase != .listening, phase != .finished { return }
         phaseWord.store(phase.rawValue, ordering: .releasing)
     }
 
@@ -189,7 +194,7 @@ public final class IncomingMigration: @unchecked Sendable {
             s.expecting = (preempt ? 1 : 0) + hello.multifdChannels
         }
         try main.write(FrameHeader(.helloAck))
-        let (urgent, multifd) = try announcedChannels(of: hello, preempt: preempt, by: Deadline(in: settings.handshakeTimeout))
+        let (urgent, multifd) = try announcedChannels(of: hello, preempt: preempt, by: Deadline(in: settings.handshakeTimeout), main: main)
         for channel in [main] + (urgent.map { [$0] } ?? []) + multifd { channel.frameTimeout = settings.frameTimeout }
         multifdSynced.update { $0 = Array(repeating: 0, count: multifd.count) }
         lastFrameNs.store(monotonicNanoseconds())
@@ -221,7 +226,7 @@ public final class IncomingMigration: @unchecked Sendable {
     /// The urgent and multifd channels `hello` announced, each connected and its hello read (by
     /// the acceptor) by `deadline`. A connection of this session whose role or index is not
     /// awaited is refused alone; the attempt goes on waiting.
-    private func announcedChannels(of hello: Handshake, preempt: Bool, by deadline: Deadline) throws -> (Channel?, [Channel]) {
+    private func announcedChannels(of hello: Handshake, preempt: Bool, by deadline: Deadline, main: Channel) throws -> (Channel?, [Channel]) {
         var urgent: Channel?
         var multifd = [Channel?](repeating: nil, count: hello.multifdChannels)
         defer {
@@ -235,13 +240,18 @@ public final class IncomingMigration: @unchecked Sendable {
         while (preempt && urgent == nil) || multifd.contains(where: { $0 == nil }) {
             var waitSeconds: Double? = 0   // the deadline passed: look once more, do not wait
             if let left = deadline.remainingMilliseconds { waitSeconds = left < 0 ? nil : Double(left) / 1000 }
-            state.wait(timeout: waitSeconds) { !$0.arrivals.isEmpty || phase != .handshaking }
+            // In slices, so that a source that hung up meanwhile ends the wait at once.
+            state.wait(timeout: min(waitSeconds ?? 0.1, 0.1)) { !$0.arrivals.isEmpty || phase != .handshaking }
+            if main.peerHungUp {
+                throw ProtocolError.truncated("the handshake: the source closed the main channel before its announced channels connected")
+            }
             let next = state.update { s -> (channel: Channel, hello: Handshake)? in
                 guard phase == .handshaking, !s.arrivals.isEmpty else { return nil }
                 return s.arrivals.removeFirst()
             }
             guard phase == .handshaking else { throw MigrationError.cancelled }
             guard let next else {
+                if deadline.remainingMilliseconds != nil { continue }   // a slice ended, the deadline has not
                 let absent = multifd.count(where: { $0 == nil })
                 let missing = (preempt && urgent == nil ? ["the urgent channel"] : [])
                     + (absent > 0 ? ["\(absent) of \(multifd.count) multifd channels"] : [])
@@ -299,6 +309,7 @@ public final class IncomingMigration: @unchecked Sendable {
     /// Ends the attempt's threads and waits for them: the channels are shut down (a blocked
     /// read fails) and the fault thread is woken. The phase is `finished` by now.
     private func endAttempt() {
+        state.wait { !$0.refusalPending }   // a failure's refusal goes out before main is shut
         shutdownChannels()
         wakeFaultThread()
         for thread in attemptThreads.update({ threads in defer { threads = [] }; return threads }) {
@@ -402,6 +413,9 @@ public final class IncomingMigration: @unchecked Sendable {
             s.error = "\(error)"
             s.endNs = monotonicNanoseconds()
             enter(.finished)
+            // The refusal is written after this lock is let go: the attempt's end waits for it,
+            // so main is not shut before the source has heard why.
+            if s.runningNs == nil { s.refusalPending = true }
             return (s.runningNs != nil, s.main)
         }
         guard let outcome else { return false }
@@ -412,6 +426,7 @@ public final class IncomingMigration: @unchecked Sendable {
             Log.destination.error("incoming migration failed, the source keeps the guest: \(error)")
             // Before the guest ran here, the source may take it back: say so on the return path.
             try? outcome.main?.writeError("the destination did not run the guest: \(error)")
+            state.update { $0.refusalPending = false }
         }
         return true
     }

@@ -122,7 +122,8 @@ extension IncomingMigration {
     @inline(__always)
     func checkRange(_ header: FrameHeader) throws {
         let first = header.argument, count = UInt64(header.count), pageCount = memory.pageCount
-        guard count >= 1, first < UInt64(pageCount), first + count <= UInt64(pageCount) else {
+        guard count >= 1 else { throw ProtocolError.emptyPages(header.kind) }
+        guard first < UInt64(pageCount), first + count <= UInt64(pageCount) else {
             throw ProtocolError.pagesOutOfRange(first: first, count: header.count, pageCount: pageCount)
         }
     }

@@ -105,6 +105,15 @@ public final class Channel: @unchecked Sendable {
         return try FrameHeader.decode(scratch)
     }
 
+    /// Whether the peer has closed its side or the connection broke (poll's POLLRDHUP, POLLHUP
+    /// or POLLERR), without reading anything: what it sent before is still there to read.
+    public var peerHungUp: Bool {
+        let rdhup: Int16 = 0x2000   // POLLRDHUP, which Glibc exports only under _GNU_SOURCE
+        var entry = pollfd(fd: socket.rawValue, events: rdhup, revents: 0)
+        guard (try? syscallValue("poll(hang-up)") { poll(&entry, 1, 0) }) ?? 0 > 0 else { return false }
+        return entry.revents & (rdhup | Int16(POLLHUP) | Int16(POLLERR)) != 0
+    }
+
     /// What has arrived, up to `count` bytes, without waiting: nil when nothing is there yet,
     /// 0 at EOF. For a caller that polls many connections at once (the destination's acceptor).
     public func readAvailable(into buffer: UnsafeMutableRawPointer, count: Int) throws -> Int? {

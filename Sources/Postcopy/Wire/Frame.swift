@@ -71,6 +71,8 @@ public enum ProtocolError: Error, Equatable, CustomStringConvertible, Sendable {
     case reservedBits(FrameKind, flags: UInt8, reserved: UInt16)
     case unknownHandshakeFlags(UInt64)
     case unexpectedFrame(FrameKind, while: String)
+    /// A pages or zero-pages frame that carries no page.
+    case emptyPages(FrameKind)
     case pagesOutOfRange(first: UInt64, count: UInt32, pageCount: Int)
     case oversized(FrameKind, bytes: UInt64, limit: Int)
     case truncated(String)
@@ -99,6 +101,8 @@ public enum ProtocolError: Error, Equatable, CustomStringConvertible, Sendable {
             "handshake flags 0x\(String(flags, radix: 16)) set bits this version does not define (known: 0x\(String(Handshake.knownFlags, radix: 16)))"
         case let .unexpectedFrame(k, state):
             "unexpected \(k) frame while \(state)"
+        case let .emptyPages(kind):
+            "a \(kind) frame with no pages (count 0)"
         case let .pagesOutOfRange(first, count, pageCount):
             "\(count) pages from page \(first) are outside the guest memory (\(pageCount) pages)"
         case let .oversized(k, bytes, limit):

@@ -164,8 +164,15 @@ final class FuzzCampaign {
         if outcome.closedByDestination, outcome.errorMessage == nil, !outcome.answers.contains(FrameKind.done.rawValue) {
             return (.silent, "the destination closed main without an error frame (answers: \(outcome.answers)); log: \(host.logTail)")
         }
-        // Back to listening: a real source gets its hello-ack within the deadline.
-        if let refusal = probe() {
+        // Back to listening: a real source gets its hello-ack within the deadline. The
+        // destination needs a moment to see the case's connections close and drop its pages;
+        // a source that retries within a second (as ours does) is not held.
+        var refusal = probe()
+        while refusal != nil, Date().timeIntervalSince(closed) < Self.teardownGrace {
+            usleep(50_000)
+            refusal = probe()
+        }
+        if let refusal {
             while Date().timeIntervalSince(closed) < 20, probe() != nil { usleep(100_000) }
             let held = Date().timeIntervalSince(closed)
             return (.deadline, "a real source's handshake got \(refusal); "
@@ -196,6 +203,10 @@ final class FuzzCampaign {
 
     /// A valid main handshake with nothing announced: nil when `hello-ack` comes within the
     /// deadline, else what came instead.
+    /// How long after a case closes its connections the destination may still refuse a new
+    /// source before that counts as holding the port.
+    static let teardownGrace: TimeInterval = 1
+
     private func probe() -> String? {
         guard let stream = TCPStream.connect(port: port, timeout: deadlineSeconds) else { return "connection refused" }
         defer { stream.shutdown() }

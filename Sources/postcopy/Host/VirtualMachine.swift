@@ -29,6 +29,8 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
         /// Whether the guest starts when an incoming migration hands it over (QEMU's autostart):
         /// `stop` while waiting clears it, `cont` sets it again.
         var autostart = true
+        /// A device state received by an incoming migration, applied when it hands the guest over.
+        var pendingStates: [VCPUState]?
     }
 
     /// Where `STOP` and `RESUME` go (the controller's bus); set before the monitors start.
@@ -101,7 +103,7 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
                 state.pointee.position += 1
                 if state.pointee.position == slice {
                     state.pointee.position = 0
-                    state.pointee.passes += 1
+                    state.pointee.passes &+= 1   // a restored state may start anywhere: wrap, never trap
                     if index == 0 { mark() }
                 }
             case .random:
@@ -124,7 +126,7 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
                         state.pointee.phase = 1
                         if index == 0, workload == .idle { mark() }
                     } else {
-                        state.pointee.passes += 1
+                        state.pointee.passes &+= 1
                         if index == 0, state.pointee.passes % 16 == 0 { mark() }
                     }
                 }
@@ -157,6 +159,10 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
     /// the guest, as QEMU does without autostart.
     func resumeVCPUs() {
         let (wasRunning, start) = control.update { c -> (Bool, Bool) in
+            if let restored = c.pendingStates {
+                for (i, state) in restored.enumerated() { states[i * slot] = state }
+                c.pendingStates = nil
+            }
             let wasRunning = c.runState.isRunning
             if c.runState == .inmigrate, !c.autostart {
                 c.runState = .paused
@@ -245,7 +251,9 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
                 throw refuse("vCPU \(i) is at page \(state.position) of a slice of \(end) pages (is --memory the same on both hosts?)")
             }
         }
-        for (i, state) in restored.enumerated() { states[i * slot] = state }
+        // Kept aside until the migration hands the guest over (`resumeVCPUs`): a stream refused
+        // after its device state must leave this host as it was.
+        control.update { $0.pendingStates = restored }
     }
 
     // MARK: integrity
@@ -266,7 +274,7 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
                 for j in 0..<slicePages where bad.count < 8 {
                     let page = i * slicePages + j
                     let value = UnsafePointer<UInt64>(bitPattern: memory.address(ofPage: page))!.pointee
-                    if value != s.passes + (UInt64(j) < s.position ? 1 : 0) { bad.append(page) }
+                    if value != s.passes &+ (UInt64(j) < s.position ? 1 : 0) { bad.append(page) }
                 }
             }
         }
