@@ -119,7 +119,7 @@ final class FuzzCampaign {
         let replayed = Date()
         let outcome = replayer.replay(replayCase)
         let judged = Date()
-        let (verdict, detail) = judge(host, outcome, replayCase)
+        let (verdict, detail) = judge(host, outcome, replayCase, replayStarted: replayed)
         if verdict != .refused { stop() }   // a guest that ran, or a finding: the next case gets a fresh destination
         trace?(String(format: "case %d %@: start %.2f s, replay %.2f s (%d bytes), judge %.2f s: %@", number, verdict.rawValue,
                       replayed.timeIntervalSince(started), judged.timeIntervalSince(replayed), outcome.bytesSent,
@@ -127,8 +127,14 @@ final class FuzzCampaign {
         return (verdict, detail)
     }
 
-    private func judge(_ host: FuzzHost, _ outcome: Replayer.Outcome, _ replayCase: ReplayCase) -> (Verdict, String) {
+    private func judge(_ host: FuzzHost, _ outcome: Replayer.Outcome, _ replayCase: ReplayCase,
+                       replayStarted: Date) -> (Verdict, String) {
         let closed = Date()   // the replay has just closed every connection
+        // An attempt may wait for channels its handshake announced until the handshake
+        // deadline, even after the case gave up: a close can sit behind unread data (the FIN
+        // queues after it), so the destination cannot tell. Past that deadline it is held.
+        let allowedUntil = max(closed.addingTimeInterval(Self.teardownGrace),
+                               replayStarted.addingTimeInterval(Self.handshakeDeadline + Self.teardownGrace))
         guard host.isAlive else { return (.crash, "\(host.exitDescription); log: \(host.crashSummary)") }
         let runState: String, migration: MonitorValue
         do {
@@ -168,7 +174,7 @@ final class FuzzCampaign {
         // destination needs a moment to see the case's connections close and drop its pages;
         // a source that retries within a second (as ours does) is not held.
         var refusal = probe()
-        while refusal != nil, Date().timeIntervalSince(closed) < Self.teardownGrace {
+        while refusal != nil, Date() < allowedUntil {
             usleep(50_000)
             refusal = probe()
         }
@@ -206,6 +212,8 @@ final class FuzzCampaign {
     /// How long after a case closes its connections the destination may still refuse a new
     /// source before that counts as holding the port.
     static let teardownGrace: TimeInterval = 1
+    /// The destination's `x-handshake-timeout` (its default, which the fuzz hosts keep).
+    static let handshakeDeadline: TimeInterval = 10
 
     private func probe() -> String? {
         guard let stream = TCPStream.connect(port: port, timeout: deadlineSeconds) else { return "connection refused" }
