@@ -11,7 +11,6 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
-        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
     ],
     targets: [
         // The only C the runtime needs: ioctl numbers, variadic syscalls, kernel ABI newer than the headers.
@@ -35,8 +34,6 @@ let package = Package(
                 "CFaultFloor",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
-                // SHA-256 of guest RAM for `postcopy vm`'s x-memory-digest; the library needs no crypto.
-                .product(name: "Crypto", package: "swift-crypto"),
             ]
         ),
         .testTarget(name: "PostcopyTests", dependencies: ["Postcopy", "CPostcopy", "postcopy"]),
