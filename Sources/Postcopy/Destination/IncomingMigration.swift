@@ -309,7 +309,9 @@ public final class IncomingMigration: @unchecked Sendable {
     /// Ends the attempt's threads and waits for them: the channels are shut down (a blocked
     /// read fails) and the fault thread is woken. The phase is `finished` by now.
     private func endAttempt() {
-        state.wait { !$0.refusalPending }   // a failure's refusal goes out before main is shut
+        // A failure's refusal goes out before main is shut, but not at any price: a source
+        // that reads nothing would block that write, and only the shutdown below ends it.
+        state.wait(timeout: 2) { !$0.refusalPending }
         shutdownChannels()
         wakeFaultThread()
         for thread in attemptThreads.update({ threads in defer { threads = [] }; return threads }) {
