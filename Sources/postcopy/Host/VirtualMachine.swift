@@ -16,25 +16,16 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
     private let slot = 8  // VCPUStates per cache-line-padded slot
     private var tids: [Int32]
 
-    /// Checked by every vCPU before each touch; set while a pause is wanted.
-    private let pauseFlag = AtomicCounter()
-    private let control: Guarded<Control>
-    private let quitRequested = Guarded(false)
-
-    struct Control {
-        var pauseRequested: Bool
-        var parked = 0
-        var started = 0
-        var runState: RunState
-        /// Whether the guest starts when an incoming migration hands it over (QEMU's autostart):
-        /// `stop` while waiting clears it, `cont` sets it again.
-        var autostart = true
-        /// A device state received by an incoming migration, applied when it hands the guest over.
-        var pendingStates: [VCPUState]?
-    }
+    /// Run state, pauses and autostart, shared with `postcopy vm`.
+    let run: VCPURunControl
+    /// A device state received by an incoming migration, applied when it hands the guest over.
+    private let pendingStates = Guarded<[VCPUState]?>(nil)
 
     /// Where `STOP` and `RESUME` go (the controller's bus); set before the monitors start.
-    var events: MonitorEvents?
+    var events: MonitorEvents? {
+        get { run.events }
+        set { run.events = newValue }
+    }
 
     /// Minimum time between two touches of one vCPU (0: as fast as the CPU goes).
     let touchIntervalNs: UInt64
@@ -57,21 +48,18 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
         states.initialize(repeating: VCPUState(), count: vcpus * slot)
         for i in 0..<vcpus { states[i * slot].rng = 0x9E37_79B9_7F4A_7C15 &* UInt64(i + 1) }
         tids = Array(repeating: 0, count: vcpus)
-        // A destination's vCPUs exist from the start but wait for the switchover (QEMU's "inmigrate").
-        control = Guarded(Control(pauseRequested: incoming, runState: incoming ? .inmigrate : .running))
-        if incoming { pauseFlag.store(1) }
+        run = VCPURunControl(vcpuCount: vcpus, incoming: incoming)
         let tidBox = Guarded([Int32](repeating: 0, count: vcpus))
         for i in 0..<vcpus {
             startDetachedThread("vcpu\(i)") { [self] in
                 let tid = currentThreadID()
                 tidBox.update { $0[i] = tid }
-                control.update { $0.started += 1 }
+                run.vcpuStarted()
                 runVCPU(i)
             }
         }
-        control.wait { $0.started == vcpus }
+        run.waitUntilStarted()
         tids = tidBox.read { $0 }
-        if incoming { control.wait { $0.parked == vcpus } }
     }
 
     var vcpuThreadIDs: [Int32] { tids }
@@ -87,7 +75,7 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
         let slice = UInt64(slicePages)
         var due: UInt64 = 0
         while true {
-            if pauseFlag.value != 0 { park() }
+            if run.pauseWanted { run.park() }
             if touchIntervalNs > 0 {
                 // Paced like a slower guest: spin until the next touch is due; after a long
                 // stall (a missing page) start afresh rather than rush to catch up.
@@ -141,81 +129,25 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
         if serialFD >= 0 { _ = write(serialFD, "B", 1) }
     }
 
-    private func park() {
-        control.update { $0.parked += 1 }
-        control.wait { !$0.pauseRequested }
-        control.update { $0.parked -= 1 }
-    }
-
     // MARK: run state
 
     /// Pauses for the switchover; `stop` then names the state "paused" instead.
-    func pauseVCPUs() {
-        pause(as: .postmigrate)
-    }
+    func pauseVCPUs() { run.pause(as: .postmigrate) }
 
-    /// QEMU raises `RESUME` before the vCPUs go and `STOP` once they have stopped.
-    /// A destination told to `stop` while it waited stays paused when the migration hands it
-    /// the guest, as QEMU does without autostart.
+    /// Applies a device state the migration brought, then lets the vCPUs run (or, without
+    /// autostart, leaves the guest paused).
     func resumeVCPUs() {
-        let (wasRunning, start) = control.update { c -> (Bool, Bool) in
-            if let restored = c.pendingStates {
-                for (i, state) in restored.enumerated() { states[i * slot] = state }
-                c.pendingStates = nil
-            }
-            let wasRunning = c.runState.isRunning
-            if c.runState == .inmigrate, !c.autostart {
-                c.runState = .paused
-                return (wasRunning, false)
-            }
-            c.pauseRequested = false
-            c.runState = .running
-            return (wasRunning, true)
+        if let restored = pendingStates.update({ p in defer { p = nil }; return p }) {
+            for (i, state) in restored.enumerated() { states[i * slot] = state }
         }
-        guard start else { return }
-        if !wasRunning { events?.emit("RESUME") }
-        pauseFlag.store(0)
+        run.resume()
     }
 
-    private func pause(as state: RunState) {
-        pauseFlag.store(1)
-        let wasRunning = control.update { c in
-            defer { c.pauseRequested = true; if c.runState.isRunning { c.runState = state } }
-            return c.runState.isRunning
-        }
-        control.wait { $0.parked == self.vcpuCount }
-        if wasRunning { events?.emit("STOP") }
-    }
-
-    func runState() -> RunState {
-        control.read { $0.runState }
-    }
-
-    /// On a destination still waiting for its guest, `stop` and `cont` only decide whether the
-    /// guest starts when it arrives (QEMU's autostart): nothing may run before its state is here.
-    func stop() throws {
-        let waiting = control.update { c -> Bool in
-            guard c.runState == .inmigrate else { return false }
-            c.autostart = false
-            return true
-        }
-        if waiting { return }
-        pause(as: .paused)
-        control.update { $0.runState = .paused }
-    }
-
-    func cont() throws {
-        let waiting = control.update { c -> Bool in
-            guard c.runState == .inmigrate else { return false }
-            c.autostart = true
-            return true
-        }
-        if waiting { return }
-        resumeVCPUs()
-    }
-
-    func quit() { quitRequested.update { $0 = true } }
-    func waitForQuit() { quitRequested.wait { $0 } }
+    func runState() -> RunState { run.runState }
+    func stop() throws { run.stop() }
+    func cont() throws { run.cont() }
+    func quit() { run.quit() }
+    func waitForQuit() { run.waitForQuit() }
 
     // MARK: device state
 
@@ -253,7 +185,7 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
         }
         // Kept aside until the migration hands the guest over (`resumeVCPUs`): a stream refused
         // after its device state must leave this host as it was.
-        control.update { $0.pendingStates = restored }
+        pendingStates.update { $0 = restored }
     }
 
     // MARK: integrity

@@ -14,26 +14,19 @@ final class KVMHost: MigratableHost, @unchecked Sendable {
     private let serialFD: Int32
     private let logger = Logger(label: "postcopy.vm")
 
-    /// Checked by every vCPU before it enters the guest; set while a pause is wanted.
-    private let pauseFlag = AtomicCounter()
-    private let control: Guarded<Control>
-    private let quitRequested = Guarded(false)
+    /// Run state, pauses and autostart, shared with `postcopy host`; checked by every vCPU
+    /// before it enters the guest.
+    private let run: VCPURunControl
     /// Bytes the guest wrote to COM1 (one per pass for the test guests), for benchmarks.
     let serialBytes = AtomicCounter()
     /// Port 0x92 (fast A20 gate): remembered as written, so the guest reads back what it set.
     private let systemControlPort = AtomicCounter(0)
 
-    struct Control {
-        var pauseRequested: Bool
-        var parked = 0
-        var started = 0
-        var runState: RunState
-        /// Whether the guest starts when an incoming migration hands it over (QEMU's autostart).
-        var autostart = true
-    }
-
     /// Where `STOP` and `RESUME` go (the controller's bus); set before the monitors start.
-    var events: MonitorEvents?
+    var events: MonitorEvents? {
+        get { run.events }
+        set { run.events = newValue }
+    }
 
     /// Where a BIOS loads the boot sector and jumps to, in real mode.
     static let bootAddress = 0x7c00
@@ -50,19 +43,17 @@ final class KVMHost: MigratableHost, @unchecked Sendable {
         }
         serialFD = serialPath.map { open($0, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644) } ?? -1
         if serialPath != nil, serialFD < 0 { throw SystemError("open(\(serialPath!))") }
-        control = Guarded(Control(pauseRequested: incoming, runState: incoming ? .inmigrate : .running))
-        if incoming { pauseFlag.store(1) }
+        run = VCPURunControl(vcpuCount: vcpuCount, incoming: incoming)
         _ = cpc_kvm_install_kick_handler(VCPU.kickSignal)
         for vcpu in vcpus {
             startDetachedThread("vcpu\(vcpu.index)") { [self] in
                 vcpu.thread = pthread_self()
                 vcpu.threadID = currentThreadID()
-                control.update { $0.started += 1 }
+                run.vcpuStarted()
                 runVCPU(vcpu)
             }
         }
-        control.wait { $0.started == vcpuCount }
-        if incoming { control.wait { $0.parked == vcpuCount } }
+        run.waitUntilStarted()
     }
 
     var vcpuThreadIDs: [Int32] { vcpus.map(\.threadID) }
@@ -71,8 +62,8 @@ final class KVMHost: MigratableHost, @unchecked Sendable {
 
     private func runVCPU(_ vcpu: VCPU) {
         while true {
-            if pauseFlag.value != 0 {
-                park()
+            if run.pauseWanted {
+                run.park()
                 // Cleared before the flag is looked at again: a kick for a new pause that came
                 // in between sets the flag first, so it is not lost.
                 vcpu.clearKick()
@@ -86,7 +77,7 @@ final class KVMHost: MigratableHost, @unchecked Sendable {
                     try portIO(port: port, out: out, size: size, count: count, data: data)
                 case .halt:
                     // Only without an in-kernel APIC; nothing can wake this guest but a stop.
-                    control.wait { $0.pauseRequested }
+                    run.waitForPauseRequest()
                 case .unexpected(let exit):
                     throw KVMError("vCPU \(vcpu.index) stopped on \(exit) at \(vcpu.instructionPointer)")
                 }
@@ -114,75 +105,26 @@ final class KVMHost: MigratableHost, @unchecked Sendable {
         }
     }
 
-    private func park() {
-        control.update { $0.parked += 1 }
-        control.wait { !$0.pauseRequested }
-        control.update { $0.parked -= 1 }
-    }
-
     // MARK: run state
 
     func pauseVCPUs() {
         let start = monotonicNanoseconds()
-        pause(as: .postmigrate)
+        run.pause(as: .postmigrate, kick: kickAll)
         logger.debug("vCPUs parked for the switchover in \((monotonicNanoseconds() - start) / 1000) µs")
     }
 
-    /// QEMU raises `RESUME` before the vCPUs go and `STOP` once they have stopped. A destination
-    /// told to `stop` while it waited stays paused when the migration hands it the guest.
-    func resumeVCPUs() {
-        let (wasRunning, start) = control.update { c -> (Bool, Bool) in
-            let wasRunning = c.runState.isRunning
-            if c.runState == .inmigrate, !c.autostart {
-                c.runState = .paused
-                return (wasRunning, false)
-            }
-            c.pauseRequested = false
-            c.runState = .running
-            return (wasRunning, true)
-        }
-        guard start else { return }
-        if !wasRunning { events?.emit("RESUME") }
-        pauseFlag.store(0)
-    }
+    func resumeVCPUs() { run.resume() }
 
-    /// Raises the flag, kicks every vCPU out of KVM_RUN, and returns once all are parked.
-    private func pause(as state: RunState) {
-        pauseFlag.store(1)
-        let wasRunning = control.update { c in
-            defer { c.pauseRequested = true; if c.runState.isRunning { c.runState = state } }
-            return c.runState.isRunning
-        }
+    /// Kicks every vCPU out of KVM_RUN, so that it sees the pause.
+    private func kickAll() {
         for vcpu in vcpus { vcpu.kick() }
-        control.wait { $0.parked == self.vcpus.count }
-        if wasRunning { events?.emit("STOP") }
     }
 
-    func runState() -> RunState { control.read { $0.runState } }
-
-    func stop() throws {
-        let waiting = control.update { c -> Bool in
-            guard c.runState == .inmigrate else { return false }
-            c.autostart = false
-            return true
-        }
-        if waiting { return }
-        pause(as: .paused)
-        control.update { $0.runState = .paused }
-    }
-
-    func cont() throws {
-        let waiting = control.update { c -> Bool in
-            guard c.runState == .inmigrate else { return false }
-            c.autostart = true
-            return true
-        }
-        if waiting { return }
-        resumeVCPUs()
-    }
-
-    func quit() { quitRequested.update { $0 = true } }
-    func waitForQuit() { quitRequested.wait { $0 } }
+    func runState() -> RunState { run.runState }
+    func stop() throws { run.stop(kick: kickAll) }
+    func cont() throws { run.cont() }
+    func quit() { run.quit() }
+    func waitForQuit() { run.waitForQuit() }
 
     // MARK: device state
 

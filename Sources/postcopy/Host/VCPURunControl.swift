@@ -1,0 +1,111 @@
+import Postcopy
+
+/// The run state both hosts share (`postcopy host` and `postcopy vm`): QEMU's RunState, the
+/// parking of vCPU threads for a pause, autostart for a destination that waits, and the `STOP`
+/// and `RESUME` events. A host's vCPU loop checks `pauseWanted` before each step and calls
+/// `park()` when it is set; the host supplies how to get a vCPU's attention (`kick`).
+final class VCPURunControl: @unchecked Sendable {
+    private struct Control {
+        var pauseRequested: Bool
+        var parked = 0
+        var started = 0
+        var runState: RunState
+        /// Whether the guest starts when an incoming migration hands it over (QEMU's autostart):
+        /// `stop` while waiting clears it, `cont` sets it again.
+        var autostart = true
+    }
+
+    let vcpuCount: Int
+    /// Checked by every vCPU before each step; set while a pause is wanted. Read without a lock.
+    private let pauseFlag = AtomicFlag()
+    private let control: Guarded<Control>
+    private let quitRequested = Guarded(false)
+    /// Where `STOP` and `RESUME` go (the controller's bus); set before the monitors start.
+    var events: MonitorEvents?
+
+    /// A destination's vCPUs (`incoming`) exist from the start but wait for the switchover
+    /// (QEMU's "inmigrate").
+    init(vcpuCount: Int, incoming: Bool) {
+        self.vcpuCount = vcpuCount
+        control = Guarded(Control(pauseRequested: incoming, runState: incoming ? .inmigrate : .running))
+        if incoming { pauseFlag.set() }
+    }
+
+    @inline(__always) var pauseWanted: Bool { pauseFlag.isSet }
+
+    /// Called by each vCPU thread as it starts.
+    func vcpuStarted() { control.update { $0.started += 1 } }
+
+    /// Returns once every vCPU thread has started (and, on a destination, parked).
+    func waitUntilStarted() {
+        control.wait { $0.started == self.vcpuCount }
+        if pauseWanted { control.wait { $0.parked == self.vcpuCount } }
+    }
+
+    /// Parks the calling vCPU until the pause ends.
+    func park() {
+        control.update { $0.parked += 1 }
+        control.wait { !$0.pauseRequested }
+        control.update { $0.parked -= 1 }
+    }
+
+    /// Blocks the calling vCPU until a pause is wanted (a halted guest, which only a stop ends).
+    func waitForPauseRequest() { control.wait { $0.pauseRequested } }
+
+    var runState: RunState { control.read { $0.runState } }
+
+    /// Stops every vCPU (`kick` gets their attention) and returns once all are parked; a
+    /// running guest's state becomes `state`. QEMU raises `STOP` once they have stopped.
+    func pause(as state: RunState, kick: () -> Void = {}) {
+        pauseFlag.set()
+        let wasRunning = control.update { c in
+            defer { c.pauseRequested = true; if c.runState.isRunning { c.runState = state } }
+            return c.runState.isRunning
+        }
+        kick()
+        control.wait { $0.parked == self.vcpuCount }
+        if wasRunning { events?.emit("STOP") }
+    }
+
+    /// Lets the vCPUs run, raising `RESUME` first, as QEMU does. A destination told to `stop`
+    /// while it waited stays paused when the migration hands it the guest (no autostart).
+    func resume() {
+        let (wasRunning, start) = control.update { c -> (Bool, Bool) in
+            let wasRunning = c.runState.isRunning
+            if c.runState == .inmigrate, !c.autostart {
+                c.runState = .paused
+                return (wasRunning, false)
+            }
+            c.pauseRequested = false
+            c.runState = .running
+            return (wasRunning, true)
+        }
+        guard start else { return }
+        if !wasRunning { events?.emit("RESUME") }
+        pauseFlag.clear()
+    }
+
+    /// On a destination still waiting for its guest, `stop` and `cont` only decide whether the
+    /// guest starts when it arrives (QEMU's autostart): nothing may run before its state is here.
+    func stop(kick: () -> Void = {}) {
+        if setAutostartIfWaiting(false) { return }
+        pause(as: .paused, kick: kick)
+        control.update { $0.runState = .paused }
+    }
+
+    func cont() {
+        if setAutostartIfWaiting(true) { return }
+        resume()
+    }
+
+    private func setAutostartIfWaiting(_ autostart: Bool) -> Bool {
+        control.update { c -> Bool in
+            guard c.runState == .inmigrate else { return false }
+            c.autostart = autostart
+            return true
+        }
+    }
+
+    func quit() { quitRequested.update { $0 = true } }
+    func waitForQuit() { quitRequested.wait { $0 } }
+}
