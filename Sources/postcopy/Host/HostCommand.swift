@@ -68,9 +68,7 @@ struct HostCommand: ParsableCommand {
         guard touchNs <= Self.maxTouchNs else {
             throw ValidationError("--touch-ns \(touchNs) is more than a second between touches: use at most \(Self.maxTouchNs) (0: full speed)")
         }
-        guard Logger.Level(rawValue: logLevel) != nil else {
-            throw ValidationError("unknown log level '\(logLevel)': use one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", "))")
-        }
+        try HostProcessMain.validate(logLevel: logLevel)
         if let serial {
             let fd = open(serial, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
             guard fd >= 0 else { throw ValidationError("--serial \(serial): cannot open it for writing (\(String(cString: strerror(errno))))") }
@@ -136,34 +134,13 @@ struct HostCommand: ParsableCommand {
     }
 
     func run() throws {
-        let level = Logger.Level(rawValue: logLevel)!
-        LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = level
-            return handler
-        }
-        // A parent (a test runner, a service manager) may have left signals blocked; the host
-        // must stop on SIGTERM/SIGINT, and its threads inherit this mask.
-        var none = sigset_t()
-        sigemptyset(&none)
-        pthread_sigmask(SIG_SETMASK, &none, nil)
+        HostProcessMain.prepare(logLevel: logLevel)
         let size = try parseSize(memory)
         if backing == .hugetlb { try HugePagePool.check(needed: size / GuestMemory.hugePageSize) }
         let vm = try VirtualMachine(memorySize: size, backing: backing.guestMemoryBacking, numaNode: numaNode, vcpus: vcpus,
                                     workload: Workload(rawValue: workload)!, serialPath: serial, incoming: incoming != nil,
                                     touchIntervalNs: touchNs)
-        let controller = MigrationController(memory: vm.memory, host: vm)
-        vm.events = controller.events
-        for object in objects { try SecurityObjects.shared.add(commandLine: object) }
-        var servers: [AnyObject] = []
-        if let qmp { servers.append(try QMPServer(path: qmp, backend: controller, events: controller.events)) }
-        if let monitor { servers.append(try HMPServer(path: monitor, backend: controller)) }
-        if let incoming, incoming != "defer" {
-            try controller.migrateIncoming(uri: incoming)
-        }
-        vm.waitForQuit()
-        withExtendedLifetime(servers) {}
-        Glibc.exit(0)
+        try HostProcessMain.serve(vm, objects: objects, qmp: qmp, monitor: monitor, incoming: incoming)
     }
 }
 

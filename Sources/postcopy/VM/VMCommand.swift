@@ -53,40 +53,19 @@ struct VMCommand: ParsableCommand {
         if backing == .hugetlb, size % GuestMemory.hugePageSize != 0 {
             throw ValidationError("--memory \(memory) is not a multiple of 2 MiB: hugetlb guest memory is made of 2 MiB pages")
         }
-        guard Logger.Level(rawValue: logLevel) != nil else {
-            throw ValidationError("unknown log level '\(logLevel)': use one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", "))")
-        }
+        try HostProcessMain.validate(logLevel: logLevel)
         if let reason = KVMMachine.unavailableReason() { throw ValidationError("KVM is not available: \(reason)") }
     }
 
     func run() throws {
-        let level = Logger.Level(rawValue: logLevel)!
-        LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = level
-            return handler
-        }
-        // The vCPU threads inherit this mask, and a kick must reach them.
-        var none = sigset_t()
-        sigemptyset(&none)
-        pthread_sigmask(SIG_SETMASK, &none, nil)
+        HostProcessMain.prepare(logLevel: logLevel)
         let image = try readImage(boot)
         let size = try parseSize(memory)
         if backing == .hugetlb { try HugePagePool.check(needed: size / GuestMemory.hugePageSize) }
         let guestMemory = try GuestMemory(size: size, backing: backing.guestMemoryBacking)
         let vm = try KVMHost(memory: guestMemory, vcpuCount: vcpus, image: image, serialPath: serial, incoming: incoming != nil)
         // From here on, the same embedding as `postcopy host` (docs/EMBEDDING.md).
-        let controller = MigrationController(memory: vm.memory, host: vm)
-        vm.events = controller.events
-        var servers: [AnyObject] = []
-        if let qmp { servers.append(try QMPServer(path: qmp, backend: controller, events: controller.events)) }
-        if let monitor { servers.append(try HMPServer(path: monitor, backend: controller)) }
-        if let incoming, incoming != "defer" {
-            try controller.migrateIncoming(uri: incoming)
-        }
-        vm.waitForQuit()
-        withExtendedLifetime(servers) {}
-        Glibc.exit(0)
+        try HostProcessMain.serve(vm, qmp: qmp, monitor: monitor, incoming: incoming)
     }
 
     private func readImage(_ path: String) throws -> [UInt8] {

@@ -1,0 +1,57 @@
+import ArgumentParser
+import Glibc
+import Logging
+import Postcopy
+
+/// A host that a `postcopy` subcommand runs as a process: it embeds the runtime, takes the
+/// controller's event bus, and runs until `quit`.
+protocol ProcessHost: MigratableHost {
+    var memory: GuestMemory { get }
+    var events: MonitorEvents? { get set }
+    func waitForQuit()
+}
+
+extension VirtualMachine: ProcessHost {}
+extension KVMHost: ProcessHost {}
+
+/// What `postcopy host` and `postcopy vm` share around their own guest: logs, signals, the
+/// embedding (controller, objects, monitors, `--incoming`) and the wait for `quit`.
+enum HostProcessMain {
+    /// `--log-level`, checked in `validate()`.
+    static func validate(logLevel: String) throws {
+        guard Logger.Level(rawValue: logLevel) != nil else {
+            throw ValidationError("unknown log level '\(logLevel)': use one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+    }
+
+    /// Logs to stderr at `logLevel`; and no signal blocked: a parent (a test runner, a service
+    /// manager) may have left some blocked, yet the host must stop on SIGTERM/SIGINT and its
+    /// vCPU threads, which inherit this mask, must see their kicks. Before any thread starts.
+    static func prepare(logLevel: String) {
+        let level = Logger.Level(rawValue: logLevel)!
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        var none = sigset_t()
+        sigemptyset(&none)
+        pthread_sigmask(SIG_SETMASK, &none, nil)
+    }
+
+    /// The same embedding for every host (docs/EMBEDDING.md), then runs until `quit`.
+    static func serve(_ host: some ProcessHost, objects: [String] = [], qmp: String?, monitor: String?, incoming: String?) throws -> Never {
+        let controller = MigrationController(memory: host.memory, host: host)
+        host.events = controller.events
+        for object in objects { try SecurityObjects.shared.add(commandLine: object) }
+        var servers: [AnyObject] = []
+        if let qmp { servers.append(try QMPServer(path: qmp, backend: controller, events: controller.events)) }
+        if let monitor { servers.append(try HMPServer(path: monitor, backend: controller)) }
+        if let incoming, incoming != "defer" {
+            try controller.migrateIncoming(uri: incoming)
+        }
+        host.waitForQuit()
+        withExtendedLifetime(servers) {}
+        Glibc.exit(0)
+    }
+}
