@@ -29,7 +29,9 @@ extension IncomingMigration {
         let deadline: Deadline
     }
 
-    func acceptLoop() {
+    /// Accepts on `listener`: the incoming address, or (`recovering`) one `migrate-recover`
+    /// opened, which takes only the resume of the paused migration.
+    func acceptLoop(on listener: Listener, recovering: Bool = false) {
         var greetings: [Greeting] = []
         var fds: [pollfd] = []
         defer { for greeting in greetings { greeting.channel.shutdown() } }
@@ -45,14 +47,14 @@ extension IncomingMigration {
             do {
                 _ = try syscallValue("poll(\(endpoint))") { poll(&fds, nfds_t(fds.count), timeout) }
             } catch {
-                stopListening(error)
+                if !recovering { stopListening(error) }
                 return
             }
             if state.read({ $0.closed }) { return }   // the guest ran here: the listener is shut
             var waiting: [Greeting] = []
             for (index, var greeting) in greetings.enumerated() {
                 if let result = hear(&greeting, ready: fds[index + 1].revents != 0) {
-                    greeted(greeting.channel, result)
+                    greeted(greeting.channel, result, recovering: recovering)
                 } else {
                     waiting.append(greeting)
                 }
@@ -69,13 +71,13 @@ extension IncomingMigration {
                 usleep(10_000)
                 continue
             } catch {
-                if state.read({ $0.closed }) { return }
+                if state.read({ $0.closed }) || recovering { return }
                 stopListening(error)
                 return
             }
             guard let greeting = admit(channel) else { continue }
             if !settings().tlsCreds.isEmpty {
-                greetSecurely(greeting)
+                greetSecurely(greeting, recovering: recovering)
                 continue
             }
             if greetings.count == Self.maxGreetings {
@@ -89,7 +91,7 @@ extension IncomingMigration {
     /// several messages), so its greeting runs on a short-lived thread of its own: the TLS
     /// handshake, then the hello, both by the greeting's deadline. A peer without the
     /// credentials is refused before one frame is read. At most `maxGreetings` at once.
-    private func greetSecurely(_ greeting: Greeting) {
+    private func greetSecurely(_ greeting: Greeting, recovering: Bool) {
         let channel = greeting.channel
         let admitted = secureGreetings.update { n -> Bool in
             guard n < Self.maxGreetings else { return false }
@@ -115,7 +117,7 @@ extension IncomingMigration {
                     refuseGreeting(channel, error)
                     return
                 }
-                greeted(channel, result)
+                greeted(channel, result, recovering: recovering)
             }   // dropped unjoined: it detaches and ends by the greeting's deadline
             started = true
         } catch {
@@ -128,9 +130,12 @@ extension IncomingMigration {
     }
 
     /// Whether a new connection's hello is read: while listening (or while the last attempt is
-    /// being torn down), and while the attempt waits for its announced channels.
+    /// being torn down), while the attempt waits for its announced channels, and once the guest
+    /// runs here (a source that lost its link resumes: `routeResume`).
     private func admit(_ channel: Channel) -> Greeting? {
-        let open = state.read { s in phase == .listening || phase == .finished || (phase == .handshaking && s.expecting > 0) }
+        let open = state.read { s in
+            phase == .listening || phase == .finished || (phase.awaitsChannels && s.expecting > 0) || (phase == .running && s.status.isPostcopy)
+        }
         guard open else {
             reject(channel, busyMessage)
             return nil
@@ -168,7 +173,7 @@ extension IncomingMigration {
     }
 
     /// Routes a connection whose hello is complete (or refused).
-    private func greeted(_ channel: Channel, _ result: Result<Handshake, any Error>) {
+    private func greeted(_ channel: Channel, _ result: Result<Handshake, any Error>, recovering: Bool) {
         let hello: Handshake
         switch result {
         case .failure(ProtocolError.closed):
@@ -182,13 +187,17 @@ extension IncomingMigration {
         }
         guard hello.role == .main else {
             let handed = state.update { s -> Bool in
-                guard phase == .handshaking, s.expecting > 0, hello.session == s.session else { return false }
+                guard phase.awaitsChannels, s.expecting > 0, hello.session == s.session else { return false }
                 s.arrivals.append((channel, hello))
                 return true
             }
             if !handed {
                 refuseGreeting(channel, ProtocolError.unexpectedFrame(.hello, while: "expecting the main channel first"))
             }
+            return
+        }
+        if hello.resumes || recovering {
+            routeResume(channel, hello, viaRecoverListener: recovering)
             return
         }
         // An attempt that just ended is torn down in moments (its threads join, its pages are

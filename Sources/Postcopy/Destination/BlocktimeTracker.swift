@@ -80,6 +80,11 @@ public final class BlocktimeTracker: @unchecked Sendable {
         return nil
     }
 
+    /// Whether vCPU `index` waits for a page now (its fault began, the page has not arrived).
+    public func isBlocked(vcpu index: Int) -> Bool {
+        index >= 0 && index < vcpuCount && waitingPage.load(index) != Self.none
+    }
+
     /// A fault on `page` by thread `tid` was read at `now`.
     @inline(__always)
     public func faultBegan(threadID tid: Int32, page: Int, now: UInt64) {

@@ -13,10 +13,17 @@ enum DestinationPhase: UInt8, Sendable, CustomStringConvertible {
     case discarding
     /// The device state is restored; only `run` may follow.
     case deviceRestored
-    /// The vCPUs run here: postcopy, or the end of a precopy that converged.
+    /// The vCPUs run here: postcopy, or the end of a precopy that converged. The migration may
+    /// be paused (a channel broke; the status says so): no receiver runs then.
     case running
+    /// A paused postcopy is being resumed: the source's new channels say hello and this side
+    /// sends its received bitmap; no frame is read.
+    case resuming
     /// Completed or failed (the status says which); late pages are read and dropped.
     case finished
+
+    /// Whether new urgent and multifd channels of the session are awaited (`announcedChannels`).
+    var awaitsChannels: Bool { self == .handshaking || self == .resuming }
 
     /// Which channel a frame came on.
     enum Channel: Sendable, CustomStringConvertible {
@@ -54,7 +61,7 @@ enum DestinationPhase: UInt8, Sendable, CustomStringConvertible {
             channel == .main && self == .deviceRestored
         case .complete:
             channel == .main && (self == .running || self == .finished)
-        case .hello, .helloAck, .request, .running, .done:
+        case .hello, .helloAck, .request, .running, .done, .receivedBitmap:
             false   // the handshake is not a frame; the others travel on the return path
         }
     }
@@ -66,7 +73,7 @@ enum DestinationPhase: UInt8, Sendable, CustomStringConvertible {
     var silenceEndsAttempt: Bool {
         switch self {
         case .handshaking, .precopy, .discarding, .deviceRestored: true
-        case .listening, .running, .finished: false
+        case .listening, .running, .resuming, .finished: false
         }
     }
 
@@ -83,6 +90,7 @@ enum DestinationPhase: UInt8, Sendable, CustomStringConvertible {
         case .discarding: "while stale pages are dropped (before the device state)"
         case .deviceRestored: "after the device state (only run may follow)"
         case .running: "after run (the vCPUs run here)"
+        case .resuming: "while a paused postcopy resumes"
         case .finished: "after the migration ended"
         }
     }

@@ -1,4 +1,5 @@
 import CPostcopy
+import Glibc
 
 /// The fault thread (`mig-faults`): reads userfaultfd events in batches and sends one request
 /// per missing page on the return path. It never waits on the network for a reply, so other
@@ -6,17 +7,29 @@ import CPostcopy
 ///
 /// Threads: `mig-faults`, one per attempt, started by the handshake and joined when the
 /// attempt ends (the `stopFaults` eventfd wakes it; it leaves once the phase is `finished`).
+/// It keeps running while postcopy is paused: faults are still read and timed (blocktime
+/// counts on), and their requests go out when a recovery hands it the new return path.
 ///
 /// Hot path: allocates nothing per page or per fault (the event buffers are made once per
-/// attempt); the only lock is the return path's write lock, shared with runtime threads only.
+/// attempt); the only lock is the return path's write lock, shared with runtime threads only
+/// (the return path itself is re-read under a lock only when its generation changed).
 extension IncomingMigration {
-    func faultLoop(_ uffd: UserfaultFD, returnPath: Channel, stop: Int32) {
+    func faultLoop(_ uffd: UserfaultFD, stop: Int32) {
         let batch = 64
         let events = UnsafeMutableBufferPointer<FaultEvent>.allocate(capacity: batch)
         let scratch = UnsafeMutableBufferPointer<uffd_msg>.allocate(capacity: batch)
         defer { events.deallocate(); scratch.deallocate() }
+        // The channel requests go on; nil while the migration is paused (the pages stay marked
+        // requested and go out again once a recovery publishes the new one).
+        var returnPath: Channel?
+        var generation: UInt64 = 0
         do {
             while phase != .finished {
+                if returnPathGeneration.value != generation {
+                    drainWakeups(stop)
+                    (generation, returnPath) = self.returnPath.read { $0 }
+                    if let channel = returnPath, !resendRequests(on: channel) { returnPath = nil }
+                }
                 guard try uffd.waitReadable(timeoutMilliseconds: 200, wakeFD: stop) else { continue }
                 let n = try uffd.readFaults(into: events, scratch: scratch)
                 let now = monotonicNanoseconds()
@@ -26,14 +39,47 @@ extension IncomingMigration {
                     if received.contains(page) {
                         // Placed between the fault and now: its waiters were woken by the placement.
                         blocktime.pagesArrived(first: page, count: 1, now: now)
-                    } else if requested.testAndSet(page) {
-                        try returnPath.write(FrameHeader(.request, count: 1, argument: UInt64(page)))
-                        requestsSent.add(1)
+                    } else if requested.testAndSet(page), let channel = returnPath {
+                        do {
+                            try channel.write(FrameHeader(.request, count: 1, argument: UInt64(page)))
+                            requestsSent.add(1)
+                        } catch {
+                            fail(error)   // after the switch: a pause; the vCPU waits for the recovery
+                            returnPath = nil
+                        }
                     }
                 }
             }
         } catch {
             fail(error)
         }
+    }
+
+    /// After a recovery (or at the start): asks again for every page requested and not yet
+    /// here, so no faulted vCPU waits for the background stream. Returns false when the new
+    /// channel broke already.
+    private func resendRequests(on channel: Channel) -> Bool {
+        let words = requested.wordCount64
+        for w in 0..<words {
+            var missing = requested.word(w) & ~received.word(w)
+            while missing != 0 {
+                let page = w * 64 + missing.trailingZeroBitCount
+                missing &= missing - 1
+                do {
+                    try channel.write(FrameHeader(.request, count: 1, argument: UInt64(page)))
+                    requestsSent.add(1)
+                } catch {
+                    fail(error)
+                    return false
+                }
+            }
+        }
+        return true
+    }
+
+    /// Empties the wake-up eventfd (non-blocking): a recovery's wake-up has been seen.
+    private func drainWakeups(_ stop: Int32) {
+        var count: UInt64 = 0
+        _ = withUnsafeMutableBytes(of: &count) { Glibc.read(stop, $0.baseAddress, 8) }
     }
 }

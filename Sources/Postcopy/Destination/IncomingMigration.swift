@@ -50,8 +50,17 @@ public final class IncomingMigration: @unchecked Sendable {
     private let phaseWord = Atomic<UInt8>(DestinationPhase.listening.rawValue)
     /// An eventfd that wakes the fault thread when the attempt ends.
     let stopFaults: Descriptor
-    /// The current attempt's threads; `endAttempt` joins them.
+    /// The current attempt's threads; `endAttempt` joins them. The receivers of the urgent and
+    /// multifd channels are apart: a recovery joins them and starts new ones.
     private let attemptThreads = Guarded([JoinableThread]())
+    private let receiverThreads = Guarded([JoinableThread]())
+    /// The channel the fault thread writes requests on, and its generation: the fault thread
+    /// compares the generation (one atomic load per batch) and takes the lock only when a
+    /// recovery replaced the channel.
+    let returnPath = Guarded<(generation: UInt64, channel: Channel?)>((0, nil))
+    let returnPathGeneration = AtomicCounter()
+    /// Listeners `migrate-recover` opened, each with its acceptor thread (until the end).
+    let recoverListeners = Guarded<[(listener: Listener, thread: JoinableThread)]>([])
     private let acceptor = Guarded<JoinableThread?>(nil)
     /// The current (or last) attempt's `mig-main`; the acceptor joins it before the next.
     let attemptMain = Guarded<JoinableThread?>(nil)
@@ -84,6 +93,13 @@ public final class IncomingMigration: @unchecked Sendable {
         var arrivals: [(channel: Channel, hello: Handshake)] = []
         /// The guest ran here and the attempt is over: the listener is closed for good.
         var closed = false
+
+        // Postcopy recovery (Destination/Recovery.swift).
+        var pauses = PauseRecord()
+        /// A resume hello of this session, handed by an acceptor to `mig-main`.
+        var resumeArrival: (channel: Channel, hello: Handshake)?
+        /// Set by `migrate-pause` here: resumes are refused until `migrate-recover`.
+        var manualOnly = false
     }
 
     /// The largest frame payload accepted: 1 MiB, or one page where pages are larger.
@@ -129,7 +145,7 @@ public final class IncomingMigration: @unchecked Sendable {
     /// Starts accepting. A stream refused during the handshake leaves this side listening.
     public func start() {
         do {
-            let thread = try JoinableThread("mig-incoming") { [self] in acceptLoop() }
+            let thread = try JoinableThread("mig-incoming") { [self] in acceptLoop(on: listener) }
             acceptor.update { $0 = thread }
         } catch {
             state.update { s in
@@ -168,12 +184,21 @@ public final class IncomingMigration: @unchecked Sendable {
             reset()
             return
         }
-        receive(on: main, as: .main)
+        // After the switch a broken connection pauses the attempt: the receivers are joined and
+        // `mig-main` waits for the source to resume it, then reads the new main channel.
+        var main = main
+        while true {
+            receive(on: main, as: .main)
+            joinReceivers()
+            guard let resumed = recoverAfterBreak() else { break }
+            main = resumed
+        }
         endAttempt()
         guard state.read({ $0.runningNs == nil }) else {
             // Done (or failed after the guest ran here): this host takes no other migration.
             state.update { $0.closed = true }
             listener.shutdown()
+            closeRecoverListeners()
             return
         }
         // Failed or cancelled before the switchover: the source still runs the guest.
@@ -213,20 +238,46 @@ public final class IncomingMigration: @unchecked Sendable {
             enter(.precopy)
         }
         Log.destination.info("accepted an incoming migration (session \(hello.session), \(urgent == nil ? "no" : "an") urgent channel, \(multifd.count) multifd channels)")
+        publishReturnPath(main)
         let stop = stopFaults.rawValue
-        try startAttemptThread("mig-faults") { [self] in faultLoop(uffd, returnPath: main, stop: stop) }
+        try startAttemptThread("mig-faults") { [self] in faultLoop(uffd, stop: stop) }
+        try startReceivers(urgent: urgent, multifd: multifd)
+    }
+
+    /// Starts the receivers of the urgent and multifd channels (main's runs on `mig-main`).
+    func startReceivers(urgent: Channel?, multifd: [Channel]) throws {
         if let urgent {
-            try startAttemptThread("mig-urgent") { [self] in receive(on: urgent, as: .urgent) }
+            try startReceiverThread("mig-urgent") { [self] in receive(on: urgent, as: .urgent) }
         }
         for (index, channel) in multifd.enumerated() {
-            try startAttemptThread("mig-multifd\(index)") { [self] in receive(on: channel, as: .multifd(index)) }
+            try startReceiverThread("mig-multifd\(index)") { [self] in receive(on: channel, as: .multifd(index)) }
         }
+    }
+
+    private func startReceiverThread(_ name: String, _ body: @escaping @Sendable () -> Void) throws {
+        let thread = try JoinableThread(name, body)
+        receiverThreads.update { $0.append(thread) }
+    }
+
+    /// Joins the receivers of the urgent and multifd channels (their channels are shut).
+    func joinReceivers() {
+        for thread in receiverThreads.update({ threads in defer { threads = [] }; return threads }) {
+            thread.join()
+        }
+    }
+
+    /// Hands the fault thread the channel to write requests on (and wakes it to resend what is
+    /// still requested): at the handshake, and after each recovery.
+    func publishReturnPath(_ channel: Channel) {
+        returnPath.update { $0 = ($0.generation + 1, channel) }
+        returnPathGeneration.add(1)
+        wakeFaultThread()
     }
 
     /// The urgent and multifd channels `hello` announced, each connected and its hello read (by
     /// the acceptor) by `deadline`. A connection of this session whose role or index is not
     /// awaited is refused alone; the attempt goes on waiting.
-    private func announcedChannels(of hello: Handshake, preempt: Bool, by deadline: Deadline, main: Channel) throws -> (Channel?, [Channel]) {
+    func announcedChannels(of hello: Handshake, preempt: Bool, by deadline: Deadline, main: Channel) throws -> (Channel?, [Channel]) {
         var urgent: Channel?
         var multifd = [Channel?](repeating: nil, count: hello.multifdChannels)
         defer {
@@ -241,15 +292,15 @@ public final class IncomingMigration: @unchecked Sendable {
             var waitSeconds: Double? = 0   // the deadline passed: look once more, do not wait
             if let left = deadline.remainingMilliseconds { waitSeconds = left < 0 ? nil : Double(left) / 1000 }
             // In slices, so that a source that hung up meanwhile ends the wait at once.
-            state.wait(timeout: min(waitSeconds ?? 0.1, 0.1)) { !$0.arrivals.isEmpty || phase != .handshaking }
+            state.wait(timeout: min(waitSeconds ?? 0.1, 0.1)) { !$0.arrivals.isEmpty || !phase.awaitsChannels }
             if main.peerHungUp {
                 throw ProtocolError.truncated("the handshake: the source closed the main channel before its announced channels connected")
             }
             let next = state.update { s -> (channel: Channel, hello: Handshake)? in
-                guard phase == .handshaking, !s.arrivals.isEmpty else { return nil }
+                guard phase.awaitsChannels, !s.arrivals.isEmpty else { return nil }
                 return s.arrivals.removeFirst()
             }
-            guard phase == .handshaking else { throw MigrationError.cancelled }
+            guard phase.awaitsChannels else { throw MigrationError.cancelled }
             guard let next else {
                 if deadline.remainingMilliseconds != nil { continue }   // a slice ended, the deadline has not
                 let absent = multifd.count(where: { $0 == nil })
@@ -314,6 +365,7 @@ public final class IncomingMigration: @unchecked Sendable {
         state.wait(timeout: 2) { !$0.refusalPending }
         shutdownChannels()
         wakeFaultThread()
+        joinReceivers()
         for thread in attemptThreads.update({ threads in defer { threads = [] }; return threads }) {
             thread.join()
         }
@@ -333,7 +385,7 @@ public final class IncomingMigration: @unchecked Sendable {
             // Listening again only once every page is dropped: a source that comes right back
             // waits for this (see `route`), it never meets the old attempt's pages.
             let stray = state.update { s -> [Channel] in
-                defer { s.uffd = nil; s.main = nil; s.urgent = nil; s.multifd = []; s.expecting = 0; s.arrivals = [] }
+                defer { s.uffd = nil; s.main = nil; s.urgent = nil; s.multifd = []; s.expecting = 0; s.arrivals = []; s.resumeArrival = nil }
                 enter(.listening)
                 return s.arrivals.map(\.channel)
             }
@@ -364,7 +416,8 @@ public final class IncomingMigration: @unchecked Sendable {
     /// Every page is here and the vCPUs run: unregister, say `done`, complete.
     func finish() {
         let parts = state.update { s -> (UserfaultFD?, Channel?)? in
-            guard phase == .running else { return nil }
+            // Paused or recovering, the source has not heard: completion waits for the recovery.
+            guard phase == .running, s.status == .postcopyActive else { return nil }
             enter(.finished)
             return (s.uffd, s.main)
         }
@@ -406,6 +459,8 @@ public final class IncomingMigration: @unchecked Sendable {
     /// whether this call ended it.
     @discardableResult
     func fail(_ error: any Error, as status: MigrationStatus = .failed) -> Bool {
+        // Once the guest ran here, a break pauses the migration instead (Recovery.swift).
+        if status == .failed, pause(error) { return true }
         let outcome = state.update { s -> (ranHere: Bool, main: Channel?)? in
             guard !s.status.isTerminal, phase != .finished, phase != .listening else { return nil }
             // A cancel decided under this lock: `run` either came first (and the cancel is
@@ -434,12 +489,12 @@ public final class IncomingMigration: @unchecked Sendable {
     }
 
     func shutdownChannels() {
-        let channels = state.read { [$0.main, $0.urgent].compactMap { $0 } + $0.multifd + $0.arrivals.map(\.channel) }
+        let channels = state.read { [$0.main, $0.urgent, $0.resumeArrival?.channel].compactMap { $0 } + $0.multifd + $0.arrivals.map(\.channel) }
         for channel in channels { channel.shutdown() }
     }
 
     /// Wakes the fault thread, which polls `stopFaults` beside the userfaultfd.
-    private func wakeFaultThread() {
+    func wakeFaultThread() {
         var one: UInt64 = 1
         do {
             _ = try withUnsafeBytes(of: &one) { try stopFaults.write($0, what: "write(eventfd)") }

@@ -61,7 +61,7 @@ extension IncomingMigration {
                     break   // completion is counted in pages received, whichever channel brought them
                 case .error:
                     throw ProtocolError.peer(try channel.readErrorMessage(header, scratch: buffer))
-                case .hello, .helloAck, .request, .running, .done:
+                case .hello, .helloAck, .request, .running, .done, .receivedBitmap:
                     throw phase.violation(header.kind, on: kind.role)   // never admitted
                 }
             }

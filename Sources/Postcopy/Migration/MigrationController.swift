@@ -63,12 +63,13 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
     public func parameters() -> [(name: String, value: MonitorValue)] { currentSettings.parameters }
 
     public func setParameter(_ name: String, value: MonitorValue) throws {
-        let (running, limits) = try lock.withLock { _ in
+        let (running, limits, recoverTimeout) = try lock.withLock { _ in
             try settings.setParameter(name, value)
-            return (outgoing, (settings.maxBandwidth, settings.maxPostcopyBandwidth))
+            return (outgoing, (settings.maxBandwidth, settings.maxPostcopyBandwidth), settings.xPostcopyRecoverTimeout)
         }
-        // Bandwidth limits apply to a migration under way, as in QEMU.
+        // Bandwidth limits apply to a migration under way, as in QEMU; so does the recovery bound.
         running?.setBandwidth(precopy: limits.0, postcopy: limits.1)
+        running?.setRecoverTimeout(seconds: recoverTimeout)
     }
 
     // MARK: migration
@@ -76,8 +77,15 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
     public func migrate(uri: String, resume: Bool) throws {
         Log.controller.info("migrate \(resume ? "-r " : "")\(uri)")
         do {
-            if resume { throw MigrationError.notNow("migrate -r: postcopy recovery is not available yet") }
             let endpoint = try Endpoint(uri: uri)
+            if resume {
+                // QEMU's manual recovery: the paused migration reconnects there.
+                guard let o = outgoingMigration else {
+                    throw MigrationError.notNow("migrate -r resumes a paused postcopy migration: there is no outgoing migration")
+                }
+                try o.requestResume(to: endpoint)
+                return
+            }
             guard let host else { throw MigrationError.hostGone }
             let migration: OutgoingMigration = try lock.withLock { _ in
                 guard !isMigrating else { throw MigrationError.inProgress }
@@ -158,12 +166,41 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
         }
     }
 
+    /// migrate-pause, on either side: breaks the link of a postcopy under way on purpose.
     public func pauseMigration() throws {
-        throw MigrationError.notNow("migrate-pause: postcopy recovery is not available yet")
+        Log.controller.info("migrate-pause")
+        do {
+            if let outgoing = outgoingMigration {
+                try outgoing.pauseByCommand()
+            } else if let incoming = incomingMigration {
+                try incoming.pauseByCommand()
+            } else {
+                throw MigrationError.notNow("migrate-pause: no migration is under way")
+            }
+        } catch {
+            Log.controller.warning("migrate-pause refused: \(error)")
+            throw error
+        }
     }
 
+    /// migrate-recover URI, on a paused destination: listens there for the source's migrate -r.
     public func recoverMigration(uri: String) throws {
-        throw MigrationError.notNow("migrate-recover: postcopy recovery is not available yet")
+        Log.controller.info("migrate-recover \(uri)")
+        do {
+            guard let incoming = incomingMigration else {
+                throw MigrationError.notNow("migrate-recover is for a paused incoming migration: this host has none")
+            }
+            try incoming.listenForRecovery(on: uri)
+        } catch {
+            Log.controller.warning("migrate-recover \(uri) refused: \(error)")
+            throw error
+        }
+    }
+
+    /// Whether vCPU `index` is blocked on a page that has not arrived (a destination in
+    /// postcopy): `stop` counts it as stopped, since it cannot run until the page comes.
+    public func vcpuWaitsForPage(_ index: Int) -> Bool {
+        incomingMigration?.blocktime.isBlocked(vcpu: index) ?? false
     }
 
     public func queryMigrate() -> MigrationInfo {
@@ -204,7 +241,13 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
 
     public func runState() -> RunState { host?.runState() ?? .shutdown }
     public func stop() throws { try host?.stop() }
-    public func cont() throws { try host?.cont() }
+    public func cont() throws {
+        if let o = outgoingMigration, let refusal = o.contRefusal {
+            Log.controller.warning("cont refused: \(refusal)")
+            throw MigrationError.notNow(refusal)
+        }
+        try host?.cont()
+    }
     public func quit() { host?.quit() }
     public func extraCommand(_ name: String, arguments: [String: MonitorValue]) throws -> MonitorValue? {
         try host?.extraCommand(name, arguments: arguments)

@@ -36,6 +36,10 @@ public struct MigrationSettings: Sendable, Equatable {
     /// Milliseconds a destination waits for the next frame before the switch (setup and
     /// precopy) before it gives the attempt up; after the switch silence is not a failure (0: no limit).
     public var xIncomingIdleTimeoutMs: Int64 = 30_000
+    /// Seconds a source in postcopy-paused keeps reconnecting to the destination by itself,
+    /// from the moment the link broke (0: only QEMU's manual recovery, `migrate -r`). When the
+    /// time runs out the migration stays paused and manual recovery still works.
+    public var xPostcopyRecoverTimeout: Int64 = 600
     /// The id of the TLS credentials object every channel runs under (empty: no TLS).
     public var tlsCreds = ""
     /// The host name the source checks the destination's x509 certificate against (empty: the
@@ -100,6 +104,7 @@ public struct MigrationSettings: Sendable, Equatable {
          ("x-handshake-timeout", .int(xHandshakeTimeoutMs)),
          ("x-frame-timeout", .int(xFrameTimeoutMs)),
          ("x-incoming-idle-timeout", .int(xIncomingIdleTimeoutMs)),
+         ("x-postcopy-recover-timeout", .int(xPostcopyRecoverTimeout)),
          ("tls-creds", .string(tlsCreds)),
          ("tls-hostname", .string(tlsHostname)),
          ("tls-authz", .string(tlsAuthz))]
@@ -149,6 +154,7 @@ public struct MigrationSettings: Sendable, Equatable {
         case "x-handshake-timeout": xHandshakeTimeoutMs = number
         case "x-frame-timeout": xFrameTimeoutMs = number
         case "x-incoming-idle-timeout": xIncomingIdleTimeoutMs = number
+        case "x-postcopy-recover-timeout": xPostcopyRecoverTimeout = number
         default: throw MigrationError.invalidSetting("Parameter '\(name)' not found")
         }
     }

@@ -19,7 +19,12 @@ extension OutgoingMigration {
             let channels = multifd
             let lanes = senders.count
             _ = try senders.run { [self] lane in
-                try pushLane(lane, of: lanes, on: channels[lane])
+                do {
+                    try pushLane(lane, of: lanes, on: channels[lane])
+                } catch {
+                    pauseOrFail(error)   // at once: the other lanes stop too
+                    throw error
+                }
                 return 0
             }
         } else {

@@ -17,7 +17,7 @@ extension OutgoingMigration {
             info.expectedDowntimeMs = s.expectedDowntimeMs ?? UInt64(settings.downtimeLimitMs)
         }
         var ram = MigrationInfo.RAM()
-        let multifdBytes = s.setupNs == nil ? 0 : multifd.reduce(0) { $0 + $1.bytesWritten.value }
+        let multifdBytes = s.setupNs == nil ? 0 : multifdWritten()
         let transferred = totalWritten()
         ram.transferred = transferred
         ram.total = UInt64(memory.size)
@@ -45,6 +45,7 @@ extension OutgoingMigration {
         info.ram = ram
         info.dirtyTracking = s.dirtyTracking?.rawValue
         info.errorDescription = s.error
+        info.recovery = s.pauses.info(now: now)
         return info
     }
 }

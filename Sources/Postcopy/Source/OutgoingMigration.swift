@@ -39,24 +39,47 @@ public final class OutgoingMigration: @unchecked Sendable {
     /// Bytes per second (0: unlimited), read live by the senders.
     let bandwidthLimit: AtomicCounter
     let postcopyBandwidthLimit: AtomicCounter
+    /// `x-postcopy-recover-timeout` in seconds, read live by the recovery loop.
+    let recoverTimeoutSeconds: AtomicCounter
     /// Where the background stream continues after a requested page.
     let jump = PushJump()
 
-    // Set by the control thread during setup, before any other thread reads them; published
-    // to `info()` by `setupNs` under the state lock.
-    var main: Channel?
-    var urgent: Channel?
-    /// The multifd data channels (with the `multifd` capability), and their sending threads.
-    var multifd: [Channel] = []
+    /// Ties every channel of this migration together, recoveries included.
+    let session = UInt64.random(in: 1...UInt64.max)
+    /// The current connection's channels: the first, then each recovery's (`Links`).
+    let links = Mutex(Links())
+    /// The multifd channels' sending threads, for the whole migration (recoveries included).
     var senders: MultifdSenders?
     var syncGeneration: UInt64 = 0
-    private var requestServer: JoinableThread?
+    /// The return path's reader; only the control thread starts and joins it.
+    var requestServer: JoinableThread?
     private let control = Mutex<JoinableThread?>(nil)
     /// Set when the control thread has returned (it has joined the others by then).
     private let controlEnded = Guarded(false)
-    /// Every channel connected so far, from the first: a cancel or failure during the handshake
-    /// shuts them down too, so no thread stays blocked on a silent destination.
-    private let opened = Mutex<[Channel]>([])
+
+    /// The channels of one connection to the destination. Every channel connected so far is in
+    /// `opened`, from the first: a cancel, a failure or a pause during the handshake shuts them
+    /// down too, so no thread stays blocked on a silent destination. A recovery retires them
+    /// (their bytes stay counted) and connects anew.
+    struct Links {
+        var main: Channel?
+        var urgent: Channel?
+        /// The multifd data channels (with the `multifd` capability).
+        var multifd: [Channel] = []
+        var opened: [Channel] = []
+        var retiredBytes: UInt64 = 0
+        var retiredMultifdBytes: UInt64 = 0
+
+        mutating func retire() {
+            retiredBytes += opened.reduce(0) { $0 + $1.bytesWritten.value }
+            retiredMultifdBytes += multifd.reduce(0) { $0 + $1.bytesWritten.value }
+            self = Links(retiredBytes: retiredBytes, retiredMultifdBytes: retiredMultifdBytes)
+        }
+    }
+
+    var main: Channel? { links.withLock { $0.main } }
+    var urgent: Channel? { links.withLock { $0.urgent } }
+    var multifd: [Channel] { links.withLock { $0.multifd } }
 
     /// How long a failure after "run" waits for the destination's answer before it gives up
     /// and leaves the guest paused here (the answer is one frame; only a dead link takes this).
@@ -71,6 +94,7 @@ public final class OutgoingMigration: @unchecked Sendable {
         pending.setAll()
         bandwidthLimit = AtomicCounter(UInt64(max(0, settings.maxBandwidth)))
         postcopyBandwidthLimit = AtomicCounter(UInt64(max(0, settings.maxPostcopyBandwidth)))
+        recoverTimeoutSeconds = AtomicCounter(UInt64(max(0, settings.xPostcopyRecoverTimeout)))
         sentOnce = AtomicBitmap(count: memory.pageCount)
     }
 
@@ -112,20 +136,29 @@ public final class OutgoingMigration: @unchecked Sendable {
     /// In any state, a connect or handshake under way ends at once (`open`), and this returns
     /// once the migration's threads are joined and its sockets shut (up to 5 s).
     public func cancel() throws {
-        let wasPaused: Bool? = try state.update { s in
+        let outcome: (resume: Bool, abandoned: Bool)? = try state.update { s in
             switch s.verdict(for: .cancel) {
             case .nothingToDo: return nil
             case .refused(let error): throw error
             case .act:
+                if s.isPaused {
+                    s.transition(to: .failed)
+                    s.error = Self.abandonedMessage(reason: s.pauses.reason)
+                    return (false, true)
+                }
                 s.transition(to: .cancelled)
-                return s.vcpusPaused
+                return (s.vcpusPaused, false)
             }
         }
-        guard let wasPaused else { return }
+        guard let outcome else { return }
         interrupt.set()
         shutdownChannels()
-        if wasPaused { hooks?.resumeVCPUs() }
-        Log.source.warning("migration cancelled: the guest keeps running on this host")
+        if outcome.resume { hooks?.resumeVCPUs() }
+        if outcome.abandoned {
+            Log.source.error("migrate_cancel while postcopy was paused: \(Self.abandonedMessage(reason: state.read { $0.pauses.reason }))")
+        } else {
+            Log.source.warning("migration cancelled: the guest keeps running on this host")
+        }
         if controlEnded.wait(timeout: 5, until: { $0 }), let thread = control.withLock({ $0 }) { thread.join() }
     }
 
@@ -165,10 +198,48 @@ public final class OutgoingMigration: @unchecked Sendable {
         // Every connect, the hello and the destination's answer by one deadline: a destination
         // that accepts and says nothing cannot keep the migration in setup.
         let deadline = Deadline(in: settings.handshakeTimeout)
-        let main = try open(by: deadline)
-        let session = UInt64.random(in: 1...UInt64.max)
+        let (main, urgent, multifd) = try connect(to: endpoint, by: deadline, resuming: false)
+        // Track writes from before the first page is read, so none is missed.
+        let tracker = try DirtyTracker(memory: memory)
+        if !multifd.isEmpty { senders = try MultifdSenders(count: multifd.count) }
+        try state.update { s in
+            guard s.transition(to: .active) else { throw MigrationError.cancelled }
+            links.withLock { $0.main = main; $0.urgent = urgent; $0.multifd = multifd }
+            s.setupNs = monotonicNanoseconds()
+            s.dirtySyncCount = 1
+            s.dirtyTracking = tracker.method
+            s.recoveryEndpoint = endpoint
+        }
+        requestServer = try JoinableThread("mig-requests") { [self] in serveReturnPath(main, urgent: urgent) }
+
+        let converged = try precopy(main, tracker: tracker)
+        // Precopy also ends when the migration failed or was cancelled: then nothing more.
+        guard state.read({ $0.status == .active && (converged || $0.postcopyRequested) }) else { return }
+        if converged {
+            try completeInPrecopy(main, tracker: tracker)
+        } else {
+            do {
+                try switchToPostcopy(main, tracker: tracker)
+            } catch {
+                // Once "run" is out, a broken link pauses the migration (the loop below recovers it).
+                pauseOrFail(error)
+            }
+            try postcopy(from: main)
+        }
+    }
+
+    /// Connects the main channel, says hello (a first one, or a resume of this session) and
+    /// reads the destination's answer, then connects the urgent and multifd channels it
+    /// announced, all by `deadline`: a destination that accepts and says nothing cannot hold
+    /// the migration. On a resume the status moves to postcopy-recover-setup once main is
+    /// connected, and to postcopy-recover once the destination accepted.
+    func connect(to endpoint: Endpoint, by deadline: Deadline, resuming: Bool) throws -> (Channel, Channel?, [Channel]) {
+        let main = try open(to: endpoint, by: deadline)
+        if resuming {
+            try state.update { s in guard s.transition(to: .postcopyRecoverSetup) else { throw MigrationError.cancelled } }
+        }
         var hello = Handshake(role: .main, session: session, pageSize: memory.pageSize, regionSize: memory.size,
-                              flags: settings.postcopyPreempt ? Handshake.preemptFlag : 0)
+                              flags: (settings.postcopyPreempt ? Handshake.preemptFlag : 0) | (resuming ? Handshake.resumeFlag : 0))
         hello.multifdChannels = settings.multifd ? settings.multifdChannels : 0
         try main.writeHandshake(hello)
         // The destination accepts or explains why not.
@@ -182,45 +253,26 @@ public final class OutgoingMigration: @unchecked Sendable {
         case .error: throw MigrationError.refusedByPeer(try main.readErrorMessage(reply, scratch: scratch))
         default: throw ProtocolError.unexpectedFrame(reply.kind, while: "waiting for the handshake reply")
         }
+        if resuming {
+            try state.update { s in guard s.transition(to: .postcopyRecover) else { throw MigrationError.cancelled } }
+        }
         var urgent: Channel?
         if settings.postcopyPreempt {
-            let channel = try open(by: deadline)
+            let channel = try open(to: endpoint, by: deadline)
             hello.role = .urgent
             try channel.writeHandshake(hello)
             urgent = channel
         }
         var multifd: [Channel] = []
         for index in 0..<hello.multifdChannels {
-            let channel = try open(by: deadline)
+            let channel = try open(to: endpoint, by: deadline)
             var data = hello
             data.role = .multifd
             data.multifdIndex = index
             try channel.writeHandshake(data)
             multifd.append(channel)
         }
-        // Track writes from before the first page is read, so none is missed.
-        let tracker = try DirtyTracker(memory: memory)
-        if !multifd.isEmpty { senders = try MultifdSenders(count: multifd.count) }
-        try state.update { s in
-            guard s.transition(to: .active) else { throw MigrationError.cancelled }
-            self.main = main
-            self.urgent = urgent
-            self.multifd = multifd
-            s.setupNs = monotonicNanoseconds()
-            s.dirtySyncCount = 1
-            s.dirtyTracking = tracker.method
-        }
-        requestServer = try JoinableThread("mig-requests") { [self] in serveReturnPath(main) }
-
-        let converged = try precopy(main, tracker: tracker)
-        // Precopy also ends when the migration failed or was cancelled: then nothing more.
-        guard state.read({ $0.status == .active && (converged || $0.postcopyRequested) }) else { return }
-        if converged {
-            try completeInPrecopy(main, tracker: tracker)
-        } else {
-            try switchToPostcopy(main, tracker: tracker)
-            try push(main)
-        }
+        return (main, urgent, multifd)
     }
 
     /// The control thread's last act: the migration ends with the destination's `done`, a
@@ -233,10 +285,10 @@ public final class OutgoingMigration: @unchecked Sendable {
 
     /// Connects one more channel to the destination by `deadline`, unless the migration already
     /// ended; a cancel ends a connect under way within 50 ms.
-    private func open(by deadline: Deadline) throws -> Channel {
-        let channel = try Channel.connect(to: endpoint, deadline: deadline, cancelled: { state.read { $0.status.isTerminal } })
+    private func open(to endpoint: Endpoint, by deadline: Deadline) throws -> Channel {
+        let channel = try Channel.connect(to: endpoint, deadline: deadline, cancelled: { state.read { $0.status.isTerminal || $0.resumeRequest != nil } })
         channel.frameTimeout = settings.frameTimeout
-        opened.withLock { $0.append(channel) }
+        links.withLock { $0.opened.append(channel) }
         // Checked after publishing it: a cancel either sees it in `opened` or is seen here.
         if state.read({ $0.status.isTerminal }) {
             channel.shutdown()
@@ -273,13 +325,17 @@ public final class OutgoingMigration: @unchecked Sendable {
         }
     }
 
-    /// Bytes written on every channel so far.
+    /// Bytes written on every channel so far, those of connections a recovery replaced included.
     func totalWritten() -> UInt64 {
         guard state.read({ $0.setupNs != nil }) else { return 0 }
-        return (main?.bytesWritten.value ?? 0) + (urgent?.bytesWritten.value ?? 0) + multifd.reduce(0) { $0 + $1.bytesWritten.value }
+        return links.withLock { l in l.opened.reduce(l.retiredBytes) { $0 + $1.bytesWritten.value } }
+    }
+
+    func multifdWritten() -> UInt64 {
+        links.withLock { l in l.multifd.reduce(l.retiredMultifdBytes) { $0 + $1.bytesWritten.value } }
     }
 
     func shutdownChannels() {
-        for channel in opened.withLock({ $0 }) { channel.shutdown() }
+        for channel in links.withLock({ $0.opened }) { channel.shutdown() }
     }
 }

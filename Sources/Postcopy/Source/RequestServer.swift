@@ -5,16 +5,18 @@ import Logging
 /// then the background stream jumps past them. It also reads the destination's answer to
 /// "run" (`running` or a refusal), which alone decides who may run the guest, and `done`.
 ///
-/// Threads: `mig-requests`, from setup to the end of the migration.
+/// Threads: `mig-requests`, from setup to the end of the migration or to a pause (a recovery
+/// starts another on the new connection).
 /// Hot path: allocates nothing per page; no state lock per request (only the channel's write lock).
 extension OutgoingMigration {
-    func serveReturnPath(_ main: Channel) {
+    func serveReturnPath(_ main: Channel, urgent: Channel?) {
         let scratch = UnsafeMutableRawPointer.allocate(byteCount: Channel.maxMessageBytes, alignment: 16)
         defer { scratch.deallocate() }
         let pageSize = memory.pageSize
         let pageCount = memory.pageCount
         let readAhead = Int(settings.xPostcopyReadAhead)
         let readAheadRun = min(readAhead, maxPagesPerFrame)
+        let channel = urgent ?? main
         do {
             while true {
                 let header = try main.readHeader(scratch: scratch)
@@ -29,7 +31,6 @@ extension OutgoingMigration {
                     }
                     requests.add(1)
                     // Always answer, even a page the pusher has claimed: it may be queued behind the stream.
-                    let channel = urgent ?? main
                     let firstPage = Int(first)
                     try channel.write(FrameHeader(.pages, count: UInt32(count), argument: first),
                                       payload: UnsafeRawPointer(bitPattern: memory.address(ofPage: firstPage)), length: Int(count) * pageSize)
@@ -73,10 +74,11 @@ extension OutgoingMigration {
             }
         } catch {
             // The return path ended: if "run" went out unanswered, nobody will answer it now.
+            // After the switch that pauses the migration (a recovery will answer for it).
             state.update { s in
                 if s.handover == .awaitingAnswer { s.handover = .unanswered }
             }
-            fail(error)
+            pauseOrFail(error)
         }
     }
 }

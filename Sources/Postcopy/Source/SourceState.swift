@@ -17,6 +17,16 @@ struct SourceState {
     var expectedDowntimeMs: UInt64?
     var dirtyTracking: DirtyTrackingMethod?
 
+    // Postcopy recovery (OutgoingMigration+Recovery).
+    var pauses = PauseRecord()
+    /// Where `migrate -r` asked to reconnect; the recovery loop takes it at once.
+    var resumeRequest: Endpoint?
+    /// The address the recovery loop retries by itself: the migration's, then the last one a
+    /// recovery succeeded on.
+    var recoveryEndpoint: Endpoint?
+    /// Cleared by `migrate-pause` (the operator wants the link down) until `migrate -r`.
+    var autoRecovery = true
+
     /// Who runs the guest, as far as the source knows. Once "run" is written only the
     /// destination's answer tells: it always answers `running` or an error frame before it
     /// resumes anything, so the source resumes the guest only on an explicit refusal.
@@ -33,16 +43,22 @@ struct SourceState {
         case unanswered
     }
 
-    /// The source's status moves (QEMU's, without postcopy recovery yet):
+    /// The source's status moves (QEMU's, with postcopy recovery):
     ///
     ///     setup ─► active ─► device ─────────► completed
     ///                  └───► postcopy-active ─► completed
+    ///                          ▲         │ a channel broke, or migrate-pause
+    ///                          │         ▼
+    ///       postcopy-recover ◄─ postcopy-recover-setup ◄─ postcopy-paused
+    ///         (either of them ─► postcopy-paused when the attempt fails)
     ///     any non-terminal ─► failed;  setup, active, device ─► cancelled (before "run")
     static func allows(_ from: MigrationStatus, _ to: MigrationStatus) -> Bool {
         switch (from, to) {
         case (.setup, .active), (.active, .device), (.active, .postcopyActive),
              (.device, .completed), (.postcopyActive, .completed),
-             (.setup, .cancelled), (.active, .cancelled), (.device, .cancelled):
+             (.setup, .cancelled), (.active, .cancelled), (.device, .cancelled),
+             (.postcopyActive, .postcopyPaused), (.postcopyRecoverSetup, .postcopyPaused), (.postcopyRecover, .postcopyPaused),
+             (.postcopyPaused, .postcopyRecoverSetup), (.postcopyRecoverSetup, .postcopyRecover), (.postcopyRecover, .postcopyActive):
             true
         case (_, .failed):
             !from.isTerminal
@@ -61,7 +77,7 @@ struct SourceState {
         return true
     }
 
-    enum Command { case startPostcopy, cancel }
+    enum Command { case startPostcopy, cancel, pause, resume }
 
     enum Verdict: Equatable {
         case act
@@ -79,10 +95,45 @@ struct SourceState {
             return status == .setup || status == .active ? .act : .nothingToDo
         case .cancel:
             if status.isTerminal { return .nothingToDo }
+            // Paused, the operator may give the migration up: it fails (see `cancelWhilePaused`).
+            if isPaused { return .act }
             if status.isPostcopy || handover != .notSent {
                 return .refused(.notNow("cannot cancel a migration in postcopy: the guest's memory is split between both hosts"))
             }
             return .act
+        case .pause:
+            // As QEMU: only a postcopy under way (or recovering) can be paused.
+            if status == .postcopyActive || status == .postcopyRecoverSetup || status == .postcopyRecover { return .act }
+            if status == .postcopyPaused { return .nothingToDo }
+            return .refused(.notNow("migrate-pause is only allowed in postcopy-active or postcopy-recover (this migration is \(status.rawValue))"))
+        case .resume:
+            if isPaused { return .act }
+            return .refused(.notNow("migrate -r resumes a migration in postcopy-paused (this migration is \(status.rawValue))"))
+        }
+    }
+
+    /// Paused after the switch, or trying to recover: the guest runs on the destination and
+    /// some of its pages are only here.
+    var isPaused: Bool {
+        status == .postcopyPaused || status == .postcopyRecoverSetup || status == .postcopyRecover
+    }
+
+    /// A broken link pauses the migration rather than failing it once "run" is out (the guest
+    /// may run at the destination) and was not refused.
+    var breakPauses: Bool {
+        guard status.isPostcopy else { return false }
+        switch handover {
+        case .awaitingAnswer, .unanswered, .running: return true
+        case .notSent, .refused: return false
+        }
+    }
+
+    /// The guest ran, or may have run, on the destination and the migration did not complete:
+    /// resuming it here would run it twice from the switch point.
+    var guestMayRunElsewhere: Bool {
+        switch handover {
+        case .awaitingAnswer, .unanswered, .running: status != .completed
+        case .notSent, .refused: false
         }
     }
 

@@ -37,6 +37,19 @@ extension MigrationInfo {
             out += "postcopy vcpu blocktime: \(postcopyVcpuBlocktimeMs.map(String.init).joined(separator: ","))\n"
         }
         if let latency { out += latency.hmpLines }
+        if let recovery { out += recovery.hmpLines }
+        return out
+    }
+}
+
+extension MigrationInfo.Recovery {
+    var hmpLines: String {
+        var out = ""
+        if let pausedMs { out += "postcopy paused for: \(pausedMs) ms\(reason.map { " (\($0))" } ?? "")\n" }
+        if let missingPages, pausedMs != nil {
+            out += "postcopy missing pages: \(missingPages) (only the source can supply them)\n"
+        }
+        out += "postcopy pauses: \(pauses), recoveries: \(recoveries), paused in all: \(pausedTotalMs) ms\n"
         return out
     }
 }

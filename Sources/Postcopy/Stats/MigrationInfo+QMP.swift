@@ -16,6 +16,7 @@ extension MigrationInfo {
         if let postcopyVcpuBlocktimeMs { members.append(("postcopy-vcpu-blocktime", .array(postcopyVcpuBlocktimeMs.map(MonitorValue.uint)))) }
         if let latency { members += latency.qmpMembers }
         if let dirtyTracking { members.append(("x-dirty-tracking", .string(dirtyTracking))) }
+        if let recovery { members.append(("x-postcopy-recovery", recovery.qmpValue)) }
         return .object(members)
     }
 }
@@ -41,6 +42,17 @@ extension MigrationInfo.RAM {
             ("downtime-bytes", .uint(downtimeBytes)),
             ("postcopy-bytes", .uint(postcopyBytes)),
         ])
+    }
+}
+
+extension MigrationInfo.Recovery {
+    public var qmpValue: MonitorValue {
+        var members: [(String, MonitorValue)] = []
+        if let pausedMs { members.append(("paused-ms", .uint(pausedMs))) }
+        members += [("paused-total-ms", .uint(pausedTotalMs)), ("pauses", .uint(pauses)), ("recoveries", .uint(recoveries))]
+        if let reason { members.append(("reason", .string(reason))) }
+        if let missingPages { members.append(("missing-pages", .uint(missingPages))) }
+        return .object(members)
     }
 }
 

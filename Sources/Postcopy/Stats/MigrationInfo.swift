@@ -20,8 +20,23 @@ public struct MigrationInfo: Sendable, Equatable {
     public var dirtyTracking: String?
     /// Why the migration failed, when status is "failed".
     public var errorDescription: String?
+    /// Postcopy pauses and recoveries, once the migration has paused at least once.
+    public var recovery: Recovery?
 
     public init() {}
+
+    /// Postcopy recovery: how long the migration has been paused (and was in all), how often,
+    /// why the link last broke; on the destination, how many pages only the source can supply.
+    public struct Recovery: Sendable, Equatable {
+        /// The current pause so far (nil when not paused).
+        public var pausedMs: UInt64?
+        public var pausedTotalMs: UInt64 = 0
+        public var pauses: UInt64 = 0
+        public var recoveries: UInt64 = 0
+        public var reason: String?
+        public var missingPages: UInt64?
+        public init() {}
+    }
 
     public struct RAM: Sendable, Equatable {
         public var transferred: UInt64 = 0

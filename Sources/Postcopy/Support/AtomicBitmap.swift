@@ -43,6 +43,21 @@ public final class AtomicBitmap: @unchecked Sendable {
         if tail != 0 { words.store(wordCount - 1, (UInt64(1) << UInt64(tail)) - 1) }
     }
 
+    /// The bitmap as 64-bit words, bit `i` of word `w` being page `64 w + i` (what a recovery
+    /// sends as the destination's received set); bits past `count` are 0.
+    public var wordCount64: Int { wordCount }
+
+    @inline(__always)
+    public func word(_ w: Int) -> UInt64 { words.load(w) }
+
+    /// Replaces word `w` (bits past `count` are kept clear). Only while no other thread
+    /// changes the bitmap: a recovery sets the source's pending set from the destination's.
+    public func storeWord(_ w: Int, _ value: UInt64) {
+        let tail = count & 63
+        let mask: UInt64 = w == wordCount - 1 && tail != 0 ? (UInt64(1) << UInt64(tail)) - 1 : ~0
+        words.store(w, value & mask)
+    }
+
     /// The first clear bit at or after `start` (wrapping around), or nil when every bit is set.
     public func firstClear(from start: Int) -> Int? { first(from: start, set: false) }
 

@@ -16,6 +16,7 @@ public enum FrameKind: UInt8, Sendable {
     case request = 17       // argument: first page; count: pages
     case running = 18       // the destination's vCPUs run (ends the source's downtime)
     case done = 19          // argument: pages received; the migration is complete
+    case receivedBitmap = 20 // recovery: argument: page count; count: payload bytes, the received set as little-endian u64 words
     // either way
     case error = 32         // count: payload bytes, a UTF-8 message
 }

@@ -22,9 +22,14 @@ public struct Handshake: Sendable, Equatable {
     public var flags: UInt64
 
     public static let preemptFlag: UInt64 = 1
-    /// The flag bits this version defines (preempt, multifd count, multifd index); any other
-    /// set bit is refused.
-    static let knownFlags: UInt64 = preemptFlag | 0xFF_FF00
+    /// Bit 1: this connection resumes a paused postcopy migration of the same session
+    /// (docs/PROTOCOL.md, "Recovery"), rather than starting one.
+    public static let resumeFlag: UInt64 = 2
+    /// The flag bits this version defines (preempt, resume, multifd count, multifd index); any
+    /// other set bit is refused.
+    static let knownFlags: UInt64 = preemptFlag | resumeFlag | 0xFF_FF00
+
+    public var resumes: Bool { flags & Self.resumeFlag != 0 }
 
     /// Bits 8-15 of the flags: how many multifd channels follow (0: none).
     public var multifdChannels: Int {

@@ -7,7 +7,9 @@ import Postcopy
 /// controller's event bus, and runs until `quit`.
 protocol ProcessHost: MigratableHost {
     var memory: GuestMemory { get }
-    var events: MonitorEvents? { get set }
+    /// The shared run state: the embedding hands it the event bus and the migration's view of
+    /// which vCPUs wait for a page.
+    var run: VCPURunControl { get }
     func waitForQuit()
 }
 
@@ -42,7 +44,8 @@ enum HostProcessMain {
     /// The same embedding for every host (docs/EMBEDDING.md), then runs until `quit`.
     static func serve(_ host: some ProcessHost, objects: [String] = [], qmp: String?, monitor: String?, incoming: String?) throws -> Never {
         let controller = MigrationController(memory: host.memory, host: host)
-        host.events = controller.events
+        host.run.events = controller.events
+        host.run.waitsForPage = { [weak controller] in controller?.vcpuWaitsForPage($0) ?? false }
         for object in objects { try SecurityObjects.shared.add(commandLine: object) }
         var servers: [AnyObject] = []
         if let qmp { servers.append(try QMPServer(path: qmp, backend: controller, events: controller.events)) }

@@ -3,11 +3,16 @@ import Postcopy
 /// The run state both hosts share (`postcopy host` and `postcopy vm`): QEMU's RunState, the
 /// parking of vCPU threads for a pause, autostart for a destination that waits, and the `STOP`
 /// and `RESUME` events. A host's vCPU loop checks `pauseWanted` before each step and calls
-/// `park()` when it is set; the host supplies how to get a vCPU's attention (`kick`).
+/// `park(_:)` when it is set; the host supplies how to get a vCPU's attention (`kick`).
+/// A destination's vCPU blocked on a page still on the source cannot park (it sleeps in the
+/// kernel until the page comes, which a paused postcopy may delay indefinitely): a pause counts
+/// it as stopped (`waitsForPage`), and it parks once the page lets it go.
 final class VCPURunControl: @unchecked Sendable {
     private struct Control {
         var pauseRequested: Bool
         var parked = 0
+        /// Which vCPUs are parked (by index).
+        var parkedVCPUs: [Bool]
         var started = 0
         var runState: RunState
         /// Whether the guest starts when an incoming migration hands it over (QEMU's autostart):
@@ -22,12 +27,16 @@ final class VCPURunControl: @unchecked Sendable {
     private let quitRequested = Guarded(false)
     /// Where `STOP` and `RESUME` go (the controller's bus); set before the monitors start.
     var events: MonitorEvents?
+    /// Whether vCPU `index` is blocked on a page that has not arrived (the migration's
+    /// blocktime view); set before the monitors start.
+    var waitsForPage: @Sendable (Int) -> Bool = { _ in false }
 
     /// A destination's vCPUs (`incoming`) exist from the start but wait for the switchover
     /// (QEMU's "inmigrate").
     init(vcpuCount: Int, incoming: Bool) {
         self.vcpuCount = vcpuCount
-        control = Guarded(Control(pauseRequested: incoming, runState: incoming ? .inmigrate : .running))
+        control = Guarded(Control(pauseRequested: incoming, parkedVCPUs: Array(repeating: false, count: vcpuCount),
+                                  runState: incoming ? .inmigrate : .running))
         if incoming { pauseFlag.set() }
     }
 
@@ -42,11 +51,17 @@ final class VCPURunControl: @unchecked Sendable {
         if pauseWanted { control.wait { $0.parked == self.vcpuCount } }
     }
 
-    /// Parks the calling vCPU until the pause ends.
-    func park() {
-        control.update { $0.parked += 1 }
+    /// Parks the calling vCPU (`index`) until the pause ends.
+    func park(_ index: Int) {
+        control.update { $0.parked += 1; $0.parkedVCPUs[index] = true }
         control.wait { !$0.pauseRequested }
-        control.update { $0.parked -= 1 }
+        control.update { $0.parked -= 1; $0.parkedVCPUs[index] = false }
+    }
+
+    /// Every vCPU is parked, or blocked on a missing page (it cannot run either).
+    private func allStopped() -> Bool {
+        let parked = control.read { $0.parkedVCPUs }
+        return parked.indices.allSatisfy { parked[$0] || waitsForPage($0) }
     }
 
     /// Blocks the calling vCPU until a pause is wanted (a halted guest, which only a stop ends).
@@ -63,7 +78,10 @@ final class VCPURunControl: @unchecked Sendable {
             return c.runState.isRunning
         }
         kick()
-        control.wait { $0.parked == self.vcpuCount }
+        // A blocked vCPU changes nothing the lock sees when its page comes: look every 5 ms.
+        while !control.wait(timeout: 0.005, until: { $0.parked == self.vcpuCount }) {
+            if allStopped() { break }
+        }
         if wasRunning { events?.emit("STOP") }
     }
 

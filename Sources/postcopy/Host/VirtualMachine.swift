@@ -22,10 +22,6 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
     private let pendingStates = Guarded<[VCPUState]?>(nil)
 
     /// Where `STOP` and `RESUME` go (the controller's bus); set before the monitors start.
-    var events: MonitorEvents? {
-        get { run.events }
-        set { run.events = newValue }
-    }
 
     /// Minimum time between two touches of one vCPU (0: as fast as the CPU goes).
     let touchIntervalNs: UInt64
@@ -75,7 +71,7 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
         let slice = UInt64(slicePages)
         var due: UInt64 = 0
         while true {
-            if run.pauseWanted { run.park() }
+            if run.pauseWanted { run.park(index) }
             if touchIntervalNs > 0 {
                 // Paced like a slower guest: spin until the next touch is due; after a long
                 // stall (a missing page) start afresh rather than rush to catch up.

@@ -16,17 +16,13 @@ final class KVMHost: MigratableHost, @unchecked Sendable {
 
     /// Run state, pauses and autostart, shared with `postcopy host`; checked by every vCPU
     /// before it enters the guest.
-    private let run: VCPURunControl
+    let run: VCPURunControl
     /// Bytes the guest wrote to COM1 (one per pass for the test guests), for benchmarks.
     let serialBytes = AtomicCounter()
     /// Port 0x92 (fast A20 gate): remembered as written, so the guest reads back what it set.
     private let systemControlPort = AtomicCounter(0)
 
     /// Where `STOP` and `RESUME` go (the controller's bus); set before the monitors start.
-    var events: MonitorEvents? {
-        get { run.events }
-        set { run.events = newValue }
-    }
 
     /// Where a BIOS loads the boot sector and jumps to, in real mode.
     static let bootAddress = 0x7c00
@@ -63,7 +59,7 @@ final class KVMHost: MigratableHost, @unchecked Sendable {
     private func runVCPU(_ vcpu: VCPU) {
         while true {
             if run.pauseWanted {
-                run.park()
+                run.park(vcpu.index)
                 // Cleared before the flag is looked at again: a kick for a new pause that came
                 // in between sets the flag first, so it is not lost.
                 vcpu.clearKick()
