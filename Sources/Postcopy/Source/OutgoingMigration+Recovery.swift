@@ -111,7 +111,7 @@ extension OutgoingMigration {
     /// Reconnects until a recovery succeeds, and returns the new main channel; throws once the
     /// migration ended (cancelled while paused). Between attempts the status reads postcopy-paused.
     private func recover() throws -> Channel {
-        var delay = Self.firstRetryDelay
+        var delay = 0.0   // the first attempt at once: a reset link is often back already
         var announcedGiveUp = false
         while true {
             guard let (target, manual) = try nextAttempt(after: delay) else {
@@ -133,7 +133,7 @@ extension OutgoingMigration {
                 if ended { throw MigrationError.cancelled }
                 let refused = (error as? SystemError)?.errno == ECONNREFUSED
                 if manual || !refused { Log.source.warning("postcopy recovery through \(target) failed: \(error)") }
-                delay = manual ? Self.firstRetryDelay : min(Self.maxRetryDelay, delay * 1.5)
+                delay = manual || delay == 0 ? Self.firstRetryDelay : min(Self.maxRetryDelay, delay * 1.5)
             }
         }
     }

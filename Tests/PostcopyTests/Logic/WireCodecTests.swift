@@ -29,7 +29,7 @@ struct WireCodecTests {
         #expect(bytes == [17, 0, 0, 0, 0x04, 0x03, 0x02, 0x01, 0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11])
     }
 
-    @Test("an unknown frame kind is refused with its value", arguments: [UInt8(0), 10, 15, 20, 31, 33, 255])
+    @Test("an unknown frame kind is refused with its value", arguments: [UInt8(0), 10, 15, 21, 31, 33, 255])
     func unknownFrameKind(raw: UInt8) {
         var bytes = [UInt8](repeating: 0, count: FrameHeader.size)
         bytes[0] = raw

@@ -27,7 +27,7 @@ struct HostLogTests {
         #expect(host.log.contains("ECONNREFUSED"), "\(host.log)")
 
         #expect(throws: MonitorError.self) { try host.qmp.execute("migrate", [("uri", .string(bed.uri)), ("resume", .bool(true))]) }
-        #expect(Self.waitForLog(host, containing: "refused: migrate -r: postcopy recovery is not available yet"), "\(host.log)")
+        #expect(Self.waitForLog(host, containing: "refused: migrate -r resumes a migration in postcopy-paused (this migration is failed)"), "\(host.log)")
     }
 
     @Test("--log-level warning leaves the commands out")
