@@ -10,6 +10,8 @@ final class VethLink {
     let sourceAddress = "10.77.0.1"
     let destinationAddress = "10.77.0.2"
     private let tag = String(UUID().uuidString.prefix(6)).lowercased()
+    /// The source's end of the veth pair.
+    private var sourceDevice: String { "pcva\(tag)" }
 
     static var available: Bool {
         geteuid() == 0 && FileManager.default.isExecutableFile(atPath: "/usr/sbin/ip") && FileManager.default.isExecutableFile(atPath: "/usr/sbin/tc")
@@ -18,7 +20,7 @@ final class VethLink {
     init(rate: String) throws {
         source = "pc-src-\(tag)"
         destination = "pc-dst-\(tag)"
-        let a = "pcva\(tag)", b = "pcvb\(tag)"
+        let a = sourceDevice, b = "pcvb\(tag)"
         for command in [
             "ip netns add \(source)", "ip netns add \(destination)",
             "ip link add \(a) type veth peer name \(b)",
@@ -30,6 +32,11 @@ final class VethLink {
         ] {
             try Self.run(command)
         }
+    }
+
+    /// Takes the link down (packets are dropped, nothing is reset) or brings it back.
+    func setLink(up: Bool) throws {
+        try Self.run("ip -n \(source) link set \(sourceDevice) \(up ? "up" : "down")")
     }
 
     deinit {

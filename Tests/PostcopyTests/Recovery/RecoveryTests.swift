@@ -154,6 +154,21 @@ struct RecoveryTests {
         #expect(try bed.src.query()["x-postcopy-recovery"] == nil, "never paused")
     }
 
+    @Test("the link between two network namespaces goes down for a second and comes back: both sides recover; memory exact",
+          .enabled(if: VethLink.available, "needs root and iproute2 (ip, tc)"))
+    func linkDownAndUp() throws {
+        let link = try VethLink(rate: "4gbit")
+        // A second without progress on a frame counts as a broken link here.
+        let bed = try RecoveryBed(parameters: [("x-frame-timeout", .int(1000))], link: link)
+        try bed.switchToPostcopy()
+        try link.setLink(up: false)
+        try bed.src.waitForQuery("the pause", timeout: 30) { $0["status"]?.stringValue == "postcopy-paused" }
+        Thread.sleep(forTimeInterval: 0.5)   // the link stays down a while longer: reconnects fail meanwhile
+        try link.setLink(up: true)
+        try bed.expectCompleted()
+        #expect(try bed.src.query()["x-postcopy-recovery"]?["recoveries"]?.int ?? 0 >= 1)
+    }
+
     @Test("under TLS (PSK) a reset mid-postcopy recovers by itself over new authenticated channels")
     func recoveryUnderTLS() throws {
         let bed = try RecoveryBed(tls: true)
@@ -177,19 +192,25 @@ final class RecoveryBed {
         geteuid() == 0 && ["/usr/bin/ss", "/usr/sbin/ss", "/bin/ss"].contains { FileManager.default.isExecutableFile(atPath: $0) }
     }
 
-    var uri: String { bed.uri }
+    /// The URI the source migrates to (the destination's, or a proxy's in front of it).
+    let uri: String
 
     init(memory: String = "256M", workload: String = "random", vcpus: Int = 2, postcopyBandwidth: Int64 = 25_000_000,
-         parameters: [(String, MonitorValue)] = [], tls: Bool = false, destinationURI: String? = nil) throws {
-        bed = try TestBed()
+         parameters: [(String, MonitorValue)] = [], tls: Bool = false, link: VethLink? = nil, via proxyURI: String? = nil) throws {
+        let bed = try TestBed()
+        self.bed = bed
+        let incoming = link.map { "tcp:\($0.destinationAddress):\(bed.port)" } ?? bed.uri
+        uri = proxyURI ?? incoming
         var srcExtra: [String] = [], dstExtra: [String] = []
         if tls {
             try TLSFiles.writePSK(in: "\(bed.directory)/psk")
             dstExtra = ["--object", "tls-creds-psk,id=tls0,endpoint=server,dir=\(bed.directory)/psk"]
             srcExtra = ["--object", "tls-creds-psk,id=tls0,endpoint=client,dir=\(bed.directory)/psk"]
         }
-        dst = try TestHost(directory: bed.directory, role: "dst", memory: memory, vcpus: vcpus, workload: workload, incoming: "defer", extra: dstExtra)
-        src = try TestHost(directory: bed.directory, role: "src", memory: memory, vcpus: vcpus, workload: workload, extra: srcExtra)
+        dst = try TestHost(directory: bed.directory, role: "dst", memory: memory, vcpus: vcpus, workload: workload, incoming: "defer",
+                           extra: dstExtra, netns: link?.destination)
+        src = try TestHost(directory: bed.directory, role: "src", memory: memory, vcpus: vcpus, workload: workload, extra: srcExtra,
+                           netns: link?.source)
         try src.waitForPasses(1)
         srcEvents = try EventLog(src)
         dstEvents = try EventLog(dst)
@@ -202,7 +223,7 @@ final class RecoveryBed {
             if !common.isEmpty { try side.qmp.execute("migrate-set-parameters", common) }
         }
         try src.qmp.execute("migrate-set-parameters", [("max-bandwidth", .int(50_000_000)), ("max-postcopy-bandwidth", .int(postcopyBandwidth))] + parameters)
-        try dst.qmp.execute("migrate-incoming", [("uri", .string(destinationURI ?? bed.uri))])
+        try dst.qmp.execute("migrate-incoming", [("uri", .string(incoming))])
     }
 
     /// Migrates and switches to postcopy once precopy is under way; returns once both sides
