@@ -46,12 +46,14 @@ final class FaultProxy: Sendable {
                 return proxyLog.warning("cut return-path: no open main connection")
             }
             relay.cutOnReturnPath()
+            // A script cannot see when a command on a pipe took effect: this says it did.
+            events.emit("armed", [("label", .string("main"))])
         case .refuse(let seconds): admission.refuse(for: seconds)
         case .down: admission.down()
         case .up: admission.up()
         case .target(let endpoint):
             target.withLock { $0 = endpoint }
-            proxyLog.info("new connections go to \(endpoint) from now on")
+            events.emit("target", [("to", .string("\(endpoint.host):\(endpoint.port)"))])
         case .quit: break   // the command loop's to act on
         }
     }

@@ -36,7 +36,8 @@ struct FaultProxyCommand: ParsableCommand {
         Events on stdout, one JSON object per line, each with "t": wall-clock
         seconds, the clock of QMP's event timestamps. listening (port),
         connection (label), cut (label), refused (label), refusing (until: a
-        "t", null after down), accepting.
+        "t", null after down), accepting; and once each took effect, armed
+        (label: main) for cut return-path, target (to) for target.
         """
     )
 
