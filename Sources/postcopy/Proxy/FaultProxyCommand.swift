@@ -50,37 +50,49 @@ struct FaultProxyCommand: ParsableCommand {
     @Option(help: "Cut every open connection every this many seconds.")
     var resetEvery: Double?
 
-    @Option(help: "With --reset-every: after each cut, refuse new connections for this many seconds. The refusal starts just before the cut, so a client that reconnects at once is refused too.")
-    var refuseFor: Double = 0
+    @Option(help: "With --reset-every: refuse new connections for this many seconds at each cut. The refusal starts just before the cut, so a client that reconnects at once is refused too.")
+    var refuseFor: Double?
 
     @Option(help: "With --reset-every: the first cut after this many seconds (default: --reset-every).")
     var firstResetAfter: Double?
+
+    /// --reset-every, --refuse-for and --first-reset-after, checked (nil without --reset-every).
+    private var schedule: (every: Double, refuseFor: Double, firstAfter: Double)? {
+        get throws {
+            guard let resetEvery else {
+                if refuseFor != nil || firstResetAfter != nil {
+                    throw ValidationError("--refuse-for and --first-reset-after only go with --reset-every SECONDS")
+                }
+                return nil
+            }
+            do {
+                let every = try ProxyInstruction.checked(seconds: resetEvery, "--reset-every")
+                let refusal = try ProxyInstruction.checked(seconds: refuseFor ?? 0, "--refuse-for")
+                let first = try ProxyInstruction.checked(seconds: firstResetAfter ?? every, "--first-reset-after")
+                guard every > 0 else { throw ValidationError("--reset-every 0: give a number of seconds above 0") }
+                guard refusal < every else {
+                    throw ValidationError("--refuse-for \(refusal) is not less than --reset-every \(every): the proxy would never accept")
+                }
+                return (every, refusal, first)
+            } catch let error as ProxyInputError {
+                throw ValidationError("\(error)")
+            }
+        }
+    }
 
     func validate() throws {
         for (option, value) in [("--listen", listen), ("--to", to)] {
             do { _ = try ProxyInstruction.address(value) } catch { throw ValidationError("\(option) \(error)") }
         }
-        guard let resetEvery else {
-            if refuseFor != 0 || firstResetAfter != nil {
-                throw ValidationError("--refuse-for and --first-reset-after only go with --reset-every SECONDS")
-            }
-            return
-        }
-        guard resetEvery.isFinite, resetEvery > 0 else { throw ValidationError("--reset-every \(resetEvery): give a number of seconds above 0") }
-        guard refuseFor.isFinite, refuseFor >= 0, refuseFor < resetEvery else {
-            throw ValidationError("--refuse-for \(refuseFor): give 0 or more seconds, less than --reset-every (\(resetEvery)), or the proxy never accepts")
-        }
-        if let firstResetAfter, !(firstResetAfter.isFinite && firstResetAfter >= 0) {
-            throw ValidationError("--first-reset-after \(firstResetAfter): give 0 or more seconds")
-        }
+        _ = try schedule
     }
 
     func run() throws {
         HostProcessMain.prepare(logLevel: "info")
         let proxy = try FaultProxy(listen: try ProxyInstruction.address(listen), target: try ProxyInstruction.address(to),
                                    events: ProxyEvents())
-        if let resetEvery {
-            ResetSchedule.start(proxy, every: resetEvery, firstAfter: firstResetAfter ?? resetEvery, refuseFor: refuseFor)
+        if let schedule = try schedule {
+            ResetSchedule.start(proxy, every: schedule.every, firstAfter: schedule.firstAfter, refuseFor: schedule.refuseFor)
         }
         while let line = readLine() {
             guard !line.allSatisfy(\.isWhitespace) else { continue }

@@ -11,13 +11,11 @@ final class ProxyEvents: Sendable {
     private let output = Mutex(())
 
     func emit(_ event: String, _ members: [(String, MonitorValue)] = []) {
-        var now = timespec()
-        clock_gettime(CLOCK_REALTIME, &now)
-        let t = Double(now.tv_sec) + Double(now.tv_nsec / 1000) / 1e6
-        let line = MonitorValue.object([("event", .string(event))] + members + [("t", .double(t))]).jsonText + "\n"
-        // Straight to the descriptor, no stdio buffer to flush. A reader that went away ends
-        // the proxy with SIGPIPE: nobody is left to drive it.
+        // Straight to the descriptor, no stdio buffer to flush; stamped under the lock, so the
+        // lines are in the order of their "t". A reader that went away ends the proxy with
+        // SIGPIPE: nobody is left to drive it.
         output.withLock { _ in
+            let line = MonitorValue.object([("event", .string(event))] + members + [("t", .double(Self.wallClock()))]).jsonText + "\n"
             var bytes = Array(line.utf8)[...]
             while !bytes.isEmpty {
                 let n = bytes.withUnsafeBytes { write(STDOUT_FILENO, $0.baseAddress, $0.count) }
@@ -28,8 +26,8 @@ final class ProxyEvents: Sendable {
         }
     }
 
-    /// Wall-clock seconds `seconds` from now, as "t" counts them (a refusal's end).
-    static func wallClock(in seconds: Double) -> Double {
+    /// Wall-clock seconds, to the microsecond, `seconds` from now: "t", or a refusal's end.
+    static func wallClock(in seconds: Double = 0) -> Double {
         var now = timespec()
         clock_gettime(CLOCK_REALTIME, &now)
         return Double(now.tv_sec) + Double(now.tv_nsec / 1000) / 1e6 + seconds

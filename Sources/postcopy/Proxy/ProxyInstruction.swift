@@ -19,6 +19,8 @@ enum ProxyInstruction: Equatable {
     case quit
 
     static let usage = "cut, cut LABEL, cut return-path, refuse SECONDS, down, up, target HOST:PORT, quit"
+    /// The longest time a command or option may give (a day): longer is `down`.
+    static let maxSeconds = 86_400.0
 
     /// Parses one line; the error says what was wrong with it.
     init(parsing line: String) throws(ProxyInputError) {
@@ -28,16 +30,26 @@ enum ProxyInstruction: Equatable {
         case ("cut", 2) where words[1] == "return-path": self = .cutReturnPath
         case ("cut", 2): self = .cut(label: words[1])
         case ("refuse", 2):
-            guard let seconds = Double(words[1]), seconds.isFinite, seconds >= 0 else {
-                throw ProxyInputError("refuse \(words[1]): give the seconds as a number, 0 or more")
-            }
-            self = .refuse(seconds: seconds)
+            self = .refuse(seconds: try Self.seconds(words[1], "refuse"))
         case ("down", 1): self = .down
         case ("up", 1): self = .up
         case ("target", 2): self = .target(try Self.address(words[1]))
         case ("quit", 1): self = .quit
         default: throw ProxyInputError("'\(line)': not a command; use one of: \(Self.usage)")
         }
+    }
+
+    /// A number of seconds from 0 to `maxSeconds`; `what` names the command or option.
+    static func seconds(_ text: String, _ what: String) throws(ProxyInputError) -> Double {
+        guard let seconds = Double(text) else { throw ProxyInputError("\(what) \(text): give a number of seconds") }
+        return try checked(seconds: seconds, what)
+    }
+
+    static func checked(seconds: Double, _ what: String) throws(ProxyInputError) -> Double {
+        guard seconds >= 0, seconds <= maxSeconds else {   // NaN fails both
+            throw ProxyInputError("\(what) \(seconds): give a number of seconds from 0 to \(Int(maxSeconds)) (for longer, down until up)")
+        }
+        return seconds
     }
 
     /// `HOST:PORT` (an IPv4 address or localhost; port 0 only where the kernel may choose).
