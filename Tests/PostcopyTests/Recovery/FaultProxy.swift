@@ -57,6 +57,7 @@ final class FaultProxy: @unchecked Sendable {
     deinit {
         terminate()
         close(commands)
+        try? FileManager.default.removeItem(atPath: logPath)   // a failed wait has quoted it already
     }
 
     /// Every event so far, in the order the proxy printed them.
