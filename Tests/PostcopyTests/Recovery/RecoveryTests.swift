@@ -192,15 +192,18 @@ final class RecoveryBed {
         geteuid() == 0 && ["/usr/bin/ss", "/usr/sbin/ss", "/bin/ss"].contains { FileManager.default.isExecutableFile(atPath: $0) }
     }
 
-    /// The URI the source migrates to (the destination's, or a proxy's in front of it).
+    /// The URI the source migrates to (the destination's, or the proxy's in front of it).
     let uri: String
+    /// `postcopy x-fault-proxy` between the hosts, when asked for.
+    let proxy: FaultProxy?
 
     init(memory: String = "256M", workload: String = "random", vcpus: Int = 2, postcopyBandwidth: Int64 = 25_000_000,
-         parameters: [(String, MonitorValue)] = [], tls: Bool = false, link: VethLink? = nil, via proxyURI: String? = nil) throws {
+         parameters: [(String, MonitorValue)] = [], tls: Bool = false, link: VethLink? = nil, proxied: Bool = false) throws {
         let bed = try TestBed()
         self.bed = bed
         let incoming = link.map { "tcp:\($0.destinationAddress):\(bed.port)" } ?? bed.uri
-        uri = proxyURI ?? incoming
+        proxy = proxied ? try FaultProxy(to: "127.0.0.1:\(bed.port)") : nil
+        uri = proxy.map { "tcp:127.0.0.1:\($0.port)" } ?? incoming
         var srcExtra: [String] = [], dstExtra: [String] = []
         if tls {
             try TLSFiles.writePSK(in: "\(bed.directory)/psk")
