@@ -62,6 +62,11 @@ struct RecoveryTests {
         let text = try bed.dst.qmp.run("info migrate")
         #expect(text.contains("(only the source can supply them)"), "\(text)")
         #expect(text.contains("postcopy paused for:"), "\(text)")
+        // Blocktime counts on while paused: the vCPUs block on pages only the source has.
+        let blockedBefore = info["postcopy-vcpu-blocktime"]?.arrayValue?.reduce(0) { $0 + $1.int } ?? 0
+        try bed.dst.waitForQuery("blocktime to grow while paused") {
+            ($0["postcopy-vcpu-blocktime"]?.arrayValue?.reduce(0) { $0 + $1.int } ?? 0) > blockedBefore
+        }
         // A vCPU blocked on a missing page counts as stopped: stop returns, cont lets them go.
         try bed.dst.qmp.execute("stop")
         #expect(try bed.dst.qmp.execute("query-status")["status"]?.stringValue == "paused")
