@@ -231,14 +231,17 @@ extension IncomingMigration {
     /// `info migrate` shows; during an attempt it is not the attempt's business.
     private func refuseGreeting(_ channel: Channel, _ error: any Error) {
         let message = "\(error)"
-        let listening = state.update { s -> Bool in
-            guard phase == .listening, !s.closed else { return false }
+        // An attempt that just ended is torn down in moments: wait, so that this refusal is
+        // recorded as the listening destination's, as it would be a moment later.
+        state.wait { $0.closed || phase != .finished }
+        state.update { s in
+            guard phase == .listening, !s.closed else { return }
             s.status = .failed
             s.error = message
             s.endNs = monotonicNanoseconds()
-            return true
         }
-        reject(channel, listening ? message : busyMessage)
+        // The peer is told what was wrong with its own hello, in every phase.
+        reject(channel, message)
     }
 
     /// The listener broke: nothing more can come in.

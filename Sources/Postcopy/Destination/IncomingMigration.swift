@@ -364,6 +364,8 @@ public final class IncomingMigration: @unchecked Sendable {
         // that reads nothing would block that write, and only the shutdown below ends it.
         state.wait(timeout: 2) { !$0.refusalPending }
         shutdownChannels()
+        // A resume that came as the migration ended is not taken now.
+        state.update { s in defer { s.resumeArrival = nil }; return s.resumeArrival?.channel }?.shutdown()
         wakeFaultThread()
         joinReceivers()
         for thread in attemptThreads.update({ threads in defer { threads = [] }; return threads }) {
@@ -387,7 +389,7 @@ public final class IncomingMigration: @unchecked Sendable {
             let stray = state.update { s -> [Channel] in
                 defer { s.uffd = nil; s.main = nil; s.urgent = nil; s.multifd = []; s.expecting = 0; s.arrivals = []; s.resumeArrival = nil }
                 enter(.listening)
-                return s.arrivals.map(\.channel)
+                return s.arrivals.map(\.channel) + [s.resumeArrival?.channel].compactMap { $0 }
             }
             for channel in stray { channel.shutdown() }
         }
@@ -489,7 +491,8 @@ public final class IncomingMigration: @unchecked Sendable {
     }
 
     func shutdownChannels() {
-        let channels = state.read { [$0.main, $0.urgent, $0.resumeArrival?.channel].compactMap { $0 } + $0.multifd + $0.arrivals.map(\.channel) }
+        // Not a resume waiting to be taken: a pause shuts the old connection, not its successor.
+        let channels = state.read { [$0.main, $0.urgent].compactMap { $0 } + $0.multifd + $0.arrivals.map(\.channel) }
         for channel in channels { channel.shutdown() }
     }
 

@@ -65,10 +65,13 @@ extension IncomingMigration {
             return true
         }
         guard runs else { throw MigrationError.notNow("'run' arrived after the migration had failed: the guest stays with the source") }
-        // Told before the vCPUs start, so it precedes their first request.
-        try channel.write(FrameHeader(.running))
+        // Told before the vCPUs start, so it precedes their first request. The guest runs here
+        // from now on even when the link broke under that write: the decision was taken above,
+        // and the source learns it from the recovery (the break pauses the migration).
+        let told = Result { try channel.write(FrameHeader(.running)) }
         hooks?.resumeVCPUs()
         Log.destination.info("the guest runs here; \(memory.pageCount - Int(min(receivedPages.value, UInt64(memory.pageCount)))) pages still to come")
+        try told.get()
         // After a precopy that converged, every page is here already.
         if receivedPages.value == UInt64(memory.pageCount) { finish() }
     }

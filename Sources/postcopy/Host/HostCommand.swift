@@ -38,8 +38,7 @@ struct HostCommand: ParsableCommand {
     @Option(help: "Start as a migration destination listening on tcp:HOST:PORT; the vCPUs wait for the switchover.")
     var incoming: String?
 
-    @Option(name: .customLong("object"),
-            help: "Create an object, as QEMU's -object (repeatable): tls-creds-psk,id=ID,endpoint=server|client,dir=DIR; tls-creds-x509,id=ID,endpoint=server|client,dir=DIR[,verify-peer=on|off]; authz-simple,id=ID,identity=DN. Name them with migrate_set_parameter tls-creds / tls-authz.")
+    @Option(name: .customLong("object"), help: ArgumentHelp(stringLiteral: HostCommand.objectHelp))
     var objects: [String] = []
 
     @Option(help: "Log level on stderr: trace, debug, info, notice, warning, error or critical.")
@@ -199,4 +198,11 @@ func parseSize(_ text: String) throws -> Int {
     guard !overflow, bytes < .max else { throw ValidationError("size '\(text)' is too large") }
     guard bytes > 0 else { throw ValidationError("invalid size '\(text)': guest memory needs at least one page") }
     return bytes
+}
+
+extension HostCommand {
+    /// `--object`, shared with `postcopy vm`.
+    static let objectHelp = "Create an object, as QEMU's -object (repeatable): tls-creds-psk,id=ID,endpoint=server|client,dir=DIR; "
+        + "tls-creds-x509,id=ID,endpoint=server|client,dir=DIR[,verify-peer=on|off]; authz-simple,id=ID,identity=DN. "
+        + "Name them with migrate_set_parameter tls-creds / tls-authz."
 }

@@ -42,6 +42,9 @@ struct VMCommand: ParsableCommand {
     @Option(help: "What backs guest memory: anon, memfd or hugetlb (2 MiB pages from /proc/sys/vm/nr_hugepages).")
     var backing: HostCommand.Backing = .anon
 
+    @Option(name: .customLong("object"), help: ArgumentHelp(stringLiteral: HostCommand.objectHelp))
+    var objects: [String] = []
+
     @Option(help: "Log level on stderr: trace, debug, info, notice, warning, error or critical.")
     var logLevel: String = "info"
 
@@ -65,7 +68,7 @@ struct VMCommand: ParsableCommand {
         let guestMemory = try GuestMemory(size: size, backing: backing.guestMemoryBacking)
         let vm = try KVMHost(memory: guestMemory, vcpuCount: vcpus, image: image, serialPath: serial, incoming: incoming != nil)
         // From here on, the same embedding as `postcopy host` (docs/EMBEDDING.md).
-        try HostProcessMain.serve(vm, qmp: qmp, monitor: monitor, incoming: incoming)
+        try HostProcessMain.serve(vm, objects: objects, qmp: qmp, monitor: monitor, incoming: incoming)
     }
 
     private func readImage(_ path: String) throws -> [UInt8] {

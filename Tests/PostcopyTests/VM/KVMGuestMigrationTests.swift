@@ -59,6 +59,25 @@ struct KVMGuestMigrationTests {
         try Self.expectLinearRAMConsistent(dst)
     }
 
+    @Test("a KVM guest in postcopy survives a reset of every connection: both sides pause, the source reconnects, RAM passes QEMU's check",
+          .enabled(if: VMProcess.kvmMissing == nil && RecoveryBed.canReset, "\(VMProcess.kvmMissing ?? "needs root and ss")"))
+    func postcopyRecovers() throws {
+        let (src, dst) = try Self.startPair(.linear)
+        for side in [src, dst] { try side.setCapabilities(postcopy: true) }
+        try src.qmp.execute("migrate-set-parameters", [("max-postcopy-bandwidth", .int(20_000_000))])
+        try src.qmp.execute("migrate", [("uri", .string(dst.incomingURI))])
+        try src.qmp.execute("migrate-start-postcopy")
+        _ = waitUntil(timeout: 30) { (try? src.query()["status"]?.stringValue) == "postcopy-active" }
+        let port = dst.incomingURI.split(separator: ":").last.map(String.init) ?? ""
+        try VethLink.run("ss -K dport = :\(port) >/dev/null 2>&1; true")
+        let info = try src.waitForMigration()
+        #expect(info["status"]?.stringValue == "completed", "\(info.jsonText)\n\(src.log)\n\(dst.log)")
+        #expect(info["x-postcopy-recovery"]?["recoveries"]?.int == 1, "\(info.jsonText)")
+        let passes = dst.passes
+        try dst.waitForPasses(passes + 1)
+        try Self.expectLinearRAMConsistent(dst)
+    }
+
     @Test("precopy alone: the guest's writes through KVM are tracked, so the pages it rewrote go again and RAM passes QEMU's check",
           .enabled(if: VMProcess.kvmMissing == nil, "\(VMProcess.kvmMissing ?? "")"))
     func precopyOnly() throws {
