@@ -100,6 +100,9 @@ public final class IncomingMigration: @unchecked Sendable {
         var resumeArrival: (channel: Channel, hello: Handshake)?
         /// Set by `migrate-pause` here: resumes are refused until `migrate-recover`.
         var manualOnly = false
+        /// The session of the last attempt that failed before `run`: a resume of it is told the
+        /// guest never ran here (the source may take it back).
+        var neverRanSession: UInt64?
     }
 
     /// The largest frame payload accepted: 1 MiB, or one page where pages are larger.
@@ -351,9 +354,9 @@ public final class IncomingMigration: @unchecked Sendable {
     }
 
     /// Refuses one connection, leaving the attempt as it is.
-    func reject(_ channel: Channel, _ message: String) {
+    func reject(_ channel: Channel, _ message: String, argument: UInt64 = 0) {
         Log.destination.warning("refused a connection: \(message)")
-        try? channel.writeError(message)
+        try? channel.writeError(message, argument: argument)
         channel.shutdown()
     }
 
@@ -474,7 +477,10 @@ public final class IncomingMigration: @unchecked Sendable {
             enter(.finished)
             // The refusal is written after this lock is let go: the attempt's end waits for it,
             // so main is not shut before the source has heard why.
-            if s.runningNs == nil { s.refusalPending = true }
+            if s.runningNs == nil {
+                s.refusalPending = true
+                s.neverRanSession = s.session
+            }
             return (s.runningNs != nil, s.main)
         }
         guard let outcome else { return false }

@@ -81,6 +81,12 @@ extension IncomingMigration {
     /// A resume hello reached an acceptor: hands it to `mig-main`, pausing a migration that did
     /// not notice its link broke (a source reconnects only when it lost the old one); or refuses it.
     func routeResume(_ channel: Channel, _ hello: Handshake, viaRecoverListener: Bool) {
+        let neverRan = state.read { s in (s.runningNs == nil && hello.resumes && hello.session == s.neverRanSession, s.error) }
+        if neverRan.0 {
+            reject(channel, "the guest of session \(hello.session) never ran here: its migration failed before 'run' (\(neverRan.1 ?? "no reason kept"))",
+                   argument: FrameHeader.neverRan)
+            return
+        }
         let refusal = state.update { s -> String? in
             guard s.runningNs != nil, s.status.isPostcopy, phase == .running else {
                 return phase == .resuming ? "a recovery is already under way here" : "no paused postcopy migration here to resume"

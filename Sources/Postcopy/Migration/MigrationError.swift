@@ -13,6 +13,8 @@ public enum MigrationError: Error, CustomStringConvertible, Sendable, Equatable 
     case protocolViolation(String)
     /// The peer said no, with its reason.
     case refusedByPeer(String)
+    /// The destination answered a resume: the guest never ran there (its attempt failed before `run`).
+    case notRunByPeer(String)
     /// The device state could not be restored.
     case deviceState(String)
     /// The host that embeds the engine was torn down mid-call.
@@ -30,6 +32,7 @@ public enum MigrationError: Error, CustomStringConvertible, Sendable, Equatable 
         case .invalidURI(let why): why
         case .protocolViolation(let why): "protocol error: \(why)"
         case .refusedByPeer(let why): "the destination refused: \(why)"
+        case .notRunByPeer(let why): "the destination never ran the guest: \(why)"
         case .deviceState(let why): "device state: \(why)"
         case .hostGone: "the host went away"
         case .cancelled: "migration cancelled"

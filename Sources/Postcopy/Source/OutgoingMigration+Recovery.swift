@@ -124,6 +124,12 @@ extension OutgoingMigration {
             }
             do {
                 return try resume(to: target)
+            } catch MigrationError.notRunByPeer(let reason) where state.read({ $0.handover == .unanswered }) {
+                // "run" was lost with the link: the destination failed before it and dropped
+                // everything, so the guest is this host's again.
+                state.update { $0.handover = .refused(reason) }
+                fail(MigrationError.notRunByPeer(reason))
+                throw MigrationError.cancelled
             } catch {
                 let ended = state.update { s -> Bool in
                     if s.status == .postcopyRecoverSetup || s.status == .postcopyRecover { s.transition(to: .postcopyPaused) }

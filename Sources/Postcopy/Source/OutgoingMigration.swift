@@ -250,7 +250,9 @@ public final class OutgoingMigration: @unchecked Sendable {
         }
         switch reply.kind {
         case .helloAck: break
-        case .error: throw MigrationError.refusedByPeer(try main.readErrorMessage(reply, scratch: scratch))
+        case .error:
+            let message = try main.readErrorMessage(reply, scratch: scratch)
+            throw resuming && reply.argument == FrameHeader.neverRan ? MigrationError.notRunByPeer(message) : MigrationError.refusedByPeer(message)
         default: throw ProtocolError.unexpectedFrame(reply.kind, while: "waiting for the handshake reply")
         }
         if resuming {

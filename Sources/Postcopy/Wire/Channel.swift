@@ -159,10 +159,13 @@ public final class Channel: @unchecked Sendable {
     /// The longest error message an error frame carries.
     public static let maxMessageBytes = 4096
 
-    /// Sends an error frame with `message` (cut to `maxMessageBytes`).
-    public func writeError(_ message: String) throws {
+    /// Sends an error frame with `message` (cut to `maxMessageBytes`); `argument` is
+    /// `FrameHeader.neverRan` when it answers a resume of a guest that never ran here.
+    public func writeError(_ message: String, argument: UInt64 = 0) throws {
         let bytes = Array(message.utf8.prefix(Self.maxMessageBytes))
-        try bytes.withUnsafeBytes { try write(FrameHeader(.error, count: UInt32($0.count)), payload: $0.baseAddress, length: $0.count) }
+        try bytes.withUnsafeBytes {
+            try write(FrameHeader(.error, count: UInt32($0.count), argument: argument), payload: $0.baseAddress, length: $0.count)
+        }
     }
 
     /// Reads the message of an error frame whose header was just read; `scratch` holds at least

@@ -25,6 +25,9 @@ public struct FrameHeader: Sendable, Equatable {
     public static let size = 16
     /// The most payload bytes a page frame carries (one page, where pages are larger).
     public static let maxPayload = 1 << 20
+    /// An error frame's argument when it answers a resume hello for a session whose guest never
+    /// ran at the destination (its attempt failed before `run`): the source may take it back.
+    public static let neverRan: UInt64 = 1
     /// The most pages one discard frame drops (docs/PROTOCOL.md); the source splits longer runs.
     public static let maxDiscardPages = 65536
     public var kind: FrameKind

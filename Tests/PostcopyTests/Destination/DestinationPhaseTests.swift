@@ -32,6 +32,26 @@ struct DestinationPhaseTests {
         #expect(incoming.info().ram?.normal == 0)
     }
 
+    @Test("a resume of a session that failed before run is told the guest never ran here")
+    func resumeOfNeverRanSession() throws {
+        let (incoming, source, hooks) = try Self.connected()
+        defer { withExtendedLifetime(hooks) {} }
+        try source.main.write(FrameHeader(.deviceState, count: 0))
+        #expect(hooks.deviceState.wait(timeout: 10) { $0 != nil })
+        source.main.shutdown()   // the link breaks before "run"
+        #expect(incoming.waitUntilFinished(timeout: 10) == .failed)
+        #expect(incoming.state.wait(timeout: 10) { _ in incoming.phase == .listening })
+        let session = incoming.state.read { $0.session }
+        let channel = try Channel.connect(to: incoming.endpoint, deadline: Deadline(in: 5))
+        defer { channel.shutdown() }
+        try channel.writeHandshake(Handshake(role: .main, session: session, pageSize: DestinationInputTests.pageSize,
+                                             regionSize: DestinationInputTests.pages * DestinationInputTests.pageSize, flags: Handshake.resumeFlag))
+        let header = try #require(try channel.readHeader(scratch: source.scratch, idle: Deadline(in: 5)))
+        #expect(header.kind == .error && header.argument == FrameHeader.neverRan)
+        let message = try channel.readErrorMessage(header, scratch: source.scratch)
+        #expect(message.contains("never ran here"), "\(message)")
+    }
+
     /// After run the guest lives here: a frame out of order pauses the migration (a recovery
     /// may resume it) instead of touching the running guest or giving it up.
     static func expectPaused(_ incoming: IncomingMigration, because reason: String) {

@@ -1,6 +1,6 @@
 import Foundation
 import Glibc
-import Postcopy
+@testable import Postcopy
 import Testing
 
 /// Postcopy recovery between two real host processes: connections reset by the kernel
@@ -147,6 +147,44 @@ struct RecoveryTests {
         #expect(info["status"]?.stringValue == "failed", "\(info.jsonText)")
         #expect(info["error-desc"]?.stringValue?.contains("the guest ran on the destination after the switch") == true, "\(info.jsonText)")
         #expect(throws: (any Error).self, "still refused after the cancel") { try bed.src.qmp.execute("cont") }
+    }
+
+    @Test("'run' lost with the link: the destination says the guest never ran there, and the source takes it back and runs it")
+    func runLostWithTheLink() throws {
+        let bed = try TestBed()
+        let src = try TestHost(directory: bed.directory, role: "src", memory: "16M")
+        try src.waitForPasses(1)
+        // A destination that reads up to "run", then hangs up without answering; asked to
+        // resume, it says the guest never ran there (what a real one says once its attempt
+        // failed before "run": DestinationInputTests covers that side).
+        let listener = try Listener(endpoint: Endpoint(host: "127.0.0.1", port: 0))
+        let resumed = Guarded<Handshake?>(nil)
+        let fake = try JoinableThread("fake-destination") {
+            let buffer = UnsafeMutableRawPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+            defer { buffer.deallocate() }
+            guard let main = try? listener.accept(), let hello = try? main.readHandshake(by: Deadline(in: 10)) else { return }
+            try? main.write(FrameHeader(.helloAck))
+            while let header = try? main.readHeader(scratch: buffer), header.kind != .run {
+                let payload = header.kind == .pages ? Int(header.count) * 4096 : header.kind == .deviceState ? Int(header.count) : 0
+                if payload > 0 { try? main.read(into: buffer, exactly: payload, what: "payload") }
+            }
+            main.shutdown()
+            guard let again = try? listener.accept(), let resume = try? again.readHandshake(by: Deadline(in: 10)) else { return }
+            resumed.update { $0 = resume.session == hello.session ? resume : nil }
+            try? again.writeError("its migration failed before 'run'", argument: FrameHeader.neverRan)
+            again.shutdown()
+        }
+        defer { listener.shutdown(); fake.join() }
+        for capability in ["postcopy-ram on", "multifd off", "postcopy-preempt off"] { _ = try src.qmp.run("migrate_set_capability \(capability)") }
+        try src.qmp.execute("migrate", [("uri", .string("tcp:127.0.0.1:\(listener.endpoint.port)"))])
+        try src.qmp.execute("migrate-start-postcopy")
+        let info = try src.waitForMigration(timeout: 30)
+        #expect(info["status"]?.stringValue == "failed", "\(info.jsonText)\n\(src.log)")
+        #expect(info["error-desc"]?.stringValue?.contains("its migration failed before 'run'") == true, "\(info.jsonText)")
+        #expect(resumed.read { $0?.resumes } == true, "the source asked to resume its own session")
+        #expect(try src.qmp.execute("query-status")["status"]?.stringValue == "running", "the guest is the source's again")
+        let passes = src.passes
+        try src.waitForPasses(passes + 1)
     }
 
     @Test("a resume hello of another session during postcopy is refused and the migration goes on untouched")
