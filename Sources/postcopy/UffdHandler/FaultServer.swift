@@ -38,6 +38,7 @@ final class FaultServer: @unchecked Sendable {  // used only by its thread once 
         self.snapshot = snapshot
         self.log = log
         removed = RemovedPages(handover.regions)
+        events.initialize(repeating: .other(0))
         deferred.reserveCapacity(events.count * 4)
         stillDeferred.reserveCapacity(events.count * 4)
         systemPageSize = UInt64(sysconf(Int32(_SC_PAGESIZE)))
