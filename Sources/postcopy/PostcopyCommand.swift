@@ -5,7 +5,7 @@ struct PostcopyCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "postcopy",
         abstract: "A userfaultfd postcopy live-migration runtime: host, monitor client, demo and benchmarks.",
-        subcommands: [HostCommand.self, VMCommand.self, MonitorCommand.self, DemoCommand.self, BenchCommand.self, FuzzCommand.self, FaultProxyCommand.self]
+        subcommands: [HostCommand.self, VMCommand.self, MonitorCommand.self, DemoCommand.self, BenchCommand.self, FuzzCommand.self, FaultProxyCommand.self, UffdHandlerCommand.self]
     )
 }
 

@@ -69,9 +69,10 @@ extension UserfaultFD {
     /// UFFDIO_COPY(2const)): a call that placed some bytes and then stopped (a page present,
     /// a signal, contention) fails with EAGAIN and reports the bytes done in the struct, so
     /// the loop goes on from there; EAGAIN with nothing done means an event this fd must read
-    /// first (fork, remap: none are requested here) or a transient race, so it retries; EEXIST
-    /// means another path placed the page and may not have woken its waiters, so they are
-    /// woken here.
+    /// first (remove, unmap, remap, fork) or a transient race: it retries, unless such events
+    /// may be queued on this fd (`placementYieldsToEvents`), when it throws the EAGAIN for the
+    /// caller to read events and place again; EEXIST means another path placed the page and
+    /// may not have woken its waiters, so they are woken here.
     @inline(__always)
     func place<Request: UserfaultPlacementRequest>(_ request: inout Request, whenPresent: WhenPresent) throws(SystemError) -> (placedBytes: Int, placement: Placement) {
         var placed = 0
@@ -89,6 +90,8 @@ extension UserfaultFD {
                 continue
             }
             switch code {
+            case EAGAIN where placementYieldsToEvents:
+                throw SystemError(Request.name, errno: EAGAIN)
             case EAGAIN, EINTR:
                 continue
             case EEXIST:

@@ -18,12 +18,17 @@ public struct UserfaultFeatures: OptionSet, Sendable, CustomStringConvertible {
     public static let poison = Self(rawValue: UInt64(UFFD_FEATURE_POISON))
     public static let wpAsync = Self(rawValue: UInt64(UFFD_FEATURE_WP_ASYNC))
     public static let move = Self(rawValue: UInt64(UFFD_FEATURE_MOVE))
+    /// Report madvise(MADV_DONTNEED/MADV_REMOVE) on registered ranges (a balloon's discards) as
+    /// UFFD_EVENT_REMOVE. The madvise waits until the event is read, and placements fail with
+    /// EAGAIN while it is pending.
+    public static let eventRemove = Self(rawValue: UInt64(UFFD_FEATURE_EVENT_REMOVE))
 
     static let names: [(Self, String)] = [
         (.pagefaultFlagWP, "wp"), (.missingHugetlbfs, "missing-hugetlbfs"), (.missingShmem, "missing-shmem"),
         (.threadID, "thread-id"), (.minorHugetlbfs, "minor-hugetlbfs"), (.minorShmem, "minor-shmem"),
         (.exactAddress, "exact-address"), (.wpHugetlbfsShmem, "wp-hugetlbfs-shmem"),
         (.wpUnpopulated, "wp-unpopulated"), (.poison, "poison"), (.wpAsync, "wp-async"), (.move, "move"),
+        (.eventRemove, "event-remove"),
     ]
     public var description: String {
         Self.names.filter { contains($0.0) }.map(\.1).joined(separator: ",")
@@ -57,6 +62,20 @@ public struct FaultEvent: Sendable, Equatable {
     public var isMinor: Bool { flags & UInt64(UFFD_PAGEFAULT_FLAG_MINOR) != 0 }
 }
 
+/// One event read from a userfaultfd: a page fault, or a change the monitored process made to
+/// its own mappings (reported only to an fd opened with the matching UFFD_FEATURE_EVENT_* bit).
+public enum UserfaultEvent: Sendable, Equatable {
+    case fault(FaultEvent)
+    /// madvise dropped [start, end): those pages are missing again and fault anew.
+    case remove(start: UInt64, end: UInt64)
+    /// munmap of [start, end): the range is gone.
+    case unmap(start: UInt64, end: UInt64)
+    /// mremap moved `length` bytes from `from` to `to`.
+    case remap(from: UInt64, to: UInt64, length: UInt64)
+    /// UFFD_EVENT_FORK, or an event newer than this code: its UFFD_EVENT_* number.
+    case other(UInt8)
+}
+
 /// What a placement found: the page went in, or some other path had installed it already
 /// (then the waiting threads were woken anyway, since the other path may not have).
 public enum Placement: Sendable, Equatable {
@@ -87,8 +106,14 @@ public final class UserfaultFD: @unchecked Sendable {
     let fd: Descriptor
     /// The number, for poll arrays; valid while this object lives.
     public var descriptor: Int32 { fd.rawValue }
-    /// The features this fd was opened with (as the kernel granted them).
+    /// The features this fd was opened with (as the kernel granted them); empty for an adopted fd,
+    /// whose handshake its creator made.
     public let features: UserfaultFeatures
+    /// Whether non-cooperative events (remove, unmap, remap, fork) may be queued on this fd. While
+    /// one is unread every placement fails with EAGAIN having placed nothing, and only the
+    /// thread that reads events can clear it: so the placing calls throw that EAGAIN to their
+    /// caller instead of retrying it.
+    let placementYieldsToEvents: Bool
 
     /// Opens a userfaultfd: /dev/userfaultfd first, then the syscall; handshakes UFFDIO_API.
     /// Features not in `probeFeatures()` are dropped rather than failing the open.
@@ -98,6 +123,22 @@ public final class UserfaultFD: @unchecked Sendable {
         _ = try syscallValue("UFFDIO_API(features: \(requested))") { cpc_uffdio_api(fd.rawValue, &api) }
         self.fd = fd
         features = UserfaultFeatures(rawValue: api.features)
+        placementYieldsToEvents = features.contains(.eventRemove)
+    }
+
+    /// Takes over a userfaultfd another process created, registered and handed over (SCM_RIGHTS),
+    /// as Firecracker does with its page-fault handler. Its features are unknown here (UFFDIO_API
+    /// is answered once per fd), so placements treat any EAGAIN as an event to read first.
+    /// It is made non-blocking if it was not: poll(2) on a blocking userfaultfd reports only
+    /// POLLERR, which would leave `waitReadable` nothing to wait for.
+    public init(adopting descriptor: consuming Descriptor) throws(SystemError) {
+        let flags = try syscallValue("fcntl(userfaultfd, F_GETFL)") { fcntl(descriptor.rawValue, F_GETFL) }
+        if flags & O_NONBLOCK == 0 {
+            _ = try syscallValue("fcntl(userfaultfd, F_SETFL, O_NONBLOCK)") { fcntl(descriptor.rawValue, F_SETFL, flags | O_NONBLOCK) }
+        }
+        fd = descriptor
+        features = []
+        placementYieldsToEvents = true
     }
 
     static func open(nonBlocking: Bool) throws -> Descriptor {
@@ -172,6 +213,34 @@ public final class UserfaultFD: @unchecked Sendable {
             faults += 1
         }
         return faults
+    }
+
+    /// Reads up to `buffer.count` pending events of every kind without blocking; returns how many
+    /// were stored into `buffer` (zero when none are pending on a non-blocking fd). A fork event's
+    /// new userfaultfd is closed here: nothing in this runtime serves a child's memory.
+    public func readEvents(into buffer: UnsafeMutableBufferPointer<UserfaultEvent>, scratch: UnsafeMutableBufferPointer<uffd_msg>) throws(SystemError) -> Int {
+        let capacity = min(buffer.count, scratch.count)
+        let raw = UnsafeMutableRawBufferPointer(start: scratch.baseAddress, count: capacity * MemoryLayout<uffd_msg>.stride)
+        guard let bytes = try fd.read(into: raw, what: "userfaultfd") else { return 0 }
+        let count = bytes / MemoryLayout<uffd_msg>.stride
+        for i in 0..<count {
+            let message = scratch[i]
+            switch Int32(message.event) {
+            case UFFD_EVENT_PAGEFAULT:
+                let fault = message.arg.pagefault
+                buffer[i] = .fault(FaultEvent(address: fault.address, flags: fault.flags, threadID: Int32(bitPattern: fault.feat.ptid)))
+            case UFFD_EVENT_REMOVE:
+                buffer[i] = .remove(start: message.arg.remove.start, end: message.arg.remove.end)
+            case UFFD_EVENT_UNMAP:
+                buffer[i] = .unmap(start: message.arg.remove.start, end: message.arg.remove.end)
+            case UFFD_EVENT_REMAP:
+                buffer[i] = .remap(from: message.arg.remap.from, to: message.arg.remap.to, length: message.arg.remap.len)
+            default:
+                if Int32(message.event) == UFFD_EVENT_FORK { _ = Descriptor(adopting: Int32(bitPattern: message.arg.fork.ufd)) }
+                buffer[i] = .other(message.event)
+            }
+        }
+        return count
     }
 
     /// Waits until events are pending or `timeoutMilliseconds` passes (-1: forever); also returns

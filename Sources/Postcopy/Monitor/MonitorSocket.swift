@@ -12,35 +12,15 @@ final class MonitorSocket: Sendable {
 
     /// Connects to a monitor listening at `path`.
     convenience init(connectingTo path: String) throws {
-        let address = try Self.address(path)
+        let address = try Descriptor.unixAddress(path)
         let socket = try Descriptor.streamSocket(AF_UNIX, what: path)
         try socket.connect(to: address, what: path)
         self.init(socket)
     }
 
-    /// The address of a unix socket path; sun_path holds 107 bytes and a NUL.
-    static func address(_ path: String) throws -> sockaddr_un {
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        let capacity = MemoryLayout.size(ofValue: address.sun_path)
-        guard bytes.count < capacity else {
-            throw SystemError("monitor socket path \(path) is longer than \(capacity - 1) bytes; choose a shorter one", errno: ENAMETOOLONG)
-        }
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            raw.copyBytes(from: bytes)
-            raw[bytes.count] = 0
-        }
-        return address
-    }
-
-    /// The connected process, as the kernel recorded it at connect(2) (SO_PEERCRED): it cannot
-    /// be forged by what the peer sends.
+    /// The connected process, as the kernel recorded it at connect(2).
     func peerCredentials() throws(SystemError) -> (pid: pid_t, uid: uid_t) {
-        var pid: Int32 = 0
-        var uid: UInt32 = 0
-        _ = try syscallValue("getsockopt(SO_PEERCRED)") { cpc_peer_credentials(descriptor.rawValue, &pid, &uid) }
-        return (pid, uid)
+        try descriptor.peerCredentials()
     }
 
     /// Whatever has arrived, up to `limit` bytes; empty once the peer has closed.

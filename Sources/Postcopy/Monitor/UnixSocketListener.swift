@@ -30,7 +30,7 @@ final class UnixSocketListener: Sendable {
     init(path: String, name: String, refusal: @escaping @Sendable (String) -> String = { $0 + "\n" },
          serve: @escaping @Sendable (MonitorSocket) -> Void) throws {
         self.path = path
-        let address = try MonitorSocket.address(path)
+        let address = try Descriptor.unixAddress(path)
         var existing = stat()
         if lstat(path, &existing) == 0 {
             guard existing.st_mode & S_IFMT == S_IFSOCK else {
