@@ -25,6 +25,8 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
     /// under the engine's lock, where nothing may be logged or read).
     private var outgoingWatcher: JoinableThread?
     private var incomingWatcher: JoinableThread?
+    /// The `x-timeline` sampler of this host's migration, if one was asked for.
+    private var timeline: Timeline?
     /// The `events` capability, read by the status observers without the controller's lock
     /// (which may be held while the engine's is wanted).
     private let eventsOn = Atomic(false)
@@ -65,6 +67,11 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
     public func setParameter(_ name: String, value: MonitorValue) throws {
         let (running, limits, recoverTimeout) = try lock.withLock { _ in
             try settings.setParameter(name, value)
+            // A destination started with --incoming URI listens before a monitor can set
+            // x-timeline: while it waits for its source, the timeline follows the setting.
+            if MigrationSettings.canonicalName(name) == "x-timeline", let incoming, incoming.status == .setup {
+                try startTimeline(of: incoming)
+            }
             return (outgoing, (settings.maxBandwidth, settings.maxPostcopyBandwidth), settings.xPostcopyRecoverTimeout)
         }
         // Bandwidth limits apply to a migration under way, as in QEMU; so does the recovery bound.
@@ -96,6 +103,7 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
                 // The previous migration has ended (not migrating), so its watcher returns at once.
                 outgoingWatcher?.join()
                 outgoingWatcher = try watch(side: "outgoing", until: { m.waitUntilFinished() }, info: { m.info() })
+                try startTimeline(of: m)
                 outgoing = m
                 return m
             }
@@ -129,6 +137,7 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
                 for (i, tid) in host.vcpuThreadIDs.enumerated() { m.registerVCPU(i, threadID: tid) }
                 m.onStatusChange { [weak self] in self?.statusChanged(to: $0) }
                 incomingWatcher = try watch(side: "incoming", until: { m.waitUntilFinished() }, info: { m.info() })
+                try startTimeline(of: m)
                 incoming = m
                 statusChanged(to: .setup)
                 m.start()
@@ -207,6 +216,15 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
         if let o = outgoingMigration { return o.info() }
         if let i = incomingMigration { return i.info() }
         return MigrationInfo()
+    }
+
+    /// Replaces the `x-timeline` sampler by one of `migration` when the setting names a file.
+    /// Called with the lock held; the previous migration has ended (or has not begun), so its
+    /// sampler returns at once.
+    private func startTimeline(of migration: any TimelineSubject) throws {
+        timeline?.stop()
+        timeline = nil
+        if !settings.xTimeline.isEmpty { timeline = try Timeline(path: settings.xTimeline, of: migration) }
     }
 
     // MARK: events and logs
