@@ -65,14 +65,17 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
     public func parameters() -> [(name: String, value: MonitorValue)] { currentSettings.parameters }
 
     public func setParameter(_ name: String, value: MonitorValue) throws {
-        let (running, limits, recoverTimeout) = try lock.withLock { _ in
+        let (running, limits, recoverTimeout, listening) = try lock.withLock { _ in
             try settings.setParameter(name, value)
             // A destination started with --incoming URI listens before a monitor can set
             // x-timeline: while it waits for its source, the timeline follows the setting.
-            if MigrationSettings.canonicalName(name) == "x-timeline", let incoming, incoming.status == .setup {
-                try startTimeline(of: incoming)
-            }
-            return (outgoing, (settings.maxBandwidth, settings.maxPostcopyBandwidth), settings.xPostcopyRecoverTimeout)
+            let listening = MigrationSettings.canonicalName(name) == "x-timeline" && incoming?.status == .setup ? incoming : nil
+            return (outgoing, (settings.maxBandwidth, settings.maxPostcopyBandwidth), settings.xPostcopyRecoverTimeout, listening)
+        }
+        if let listening {
+            // Its sampler reads the settings through this controller's lock: stopped outside it.
+            lock.withLock { _ in defer { timeline = nil }; return timeline }?.stop()
+            try lock.withLock { _ in try startTimeline(of: listening) }
         }
         // Bandwidth limits apply to a migration under way, as in QEMU; so does the recovery bound.
         running?.setBandwidth(precopy: limits.0, postcopy: limits.1)
@@ -98,12 +101,12 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
                 guard !isMigrating else { throw MigrationError.inProgress }
                 guard incoming == nil else { throw MigrationError.notNow("this host is a migration destination (-incoming)") }
                 let m = OutgoingMigration(memory: memory, settings: settings, endpoint: endpoint, hooks: host)
+                try startTimeline(of: m)
                 m.onStatusChange { [weak self] in self?.statusChanged(to: $0) }
                 m.onDirtySync { [weak self] in self?.passCompleted($0) }
                 // The previous migration has ended (not migrating), so its watcher returns at once.
                 outgoingWatcher?.join()
                 outgoingWatcher = try watch(side: "outgoing", until: { m.waitUntilFinished() }, info: { m.info() })
-                try startTimeline(of: m)
                 outgoing = m
                 return m
             }
@@ -134,10 +137,10 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
                 }
                 let m = try IncomingMigration(memory: memory, endpoint: endpoint, vcpuCount: host.vcpuThreadIDs.count,
                                               settings: { [weak self] in self?.currentSettings ?? MigrationSettings() }, hooks: host)
+                try startTimeline(of: m)
                 for (i, tid) in host.vcpuThreadIDs.enumerated() { m.registerVCPU(i, threadID: tid) }
                 m.onStatusChange { [weak self] in self?.statusChanged(to: $0) }
                 incomingWatcher = try watch(side: "incoming", until: { m.waitUntilFinished() }, info: { m.info() })
-                try startTimeline(of: m)
                 incoming = m
                 statusChanged(to: .setup)
                 m.start()
@@ -219,8 +222,8 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
     }
 
     /// Replaces the `x-timeline` sampler by one of `migration` when the setting names a file.
-    /// Called with the lock held; the previous migration has ended (or has not begun), so its
-    /// sampler returns at once.
+    /// Called with the lock held, when any previous sampler is an ended one or a source's
+    /// (which never waits for this lock), so stopping it here returns at once.
     private func startTimeline(of migration: any TimelineSubject) throws {
         timeline?.stop()
         timeline = nil
