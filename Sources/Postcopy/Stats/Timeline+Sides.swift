@@ -1,6 +1,10 @@
 /// What the timeline reads from each side of a migration.
 protocol TimelineSubject: AnyObject, Sendable {
     func info() -> MigrationInfo
+    var status: MigrationStatus { get }
+    /// Calls `body` with each status entered and each precopy pass, in order, under the
+    /// engine's lock (it must only queue them): a sample every 10 ms would miss a short one.
+    func onTimelineEvent(_ body: @escaping @Sendable (String) -> Void)
     /// The current connection's channels (a recovery replaces them).
     func timelineChannels() -> (main: Channel?, urgent: Channel?, multifd: [Channel])
     /// True on the source (bytes written), false on the destination (bytes read).
@@ -15,6 +19,10 @@ extension OutgoingMigration: TimelineSubject {
     func timelineChannels() -> (main: Channel?, urgent: Channel?, multifd: [Channel]) {
         links.withLock { ($0.main, $0.urgent, $0.multifd) }
     }
+    func onTimelineEvent(_ body: @escaping @Sendable (String) -> Void) {
+        onStatusChange { body($0.rawValue) }
+        onDirtySync { body("pass \($0)") }
+    }
     var countsSent: Bool { true }
     var timelineBlocktime: BlocktimeTracker? { nil }
     /// A source starts with `migrate`.
@@ -24,6 +32,9 @@ extension OutgoingMigration: TimelineSubject {
 extension IncomingMigration: TimelineSubject {
     func timelineChannels() -> (main: Channel?, urgent: Channel?, multifd: [Channel]) {
         state.read { ($0.main, $0.urgent, $0.multifd) }
+    }
+    func onTimelineEvent(_ body: @escaping @Sendable (String) -> Void) {
+        onStatusChange { body($0.rawValue) }
     }
     var countsSent: Bool { false }
     var timelineBlocktime: BlocktimeTracker? { blocktime }

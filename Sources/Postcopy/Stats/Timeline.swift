@@ -1,11 +1,13 @@
 import Glibc
+import Synchronization
 
 /// `x-timeline PATH`: one JSON line every 10 ms while a migration runs, for
 /// `Benchmarks/e2e/plot_timeline.py`. Each line holds the time since this side's start, the
 /// status, the bytes on each channel so far (sent by a source, received by a destination),
 /// the pages left, the page requests so far, the dirty-sync count and, on a destination, the
-/// fault latency percentiles so far and how many vCPUs wait for a page now. `events` marks what
-/// happened since the previous line: each status entered and each precopy pass.
+/// fault latency percentiles so far and how many vCPUs wait for a page now. `events` lists what
+/// happened since the previous line, in order: each status entered (however briefly) and each
+/// dirty sync of the source (`pass N`, QEMU's `MIGRATION_PASS`).
 ///
 /// ```
 /// {"side":"source","t-ms":1010.2,"wall-ms":1718000000000,"status":"postcopy-active",
@@ -15,13 +17,15 @@ import Glibc
 ///
 /// Threads: one sampler thread per migration (`mig-timeline`). It reads the engine's counters
 /// and `info()`, as a monitor does, and takes no lock the hot path takes per page; it ends by
-/// itself after writing the line of a terminal status (completed, failed, cancelled).
+/// itself after writing the line of a terminal status (completed, failed, cancelled). The
+/// engine's status observers queue the events under `pendingEvents`' lock.
 final class Timeline: @unchecked Sendable {
     static let interval: UInt64 = 10_000_000
 
     private let file: Descriptor
     private let subject: any TimelineSubject
     private let stopWanted = AtomicFlag()
+    private let pendingEvents = Mutex([String]())
     private var thread: JoinableThread?
 
     /// Opens (truncates) `path` and starts sampling `subject`.
@@ -30,6 +34,10 @@ final class Timeline: @unchecked Sendable {
         guard fd >= 0 else { throw MigrationError.invalidSetting("x-timeline \(path): cannot open it for writing (\(String(cString: strerror(errno))))") }
         file = Descriptor(adopting: fd)
         self.subject = subject
+        // A replaced timeline's observer stays registered with the engine: it queues nothing then.
+        subject.onTimelineEvent { [weak self] event in self?.pendingEvents.withLock { $0.append(event) } }
+        let current = subject.status.rawValue
+        pendingEvents.withLock { if $0.isEmpty { $0.append(current) } }
         thread = try JoinableThread("mig-timeline") { [self] in sample() }
     }
 
@@ -59,8 +67,6 @@ final class Timeline: @unchecked Sendable {
 
     private func sample() {
         var main = Role(), urgent = Role(), multifd: [Role] = []
-        var lastStatus: String?
-        var lastSync: UInt64 = 0
         var startNs: UInt64?
         var due = monotonicNanoseconds()
         while !stopWanted.isSet {
@@ -81,12 +87,7 @@ final class Timeline: @unchecked Sendable {
             let urgentBytes = urgent.total(channels.urgent, count)
             let multifdBytes = multifd.indices.map { i in multifd[i].total(i < channels.multifd.count ? channels.multifd[i] : nil, count) }
 
-            var events: [String] = []
-            let sync = info.ram?.dirtySyncCount ?? 0
-            if sync > lastSync { events += (lastSync + 1...sync).map { "pass \($0)" } }
-            lastSync = max(lastSync, sync)
-            if info.status != lastStatus { events.append(info.status) }
-            lastStatus = info.status
+            let events = pendingEvents.withLock { e in defer { e.removeAll(keepingCapacity: true) }; return e }
 
             var line = "{\"side\":\"\(subject.countsSent ? "source" : "destination")\""
             line += ",\"t-ms\":\(Self.milliseconds(now - start)),\"wall-ms\":\(Self.wallMilliseconds())"
@@ -94,7 +95,7 @@ final class Timeline: @unchecked Sendable {
             line += ",\"bytes\":{\"main\":\(mainBytes),\"urgent\":\(urgentBytes),\"multifd\":[\(multifdBytes.map(String.init).joined(separator: ","))]}"
             let pageSize = max(info.ram?.pageSize ?? 4096, 1)
             line += ",\"remaining-pages\":\((info.ram?.remaining ?? 0) / pageSize)"
-            line += ",\"requests\":\(info.ram?.postcopyRequests ?? 0),\"dirty-sync-count\":\(sync)"
+            line += ",\"requests\":\(info.ram?.postcopyRequests ?? 0),\"dirty-sync-count\":\(info.ram?.dirtySyncCount ?? 0)"
             if let blocktime = subject.timelineBlocktime {
                 let latency = blocktime.latency
                 line += ",\"latency-us\":{\"p50\":\(latency.percentile(0.5) / 1000),\"p99\":\(latency.percentile(0.99) / 1000),\"max\":\(latency.maxNanoseconds / 1000)}"

@@ -54,6 +54,35 @@ struct TimelineTests {
         #expect(destination.allSatisfy { $0["latency-us"] != nil && $0["blocked-vcpus"] != nil })
     }
 
+    @Test("across a broken link and its recovery, the timelines mark the pause and the recovery and each channel's bytes keep growing",
+          .enabled(if: RecoveryBed.canReset, "needs root and ss (iproute2)"))
+    func timelineAcrossRecovery() throws {
+        let bed = try RecoveryBed()
+        let paths = (src: "\(bed.bed.directory)/src.jsonl", dst: "\(bed.bed.directory)/dst.jsonl")
+        try bed.dst.qmp.execute("migrate-set-parameters", [("x-timeline", .string(paths.dst))])
+        try bed.src.qmp.execute("migrate-set-parameters", [("x-timeline", .string(paths.src))])
+        try bed.switchToPostcopy()
+        try bed.resetConnections()
+        try bed.expectCompleted()
+
+        for (side, path) in [("source", paths.src), ("destination", paths.dst)] {
+            let lines = try Self.finishedTimeline(path)
+            let events = lines.flatMap { $0["events"] as? [String] ?? [] }
+            #expect(events.contains("postcopy-paused") && events.contains("postcopy-recover") && events.last == "completed",
+                    "\(side) events: \(events)")
+            // The recovery's new connections add to their roles' counts, never restart them.
+            let bytes = lines.compactMap { $0["bytes"] as? [String: Any] }
+            for role in ["main", "urgent"] {
+                let counts = bytes.compactMap { $0[role] as? Int }
+                #expect(zip(counts, counts.dropFirst()).allSatisfy { $0 <= $1 }, "\(side) \(role): \(counts)")
+            }
+            let lanes = bytes.map { $0["multifd"] as? [Int] ?? [] }
+            for (earlier, later) in zip(lanes, lanes.dropFirst()) where !earlier.isEmpty {
+                #expect(later.count >= earlier.count && zip(earlier, later).allSatisfy { $0 <= $1 }, "\(side) multifd: \(earlier) then \(later)")
+            }
+        }
+    }
+
     @Test("x-timeline naming a file that cannot be written refuses the migration and says why")
     func unwritableTimeline() throws {
         let (src, _, bed) = try startHosts(workload: "linear")
