@@ -50,16 +50,16 @@ final class Timeline: @unchecked Sendable {
     // MARK: sampler
 
     /// Per channel role, the bytes of the connections a recovery replaced, so each role's
-    /// figure keeps growing across recoveries.
+    /// figure keeps growing across recoveries. The channel last seen is held (not its
+    /// address, which a new channel could reuse) until another takes its role.
     private struct Role {
-        var channel: ObjectIdentifier?
+        var channel: Channel?
         var last: UInt64 = 0
         var base: UInt64 = 0
 
         mutating func total(_ channel: Channel?, _ count: (Channel) -> UInt64) -> UInt64 {
             guard let channel else { return base + last }
-            let id = ObjectIdentifier(channel)
-            if id != self.channel { base += last; last = 0; self.channel = id }
+            if channel !== self.channel { base += last; last = 0; self.channel = channel }
             last = count(channel)
             return base + last
         }
@@ -111,9 +111,9 @@ final class Timeline: @unchecked Sendable {
 
     /// Sleeps until `deadline` on the monotonic clock; when sampling fell behind (a slow write),
     /// the next line is due one interval from now rather than at once.
-    private func sleep(until deadline: UInt64) -> UInt64 {
+    private func sleep(until due: UInt64) -> UInt64 {
         let now = monotonicNanoseconds()
-        guard deadline > now else { return now }
+        let deadline = due > now ? due : now + Self.interval
         var ts = timespec(tv_sec: Int(deadline / 1_000_000_000), tv_nsec: Int(deadline % 1_000_000_000))
         while clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, nil) == EINTR {}
         return deadline
