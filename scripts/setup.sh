@@ -5,10 +5,13 @@
 #
 #   scripts/setup.sh          what the build and the demo need (C headers for the shim, OpenSSL)
 #   scripts/setup.sh --test   also what the test suites need (iproute2, python3 + qemu.qmp)
+#   scripts/setup.sh --bench  also what the end-to-end benchmarks' plots need (python3 + matplotlib)
 set -euo pipefail
 
 want_tests=0
+want_bench=0
 [ "${1:-}" = "--test" ] && want_tests=1
+[ "${1:-}" = "--bench" ] && want_bench=1
 
 apt_need=()
 [ -f /usr/include/linux/userfaultfd.h ] || apt_need+=(linux-libc-dev)
@@ -18,11 +21,18 @@ if [ $want_tests = 1 ]; then
   { [ -x /usr/sbin/ip ] || [ -x /sbin/ip ]; } && { [ -x /usr/sbin/tc ] || [ -x /sbin/tc ]; } || apt_need+=(iproute2)   # network-namespace tests
   command -v python3 >/dev/null || apt_need+=(python3 python3-pip)
 fi
+if [ $want_bench = 1 ]; then
+  command -v python3 >/dev/null || apt_need+=(python3 python3-pip)
+fi
 
 pip_need=()
 if [ $want_tests = 1 ]; then
   # The QMP compatibility tests drive the host with QEMU's own Python client; they are not optional.
   python3 -c 'import qemu.qmp' 2>/dev/null || pip_need+=(qemu.qmp)
+fi
+if [ $want_bench = 1 ]; then
+  # Benchmarks/e2e/plot_timeline.py draws x-timeline files as SVG.
+  python3 -c 'import matplotlib' 2>/dev/null || pip_need+=(matplotlib)
 fi
 
 if [ ${#apt_need[@]} -eq 0 ] && [ ${#pip_need[@]} -eq 0 ]; then
@@ -49,5 +59,7 @@ if [ ${#pip_need[@]} -gt 0 ]; then
   echo "setup: installing ${pip_need[*]} with pip" >&2
   PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --disable-pip-version-check "${pip_need[@]}" \
     || python3 -m pip install -q --disable-pip-version-check --break-system-packages "${pip_need[@]}"
-  python3 -c 'import qemu.qmp' || { echo "setup: qemu.qmp still does not import after pip install" >&2; exit 1; }
+  for module in "${pip_need[@]}"; do
+    python3 -c "import $module" || { echo "setup: $module still does not import after pip install" >&2; exit 1; }
+  done
 fi

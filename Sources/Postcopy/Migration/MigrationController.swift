@@ -25,6 +25,8 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
     /// under the engine's lock, where nothing may be logged or read).
     private var outgoingWatcher: JoinableThread?
     private var incomingWatcher: JoinableThread?
+    /// The `x-timeline` sampler of this host's migration, if one was asked for.
+    private var timeline: Timeline?
     /// The `events` capability, read by the status observers without the controller's lock
     /// (which may be held while the engine's is wanted).
     private let eventsOn = Atomic(false)
@@ -63,9 +65,17 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
     public func parameters() -> [(name: String, value: MonitorValue)] { currentSettings.parameters }
 
     public func setParameter(_ name: String, value: MonitorValue) throws {
-        let (running, limits, recoverTimeout) = try lock.withLock { _ in
+        let (running, limits, recoverTimeout, listening) = try lock.withLock { _ in
             try settings.setParameter(name, value)
-            return (outgoing, (settings.maxBandwidth, settings.maxPostcopyBandwidth), settings.xPostcopyRecoverTimeout)
+            // A destination started with --incoming URI listens before a monitor can set
+            // x-timeline: while it waits for its source, the timeline follows the setting.
+            let listening = MigrationSettings.canonicalName(name) == "x-timeline" && incoming?.status == .setup ? incoming : nil
+            return (outgoing, (settings.maxBandwidth, settings.maxPostcopyBandwidth), settings.xPostcopyRecoverTimeout, listening)
+        }
+        if let listening {
+            // Its sampler reads the settings through this controller's lock: stopped outside it.
+            lock.withLock { _ in defer { timeline = nil }; return timeline }?.stop()
+            try lock.withLock { _ in try startTimeline(of: listening) }
         }
         // Bandwidth limits apply to a migration under way, as in QEMU; so does the recovery bound.
         running?.setBandwidth(precopy: limits.0, postcopy: limits.1)
@@ -91,6 +101,7 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
                 guard !isMigrating else { throw MigrationError.inProgress }
                 guard incoming == nil else { throw MigrationError.notNow("this host is a migration destination (-incoming)") }
                 let m = OutgoingMigration(memory: memory, settings: settings, endpoint: endpoint, hooks: host)
+                try startTimeline(of: m)
                 m.onStatusChange { [weak self] in self?.statusChanged(to: $0) }
                 m.onDirtySync { [weak self] in self?.passCompleted($0) }
                 // The previous migration has ended (not migrating), so its watcher returns at once.
@@ -126,6 +137,7 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
                 }
                 let m = try IncomingMigration(memory: memory, endpoint: endpoint, vcpuCount: host.vcpuThreadIDs.count,
                                               settings: { [weak self] in self?.currentSettings ?? MigrationSettings() }, hooks: host)
+                try startTimeline(of: m)
                 for (i, tid) in host.vcpuThreadIDs.enumerated() { m.registerVCPU(i, threadID: tid) }
                 m.onStatusChange { [weak self] in self?.statusChanged(to: $0) }
                 incomingWatcher = try watch(side: "incoming", until: { m.waitUntilFinished() }, info: { m.info() })
@@ -207,6 +219,15 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
         if let o = outgoingMigration { return o.info() }
         if let i = incomingMigration { return i.info() }
         return MigrationInfo()
+    }
+
+    /// Replaces the `x-timeline` sampler by one of `migration` when the setting names a file.
+    /// Called with the lock held, when any previous sampler is an ended one or a source's
+    /// (which never waits for this lock), so stopping it here returns at once.
+    private func startTimeline(of migration: any TimelineSubject) throws {
+        timeline?.stop()
+        timeline = nil
+        if !settings.xTimeline.isEmpty { timeline = try Timeline(path: settings.xTimeline, of: migration) }
     }
 
     // MARK: events and logs

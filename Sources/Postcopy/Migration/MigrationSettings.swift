@@ -48,6 +48,9 @@ public struct MigrationSettings: Sendable, Equatable {
     /// The id of the `authz-simple` object a destination checks its source against (empty: any
     /// source holding the credentials).
     public var tlsAuthz = ""
+    /// A file to record this side's timeline in: one JSON line every 10 ms while a migration
+    /// runs (Stats/Timeline.swift; empty: none).
+    public var xTimeline = ""
 
     public init() {}
 
@@ -107,12 +110,13 @@ public struct MigrationSettings: Sendable, Equatable {
          ("x-postcopy-recover-timeout", .int(xPostcopyRecoverTimeout)),
          ("tls-creds", .string(tlsCreds)),
          ("tls-hostname", .string(tlsHostname)),
-         ("tls-authz", .string(tlsAuthz))]
+         ("tls-authz", .string(tlsAuthz)),
+         ("x-timeline", .string(xTimeline))]
     }
 
     public mutating func setParameter(_ given: String, _ value: MonitorValue) throws(MigrationError) {
         let name = Self.canonicalName(given)
-        if ["tls-creds", "tls-hostname", "tls-authz"].contains(name) {
+        if ["tls-creds", "tls-hostname", "tls-authz", "x-timeline"].contains(name) {
             // A string; null or "" turns it off, as in QEMU.
             let text: String
             switch value {
@@ -123,7 +127,8 @@ public struct MigrationSettings: Sendable, Equatable {
             switch name {
             case "tls-creds": tlsCreds = text
             case "tls-hostname": tlsHostname = text
-            default: tlsAuthz = text
+            case "tls-authz": tlsAuthz = text
+            default: xTimeline = text
             }
             return
         }

@@ -17,6 +17,9 @@ public final class Channel: @unchecked Sendable {
     private let writeLock = Mutex(())
     /// Bytes written through this channel (frames and payloads).
     public let bytesWritten = AtomicCounter()
+    /// Bytes of frames read from this channel (headers and payloads; not the handshake's
+    /// `readAvailable`), for the destination's per-channel timeline.
+    public let bytesRead = AtomicCounter()
     /// The TLS session every read and write goes through (with `tls-creds`); set by `secure`
     /// right after connect or accept, before another thread uses the channel.
     var tls: TLSSession?
@@ -80,6 +83,7 @@ public final class Channel: @unchecked Sendable {
             if n > 0 { done += n; continue }
             throw done == 0 && count == FrameHeader.size ? ProtocolError.closed : ProtocolError.truncated(what())
         }
+        bytesRead.add(UInt64(count))
     }
 
     /// Reads one frame header, waiting as long as it takes for the first byte.
@@ -99,6 +103,7 @@ public final class Channel: @unchecked Sendable {
         }
         guard first > 0 else { throw ProtocolError.closed }
         frameDeadline = frameTimeout > 0 ? Deadline(in: frameTimeout) : .never
+        bytesRead.add(UInt64(first))
         if first < FrameHeader.size {
             try read(into: scratch + first, exactly: FrameHeader.size - first, what: "a frame header")
         }

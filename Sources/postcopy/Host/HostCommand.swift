@@ -53,6 +53,9 @@ struct HostCommand: ParsableCommand {
     @Option(help: "Pace each vCPU to at most one touch per this many nanoseconds (0: full speed). 3900 sweeps 1000 MiB once a second, as QEMU's linear.S guest does under KVM.")
     var touchNs: UInt64 = 0
 
+    @Option(help: "Fill every page behind its counter with pseudo-random bytes that compress about this many times: 1 (incompressible), 2 or 4 (default: zeros). A source fills at start; give a destination the same --fill, and x-check-memory checks every page's content too.")
+    var fill: Int?
+
     func validate() throws {
         guard vcpus >= 1, vcpus <= 64 else { throw ValidationError("--vcpus \(vcpus): must be between 1 and 64") }
         guard Workload(rawValue: workload) != nil else {
@@ -66,6 +69,9 @@ struct HostCommand: ParsableCommand {
         }
         guard touchNs <= Self.maxTouchNs else {
             throw ValidationError("--touch-ns \(touchNs) is more than a second between touches: use at most \(Self.maxTouchNs) (0: full speed)")
+        }
+        if let fill, !PageFill.ratios.contains(fill) {
+            throw ValidationError("--fill \(fill): use 1 (incompressible), 2 or 4 (pages compressing about that many times)")
         }
         try HostProcessMain.validate(logLevel: logLevel)
         if let serial {
@@ -138,7 +144,7 @@ struct HostCommand: ParsableCommand {
         if backing == .hugetlb { try HugePagePool.check(needed: size / GuestMemory.hugePageSize) }
         let vm = try VirtualMachine(memorySize: size, backing: backing.guestMemoryBacking, numaNode: numaNode, vcpus: vcpus,
                                     workload: Workload(rawValue: workload)!, serialPath: serial, incoming: incoming != nil,
-                                    touchIntervalNs: touchNs)
+                                    touchIntervalNs: touchNs, fill: fill.map(PageFill.init))
         try HostProcessMain.serve(vm, objects: objects, qmp: qmp, monitor: monitor, incoming: incoming)
     }
 }

@@ -25,11 +25,20 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
 
     /// Minimum time between two touches of one vCPU (0: as fast as the CPU goes).
     let touchIntervalNs: UInt64
+    /// The content behind each page's counter (`--fill`); nil: zeros.
+    let fill: PageFill?
 
     init(memorySize: Int, backing: GuestMemoryBacking = .anonymous, numaNode: Int? = nil, vcpus: Int, workload: Workload,
-         serialPath: String?, incoming: Bool, touchIntervalNs: UInt64 = 0) throws {
+         serialPath: String?, incoming: Bool, touchIntervalNs: UInt64 = 0, fill: PageFill? = nil) throws {
         self.touchIntervalNs = touchIntervalNs
+        self.fill = fill
         memory = try GuestMemory(size: memorySize, backing: backing, numaNode: numaNode)
+        // A destination's pages come from its source: it only checks the fill.
+        if let fill, !incoming {
+            for page in 0..<memory.pageCount {
+                fill.write(page: page, at: UnsafeMutableRawPointer(bitPattern: memory.address(ofPage: page))!, pageSize: memory.pageSize)
+            }
+        }
         self.workload = workload
         vcpuCount = vcpus
         slicePages = memory.pageCount / vcpus
@@ -187,7 +196,8 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
     // MARK: integrity
 
     /// The check of BRIEF §6: the page counters add up to the vCPUs' touches, and for `linear`
-    /// each slice is equal but for one step at the sweep position. Only meaningful when stopped.
+    /// each slice is equal but for one step at the sweep position; with `--fill`, every page
+    /// holds its fill behind the counter. Only meaningful when stopped.
     func checkMemory() -> (ok: Bool, pages: Int, counterSum: UInt64, touchSum: UInt64, badPages: [Int]) {
         var counterSum: UInt64 = 0
         for page in 0..<memory.pageCount {
@@ -203,6 +213,13 @@ final class VirtualMachine: MigratableHost, @unchecked Sendable {
                     let page = i * slicePages + j
                     let value = UnsafePointer<UInt64>(bitPattern: memory.address(ofPage: page))!.pointee
                     if value != s.passes &+ (UInt64(j) < s.position ? 1 : 0) { bad.append(page) }
+                }
+            }
+        }
+        if let fill {
+            for page in 0..<memory.pageCount where bad.count < 8 {
+                if !fill.matches(page: page, at: UnsafeRawPointer(bitPattern: memory.address(ofPage: page))!, pageSize: memory.pageSize) {
+                    bad.append(page)
                 }
             }
         }

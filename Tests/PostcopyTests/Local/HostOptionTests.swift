@@ -28,6 +28,7 @@ struct HostOptionTests {
         Case(arguments: ["--memory", "12Q"], error: "invalid size '12Q': expected e.g. 1000M or 1G"),
         Case(arguments: ["--memory", "0"], error: "invalid size '0': guest memory needs at least one page"),
         Case(arguments: ["--vcpus", "0"], error: "--vcpus 0: must be between 1 and 64"),
+        Case(arguments: ["--fill", "3"], error: "--fill 3: use 1 (incompressible), 2 or 4 (pages compressing about that many times)"),
         Case(arguments: ["--vcpus", "65"], error: "--vcpus 65: must be between 1 and 64"),
         Case(arguments: ["--touch-ns", "18446744073709551615"],
              error: "--touch-ns 18446744073709551615 is more than a second between touches: use at most 1000000000"),
