@@ -11,7 +11,7 @@ import Testing
 struct VCPURunControlTests {
     @Test("a pause right after a resume returns only once every vCPU has stopped: none takes a step while paused")
     func pauseRightAfterResume() throws {
-        let vcpus = 2, rounds = 500
+        let vcpus = 2, rounds = 1000
         // Incoming: the vCPUs start parked, as on a destination waiting for its guest.
         let run = VCPURunControl(vcpuCount: vcpus, incoming: true)
         let holdsPaused = AtomicFlag(), quit = AtomicFlag()
