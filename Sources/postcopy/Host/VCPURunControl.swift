@@ -10,6 +10,10 @@ import Postcopy
 final class VCPURunControl: @unchecked Sendable {
     private struct Control {
         var pauseRequested: Bool
+        /// How many pauses have ended: a parked vCPU leaves once it changes.
+        var resumes: UInt64 = 0
+        /// The vCPUs parked in the current pause; a resume releases them and zeroes this at once,
+        /// so a pause that follows never counts a vCPU still on its way out of the last one.
         var parked = 0
         /// Which vCPUs are parked (by index).
         var parkedVCPUs: [Bool]
@@ -21,7 +25,9 @@ final class VCPURunControl: @unchecked Sendable {
     }
 
     let vcpuCount: Int
-    /// Checked by every vCPU before each step; set while a pause is wanted. Read without a lock.
+    /// Checked by every vCPU before each step; set while a pause is wanted. Read without a lock,
+    /// changed only under the control lock together with `pauseRequested`, so a resume and a pause
+    /// on two threads cannot leave it clear while a pause waits.
     private let pauseFlag = AtomicFlag()
     private let control: Guarded<Control>
     private let quitRequested = Guarded(false)
@@ -51,11 +57,19 @@ final class VCPURunControl: @unchecked Sendable {
         if pauseWanted { control.wait { $0.parked == self.vcpuCount } }
     }
 
-    /// Parks the calling vCPU (`index`) until the pause ends.
+    /// Parks the calling vCPU (`index`) until the pause ends. The resume that ends it also
+    /// counts it as no longer parked (a vCPU that left the wait but had not yet said so, counted
+    /// by the next pause, would take one more step after that pause returned: a write after the
+    /// switchover's final dirty sync, or during `x-check-memory`).
     func park(_ index: Int) {
-        control.update { $0.parked += 1; $0.parkedVCPUs[index] = true }
-        control.wait { !$0.pauseRequested }
-        control.update { $0.parked -= 1; $0.parkedVCPUs[index] = false }
+        let parkedIn = control.update { c -> UInt64? in
+            guard c.pauseRequested else { return nil }   // resumed since the flag was read
+            c.parked += 1
+            c.parkedVCPUs[index] = true
+            return c.resumes
+        }
+        guard let parkedIn else { return }
+        control.wait { $0.resumes != parkedIn }
     }
 
     /// Every vCPU is parked, or blocked on a missing page (it cannot run either).
@@ -72,9 +86,9 @@ final class VCPURunControl: @unchecked Sendable {
     /// Stops every vCPU (`kick` gets their attention) and returns once all are parked; a
     /// running guest's state becomes `state`. QEMU raises `STOP` once they have stopped.
     func pause(as state: RunState, kick: () -> Void = {}) {
-        pauseFlag.set()
         let wasRunning = control.update { c in
             defer { c.pauseRequested = true; if c.runState.isRunning { c.runState = state } }
+            pauseFlag.set()
             return c.runState.isRunning
         }
         kick()
@@ -85,7 +99,7 @@ final class VCPURunControl: @unchecked Sendable {
         if wasRunning { events?.emit("STOP") }
     }
 
-    /// Lets the vCPUs run, raising `RESUME` first, as QEMU does. A destination told to `stop`
+    /// Lets the vCPUs run and raises `RESUME`, as QEMU does. A destination told to `stop`
     /// while it waited stays paused when the migration hands it the guest (no autostart).
     func resume() {
         let (wasRunning, start) = control.update { c -> (Bool, Bool) in
@@ -95,12 +109,14 @@ final class VCPURunControl: @unchecked Sendable {
                 return (wasRunning, false)
             }
             c.pauseRequested = false
+            pauseFlag.clear()
+            c.resumes &+= 1
+            c.parked = 0
+            for i in c.parkedVCPUs.indices { c.parkedVCPUs[i] = false }
             c.runState = .running
             return (wasRunning, true)
         }
-        guard start else { return }
-        if !wasRunning { events?.emit("RESUME") }
-        pauseFlag.clear()
+        if start, !wasRunning { events?.emit("RESUME") }
     }
 
     /// On a destination still waiting for its guest, `stop` and `cont` only decide whether the
