@@ -30,9 +30,11 @@ extension OutgoingMigration {
         } else {
             try pushLane(0, of: 1, on: main)
         }
-        // Whatever a lane passed over after a jump goes now, on main.
-        while !interrupt.isSet, let first = pending.firstSet(from: 0) {
-            _ = try sendRun(from: first, maxRun: maxPagesPerFrame, on: main)
+        // Whatever a lane passed over after a jump goes now, on main, in one sweep: pending
+        // only shrinks in postcopy, so the search goes on from where the last run ended.
+        var next = 0
+        while !interrupt.isSet, next < memory.pageCount, let first = pending.firstSet(in: next..<memory.pageCount) {
+            next = try sendRun(from: first, maxRun: maxPagesPerFrame, on: main).next
         }
         if !interrupt.isSet {
             try main.write(FrameHeader(.complete, argument: UInt64(memory.pageCount)))
