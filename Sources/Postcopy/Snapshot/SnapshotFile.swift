@@ -156,7 +156,9 @@ public final class SnapshotFile: @unchecked Sendable {
         }
         var device = [UInt8](repeating: 0, count: Int(header.deviceLength))
         try Self.readFully(fd, into: &device, at: layout.deviceOffset, what: "device state of \(path)")
-        guard SnapshotHeader.checksum(fields: header.fieldBytes, bitmap: bitmap, device: device) == header.checksum else {
+        // Over the bytes as they are on disk, not as decoded: a damaged byte the decoder ignores counts too.
+        let fields = Array(headerBytes[0..<SnapshotHeader.fieldsLength])
+        guard SnapshotHeader.checksum(fields: fields, bitmap: bitmap, device: device) == header.checksum else {
             throw refuse("checksum mismatch: its header, zero-page bitmap or device state is damaged")
         }
         let zeros = bitmap.reduce(0) { $0 + $1.nonzeroBitCount }
@@ -181,8 +183,9 @@ public final class SnapshotFile: @unchecked Sendable {
             throw MigrationError.badSnapshot("snapshot \(path): saved with \(layout.pageSize)-byte pages, this guest's are \(memory.pageSize) bytes")
         }
         guard layout.memorySize == memory.size else {
-            throw MigrationError.badSnapshot("snapshot \(path): saved from a guest of \(layout.memorySize >> 20) MiB (\(layout.memorySize) bytes), "
-                + "this guest has \(memory.size >> 20) MiB: start the host with --memory \(layout.memorySize >> 20)M")
+            func size(_ bytes: Int) -> String { bytes % (1 << 20) == 0 ? "\(bytes >> 20)M" : "\(bytes >> 10)K" }
+            throw MigrationError.badSnapshot("snapshot \(path): saved from a guest of \(size(layout.memorySize)) (\(layout.memorySize) bytes), "
+                + "this guest has \(size(memory.size)): start the host with --memory \(size(layout.memorySize))")
         }
     }
 
