@@ -149,7 +149,8 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
                 throw MigrationError.notNow("migrate-incoming needs a host started with --incoming defer (or --incoming URI): "
                     + "this guest has run here (state '\(runState.rawValue)') and its memory must not be replaced")
             }
-            let m = try SnapshotRestore(memory: memory, path: path, lazy: settings.postcopyRAM, vcpuCount: host.vcpuThreadIDs.count,
+            let m = try SnapshotRestore(memory: memory, path: path, lazy: settings.postcopyRAM,
+                                        recordWorkingSet: settings.xRecordWorkingSet, prefetch: settings.xPrefetch, vcpuCount: host.vcpuThreadIDs.count,
                                         settings: { [weak self] in self?.currentSettings ?? MigrationSettings() }, hooks: host)
             for (i, tid) in host.vcpuThreadIDs.enumerated() { m.registerVCPU(i, threadID: tid) }
             m.onStatusChange { [weak self] in self?.statusChanged(to: $0) }

@@ -48,6 +48,11 @@ public struct MigrationSettings: Sendable, Equatable {
     /// The id of the `authz-simple` object a destination checks its source against (empty: any
     /// source holding the credentials).
     public var tlsAuthz = ""
+    /// A lazy snapshot restore writes the pages its vCPUs faulted on, in order, to this file
+    /// (empty: it records nothing); `xPrefetch` names such a file on a later restore, whose
+    /// pages are then loaded first (Snapshot/WorkingSet.swift).
+    public var xRecordWorkingSet = ""
+    public var xPrefetch = ""
 
     public init() {}
 
@@ -107,12 +112,14 @@ public struct MigrationSettings: Sendable, Equatable {
          ("x-postcopy-recover-timeout", .int(xPostcopyRecoverTimeout)),
          ("tls-creds", .string(tlsCreds)),
          ("tls-hostname", .string(tlsHostname)),
-         ("tls-authz", .string(tlsAuthz))]
+         ("tls-authz", .string(tlsAuthz)),
+         ("x-record-working-set", .string(xRecordWorkingSet)),
+         ("x-prefetch", .string(xPrefetch))]
     }
 
     public mutating func setParameter(_ given: String, _ value: MonitorValue) throws(MigrationError) {
         let name = Self.canonicalName(given)
-        if ["tls-creds", "tls-hostname", "tls-authz"].contains(name) {
+        if ["tls-creds", "tls-hostname", "tls-authz", "x-record-working-set", "x-prefetch"].contains(name) {
             // A string; null or "" turns it off, as in QEMU.
             let text: String
             switch value {
@@ -123,6 +130,8 @@ public struct MigrationSettings: Sendable, Equatable {
             switch name {
             case "tls-creds": tlsCreds = text
             case "tls-hostname": tlsHostname = text
+            case "x-record-working-set": xRecordWorkingSet = text
+            case "x-prefetch": xPrefetch = text
             default: tlsAuthz = text
             }
             return

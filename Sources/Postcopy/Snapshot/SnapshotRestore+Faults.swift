@@ -41,6 +41,7 @@ extension SnapshotRestore {
                             if placed.testAndSet(index) { placedPages.add(1); normalPlaced.add(1) }
                         }
                         faultsServed.add(1)
+                        recorder?.append(index)
                     }
                     blocktime.pagesArrived(first: index, count: 1, now: arrived)
                 }

@@ -38,6 +38,10 @@ public final class SnapshotRestore: @unchecked Sendable {
     /// Wakes the fault thread out of its poll at the end.
     let stopFaults: Descriptor
     var uffd: UserfaultFD?
+    /// `x-record-working-set`: the fault thread notes each page it serves.
+    let recorder: WorkingSetRecorder?
+    /// `x-prefetch`: pages the filler loads first, in this order.
+    let prefetch: [UInt32]
     private var thread: JoinableThread?
 
     struct State {
@@ -48,12 +52,17 @@ public final class SnapshotRestore: @unchecked Sendable {
         var error: String?
     }
 
-    /// Opens and validates `path` for `memory`; throws without touching guest memory. `lazy`:
-    /// the `postcopy-ram` capability; `settings` is read for `info()` (blocktime on or off).
-    public init(memory: GuestMemory, path: String, lazy: Bool, vcpuCount: Int, settings: @escaping @Sendable () -> MigrationSettings,
-                hooks: any DestinationHooks) throws {
+    /// Opens and validates `path` for `memory` (and the working set to prefetch, if any);
+    /// throws without touching guest memory. `lazy`: the `postcopy-ram` capability;
+    /// `recordWorkingSet`, `prefetch`: the parameters (empty: none); `settings` is read for
+    /// `info()` (blocktime on or off).
+    public init(memory: GuestMemory, path: String, lazy: Bool, recordWorkingSet: String = "", prefetch: String = "",
+                vcpuCount: Int, settings: @escaping @Sendable () -> MigrationSettings, hooks: any DestinationHooks) throws {
         file = try SnapshotFile(path: path)
         try file.check(fits: memory)
+        self.prefetch = prefetch.isEmpty ? [] : try WorkingSet.read(path: prefetch, pageSize: memory.pageSize, pageCount: memory.pageCount)
+        recorder = recordWorkingSet.isEmpty || !lazy ? nil
+            : WorkingSetRecorder(path: recordWorkingSet, pageSize: memory.pageSize, pageCount: memory.pageCount)
         self.memory = memory
         self.settings = settings
         self.hooks = hooks
@@ -98,6 +107,7 @@ public final class SnapshotRestore: @unchecked Sendable {
                     finished.set()
                     wakeFaultThread()
                     faults.join()
+                    saveWorkingSet()
                 }
             } catch {
                 // No thread to serve faults: nothing may run, the registration goes.
@@ -141,6 +151,17 @@ public final class SnapshotRestore: @unchecked Sendable {
         }
         cancelRequested.set()
         waitUntilFinished(timeout: 5)
+    }
+
+    /// Writes the recorded working set, once no fault can come any more.
+    private func saveWorkingSet() {
+        guard let recorder else { return }
+        do {
+            try recorder.write()
+            Log.destination.info("recorded a working set of \(recorder.count) pages to \(recorder.path)")
+        } catch {
+            Log.destination.error("could not write the working set \(recorder.path): \(error)")
+        }
     }
 
     /// Every page is in: the registration goes, the restore completes.
