@@ -109,3 +109,36 @@ struct SnapshotMigrationTests {
         try Self.expectRunsAndChecksOut(dst)
     }
 }
+
+extension SnapshotMigrationTests {
+    @Test("a lazy restore records its working set; a later restore prefetches it and checks out; a damaged record is refused")
+    func workingSetRecordAndPrefetch() throws {
+        let (_, bed, path) = try Self.save(stopped: false)
+        let record = "\(bed.directory)/working-set.rec"
+        let first = try TestHost(directory: bed.directory, role: "cold", memory: "256M", vcpus: 2, incoming: "defer")
+        let caps: [MonitorValue] = [.object([("capability", .string("postcopy-ram")), ("state", .bool(true))])]
+        try first.qmp.execute("migrate-set-capabilities", [("capabilities", .array(caps))])
+        try first.qmp.execute("migrate-set-parameters", [("x-record-working-set", .string(record))])
+        try first.qmp.execute("migrate-incoming", [("uri", .string("file:\(path)"))])
+        let cold = try first.waitForMigration()
+        #expect(cold["status"]?.stringValue == "completed")
+        // Written once the fault thread has ended, just after the status completed.
+        #expect(waitUntil(timeout: 10) { FileManager.default.fileExists(atPath: record) })
+        let recorded = try #require(try? FileManager.default.attributesOfItem(atPath: record)[.size] as? Int)
+        #expect((recorded - 32) / 4 == Int(cold["ram"]!["postcopy-requests"]!.int), "one entry per fault served from the file")
+        first.terminate()
+
+        let second = try TestHost(directory: bed.directory, role: "warm", memory: "256M", vcpus: 2, incoming: "defer")
+        try second.qmp.execute("migrate-set-capabilities", [("capabilities", .array(caps))])
+        try second.qmp.execute("migrate-set-parameters", [("x-prefetch", .string(path))])
+        do {
+            try second.qmp.execute("migrate-incoming", [("uri", .string("file:\(path)"))])
+            Issue.record("a snapshot was accepted as a working set")
+        } catch {
+            #expect("\(error)".contains("not a recorded working set"), "\(error)")
+        }
+        try second.qmp.execute("migrate-set-parameters", [("x-prefetch", .string(record))])
+        try second.qmp.execute("migrate-incoming", [("uri", .string("file:\(path)"))])
+        try Self.expectRunsAndChecksOut(second)
+    }
+}
