@@ -192,11 +192,15 @@ public final class SnapshotFile: @unchecked Sendable {
     @inline(__always)
     func isZero(_ page: Int) -> Bool { zeroBitmap[page >> 6] & (1 << UInt64(page & 63)) != 0 }
 
-    /// Reads `count` pages from `first` into `buffer` (page-aligned, at least that long).
+    /// The descriptor the restore's rings read from (valid while this object lives).
+    var descriptor: Int32 { file.rawValue }
+
+    /// Reads `count` pages from `first` into `buffer` (page-aligned, at least that long); the
+    /// first `done` bytes are there already.
     @inline(__always)
-    func readPages(_ first: Int, count: Int, into buffer: UnsafeMutableRawPointer) throws(SystemError) {
+    func readPages(_ first: Int, count: Int, into buffer: UnsafeMutableRawPointer, done alreadyRead: Int = 0) throws(SystemError) {
         let length = count * layout.pageSize
-        var done = 0
+        var done = alreadyRead
         while done < length {
             let n = try syscallValue("pread(snapshot page \(first))") {
                 pread(file.rawValue, buffer + done, length - done, off_t(layout.offset(ofPage: first) + done))
@@ -205,6 +209,14 @@ public final class SnapshotFile: @unchecked Sendable {
             if n == 0 { throw SystemError("pread(snapshot page \(first)): the file shrank during the restore", errno: EIO) }
             done += n
         }
+    }
+
+    /// Completes a read of `count` pages from `first` that an io_uring answered with `result`
+    /// (bytes, or a negated errno): a short read (the kernel may stop early) is finished with pread.
+    @inline(__always)
+    func completeRead(_ first: Int, count: Int, into buffer: UnsafeMutableRawPointer, result: Int32) throws(SystemError) {
+        if result < 0 { throw SystemError("io_uring read(snapshot page \(first))", errno: -result) }
+        if Int(result) < count * layout.pageSize { try readPages(first, count: count, into: buffer, done: Int(result)) }
     }
 
     private static func readFully(_ fd: Int32, into bytes: inout [UInt8], at offset: Int, what: String) throws {
