@@ -1,29 +1,79 @@
 import Glibc
 
-/// The background filler of a lazy restore (`snap-fill`): first the pages of the working set
-/// to prefetch (`x-prefetch`), in their recorded order; then every page not yet placed,
-/// a chunk at a time (one 1 MiB pread, then one UFFDIO_COPY or UFFDIO_ZEROPAGE per run of
-/// like pages), so the restore completes even where the guest never looks. Pages the fault
-/// thread placed meanwhile are skipped (and their waiters woken) by the placement itself.
-/// The fault thread has its own descriptor reads and buffer, so a fault never waits behind a
-/// chunk; on two cores they share the CPU, which is why chunks stay at 1 MiB.
+/// The background filler of a lazy restore (`snap-fill`): first the chunks holding the working
+/// set to prefetch (`x-prefetch`), in recorded order; then every chunk with a page not yet in,
+/// so the restore completes even where the guest never looks. A chunk is 1 MiB: one io_uring
+/// read of its missing part, then one UFFDIO_COPY or UFFDIO_ZEROPAGE per run of like pages
+/// (a chunk of zero pages needs no read). `depth` reads are kept in flight, so the device
+/// works while the filler places. Pages the fault thread placed meanwhile are skipped (and
+/// their waiters woken) by the placement itself. The ring is the filler's own: a fault's read
+/// never waits behind a chunk.
 ///
-/// Hot path: allocates nothing per page (one chunk buffer for the whole fill).
+/// Hot path: allocates nothing per page (the chunk buffers and the ring are made once).
 extension SnapshotRestore {
     static let fillChunkPages = 256
+    static let fillDepth = 4
 
     func fill(_ uffd: UserfaultFD) {
         let pageSize = memory.pageSize
         let chunkPages = max(1, Self.fillChunkPages * 4096 / pageSize)
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: chunkPages * pageSize, alignment: max(4096, pageSize))
-        defer { buffer.deallocate() }
+        let chunkCount = (memory.pageCount + chunkPages - 1) / chunkPages
+        let depth = Self.fillDepth
+        let buffers = UnsafeMutableRawPointer.allocate(byteCount: depth * chunkPages * pageSize, alignment: max(4096, pageSize))
+        /// Each slot's read: the pages it covers (lowerBound = the chunk's first missing page).
+        let inFlight = UnsafeMutableBufferPointer<Range<Int>>.allocate(capacity: depth)
+        inFlight.initialize(repeating: 0..<0)
+        var freeSlots = Array(0..<depth)
+        defer { buffers.deallocate(); inFlight.deallocate() }
+        // The chunks in the order they are filled: the prefetched ones, then all in order, each
+        // once (a chunk already read, or in flight, has nothing missing for another read).
+        var visited = [Bool](repeating: false, count: chunkCount)
+        var prefetchIndex = 0
+        var sequential = 0
+        func nextChunk() -> Range<Int>? {
+            while true {
+                let chunk: Int
+                if prefetchIndex < prefetch.count {
+                    chunk = Int(prefetch[prefetchIndex]) / chunkPages
+                    prefetchIndex += 1
+                } else if sequential < chunkCount {
+                    chunk = sequential
+                    sequential += 1
+                } else {
+                    return nil
+                }
+                if visited[chunk] { continue }
+                visited[chunk] = true
+                return (chunk * chunkPages)..<min(memory.pageCount, (chunk + 1) * chunkPages)
+            }
+        }
         do {
-            try prefetchWorkingSet(buffer: buffer, chunkPages: chunkPages, uffd: uffd)
-            var first = 0
-            while first < memory.pageCount, !finished.isSet {
-                let end = min(memory.pageCount, first + chunkPages)
-                try fillChunk(first..<end, buffer: buffer, uffd: uffd)
-                first = end
+            let ring = try IOURing(entries: UInt32(depth))
+            var exhausted = false
+            while !finished.isSet {
+                // Keep `depth` reads in flight.
+                while !exhausted, let slot = freeSlots.last {
+                    guard let chunk = nextChunk() else { exhausted = true; break }
+                    guard let firstMissing = chunk.first(where: { !placed.contains($0) }) else { continue }
+                    let missing = firstMissing..<chunk.upperBound
+                    guard missing.contains(where: { !placed.contains($0) && !file.isZero($0) }) else {
+                        try place(missing, from: buffers, uffd: uffd)   // zero pages only: nothing to read
+                        continue
+                    }
+                    freeSlots.removeLast()
+                    inFlight[slot] = missing
+                    _ = ring.queueRead(fd: file.descriptor, into: buffers + slot * chunkPages * pageSize,
+                                       length: missing.count * pageSize, offset: file.layout.offset(ofPage: firstMissing),
+                                       tag: UInt64(slot))
+                }
+                if freeSlots.count == depth { break }   // nothing in flight, nothing left
+                try ring.submit()
+                guard let done = try ring.next(wait: true) else { continue }
+                let slot = Int(done.tag), missing = inFlight[slot], buffer = buffers + slot * chunkPages * pageSize
+                try file.completeRead(missing.lowerBound, count: missing.count, into: buffer, result: done.result)
+                bytesRead.add(UInt64(missing.count * pageSize))
+                try place(missing, from: buffer, uffd: uffd)
+                freeSlots.append(slot)
             }
         } catch {
             fail(error)
@@ -32,36 +82,21 @@ extension SnapshotRestore {
         if !finished.isSet { complete() }
     }
 
-    /// `x-prefetch`: the recorded pages first, in their order, each with the rest of its chunk
-    /// (the vCPUs' faults interleave, so page-by-page order would read 4 KiB at a time; a
-    /// chunk-aligned read takes a vCPU's run of pages at once).
-    private func prefetchWorkingSet(buffer: UnsafeMutableRawPointer, chunkPages: Int, uffd: UserfaultFD) throws {
-        for page in prefetch where !finished.isSet {
-            guard !placed.contains(Int(page)) else { continue }
-            let first = Int(page) / chunkPages * chunkPages
-            try fillChunk(first..<min(memory.pageCount, first + chunkPages), buffer: buffer, uffd: uffd)
-        }
-    }
-
-    private func fillChunk(_ chunk: Range<Int>, buffer: UnsafeMutableRawPointer, uffd: UserfaultFD) throws {
+    /// Places the pages of `range` not yet in: runs of zero pages zero-filled, runs of the
+    /// others copied from `buffer` (which holds the file's pages from `range.lowerBound`).
+    private func place(_ range: Range<Int>, from buffer: UnsafeMutableRawPointer, uffd: UserfaultFD) throws {
         let pageSize = memory.pageSize
-        guard let firstMissing = chunk.first(where: { !placed.contains($0) }) else { return }
-        let needsData = (firstMissing..<chunk.upperBound).contains { !placed.contains($0) && !file.isZero($0) }
-        if needsData {
-            try file.readPages(firstMissing, count: chunk.upperBound - firstMissing, into: buffer)
-            bytesRead.add(UInt64((chunk.upperBound - firstMissing) * pageSize))
-        }
-        var p = firstMissing
-        while p < chunk.upperBound {
+        var p = range.lowerBound
+        while p < range.upperBound {
             if placed.contains(p) { p += 1; continue }
             let zero = file.isZero(p)
             var end = p + 1
-            while end < chunk.upperBound, !placed.contains(end), file.isZero(end) == zero { end += 1 }
+            while end < range.upperBound, !placed.contains(end), file.isZero(end) == zero { end += 1 }
             let now = monotonicNanoseconds()
             if zero {
                 try uffd.zeroRun(at: memory.address(ofPage: p), length: (end - p) * pageSize, pageSize: pageSize)
             } else {
-                _ = try uffd.copyRun(to: memory.address(ofPage: p), from: buffer + (p - firstMissing) * pageSize,
+                _ = try uffd.copyRun(to: memory.address(ofPage: p), from: buffer + (p - range.lowerBound) * pageSize,
                                      length: (end - p) * pageSize, pageSize: pageSize)
             }
             var newly: UInt64 = 0
