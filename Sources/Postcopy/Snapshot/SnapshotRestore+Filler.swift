@@ -7,7 +7,8 @@ import Glibc
 /// (a chunk of zero pages needs no read). `depth` reads are kept in flight, so the device
 /// works while the filler places. Pages the fault thread placed meanwhile are skipped (and
 /// their waiters woken) by the placement itself. The ring is the filler's own: a fault's read
-/// never waits behind a chunk.
+/// never waits behind a chunk. With a working set to prefetch, the vCPUs start once its chunks
+/// are in (`headStartDone`), as REAP does.
 ///
 /// Hot path: allocates nothing per page (the chunk buffers and the ring are made once).
 extension SnapshotRestore {
@@ -47,6 +48,12 @@ extension SnapshotRestore {
                 return (chunk * chunkPages)..<min(memory.pageCount, (chunk + 1) * chunkPages)
             }
         }
+        // The prefetched chunks come first: once that many chunks are done, the working set is in.
+        var chunksDone = 0
+        func chunkDone() {
+            chunksDone += 1
+            if chunksDone == prefetchChunks { headStartDone.update { $0 = true } }
+        }
         do {
             let ring = try IOURing(entries: UInt32(depth))
             var exhausted = false
@@ -54,10 +61,11 @@ extension SnapshotRestore {
                 // Keep `depth` reads in flight.
                 while !exhausted, let slot = freeSlots.last {
                     guard let chunk = nextChunk() else { exhausted = true; break }
-                    guard let firstMissing = chunk.first(where: { !placed.contains($0) }) else { continue }
+                    guard let firstMissing = chunk.first(where: { !placed.contains($0) }) else { chunkDone(); continue }
                     let missing = firstMissing..<chunk.upperBound
                     guard missing.contains(where: { !placed.contains($0) && !file.isZero($0) }) else {
                         try place(missing, from: buffers, uffd: uffd)   // zero pages only: nothing to read
+                        chunkDone()
                         continue
                     }
                     freeSlots.removeLast()
@@ -74,11 +82,14 @@ extension SnapshotRestore {
                 bytesRead.add(UInt64(missing.count * pageSize))
                 try place(missing, from: buffer, uffd: uffd)
                 freeSlots.append(slot)
+                chunkDone()
             }
         } catch {
+            headStartDone.update { $0 = true }
             fail(error)
             return
         }
+        headStartDone.update { $0 = true }
         if !finished.isSet { complete() }
     }
 

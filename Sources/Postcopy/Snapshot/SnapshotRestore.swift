@@ -42,7 +42,13 @@ public final class SnapshotRestore: @unchecked Sendable {
     let recorder: WorkingSetRecorder?
     /// `x-prefetch`: pages the filler loads first, in this order.
     let prefetch: [UInt32]
+    /// The distinct 1 MiB chunks `prefetch` touches, and the flag the filler sets once they are in.
+    let prefetchChunks: Int
+    let headStartDone = Guarded(false)
     private var thread: JoinableThread?
+
+    /// The longest the vCPUs wait for a working set to be prefetched (seconds).
+    static let prefetchWaitLimit = 0.25
 
     struct State {
         var status = MigrationStatus.setup
@@ -61,6 +67,8 @@ public final class SnapshotRestore: @unchecked Sendable {
         file = try SnapshotFile(path: path)
         try file.check(fits: memory)
         self.prefetch = prefetch.isEmpty ? [] : try WorkingSet.read(path: prefetch, pageSize: memory.pageSize, pageCount: memory.pageCount)
+        let chunkPages = max(1, Self.fillChunkPages * 4096 / memory.pageSize)
+        prefetchChunks = Set(self.prefetch.map { Int($0) / chunkPages }).count
         recorder = recordWorkingSet.isEmpty || !lazy ? nil
             : WorkingSetRecorder(path: recordWorkingSet, pageSize: memory.pageSize, pageCount: memory.pageCount)
         self.memory = memory
@@ -115,6 +123,9 @@ public final class SnapshotRestore: @unchecked Sendable {
                 try? uffd.unregister(address: memory.base, length: memory.size)
                 throw error
             }
+            // The working set first, as REAP does: the vCPUs would otherwise run into the reads'
+            // front and fault on page after page of it. Bounded: a slow disk must not hold the guest.
+            if prefetchChunks > 0 { headStartDone.wait(timeout: Self.prefetchWaitLimit) { $0 } }
             state.update { s in
                 if s.status == .setup { s.status = .postcopyActive }
                 s.runningNs = monotonicNanoseconds()
