@@ -109,8 +109,10 @@ struct SnapshotHeader: Equatable {
 /// A snapshot file opened for a restore, every check passed: the header, the zero-page
 /// bitmap and the device state are in memory; the pages are read on demand.
 ///
-/// Threads: read-only after `open`, so the fault thread and the filler share it freely
-/// (pread has no file position to fight over).
+/// Threads: read-only after `init`, so the fault thread and the filler share it freely
+/// (their reads name their offsets; there is no file position to fight over).
+/// Hot path: `isZero`, `readPages` and `completeRead` allocate nothing (an error's text is
+/// built only when one is thrown).
 public final class SnapshotFile: @unchecked Sendable {
     public let path: String
     public let layout: SnapshotLayout

@@ -126,7 +126,7 @@ struct HostCommand: ParsableCommand {
         do {
             endpoint = try Endpoint(uri: uri)
         } catch {
-            throw ValidationError("--incoming \(uri): expected tcp:HOST:PORT (e.g. tcp:127.0.0.1:4444, or tcp::4444 for every address) file:PATH or defer")
+            throw ValidationError("--incoming \(uri): expected tcp:HOST:PORT (e.g. tcp:127.0.0.1:4444, or tcp::4444 for every address), file:PATH (a snapshot) or defer")
         }
         var address = in_addr()
         guard endpoint.host == "localhost" || inet_pton(AF_INET, endpoint.host, &address) == 1 else {

@@ -142,3 +142,29 @@ extension SnapshotMigrationTests {
         try Self.expectRunsAndChecksOut(second)
     }
 }
+
+extension SnapshotMigrationTests {
+    @Test("a KVM guest (postcopy vm) saved live restores lazily in a new vm process and passes QEMU's RAM check",
+          .enabled(if: VMProcess.kvmMissing == nil, "\(VMProcess.kvmMissing ?? "")"))
+    func kvmGuest() throws {
+        let bed = try TestBed()
+        let image = try BootSectorGuest.linear.build(memoryMiB: 128, in: bed.directory)
+        let src = try VMProcess(directory: bed.directory, role: "src", image: image, memoryMiB: 128)
+        try src.waitForPasses(1)
+        let path = "\(bed.directory)/vm.img"
+        try src.qmp.execute("migrate", [("uri", .string("file:\(path)"))])
+        let saved = try src.waitForMigration()
+        #expect(saved["status"]?.stringValue == "completed", "\(saved.jsonText)\n\(src.log)")
+
+        let dst = try VMProcess(directory: bed.directory, role: "dst", image: image, memoryMiB: 128, incoming: "defer")
+        try dst.setCapabilities(postcopy: true)
+        try dst.qmp.execute("migrate-incoming", [("uri", .string("file:\(path)"))])
+        let restored = try dst.waitForMigration()
+        #expect(restored["status"]?.stringValue == "completed", "\(restored.jsonText)\n\(dst.log)")
+        let passes = dst.passes
+        try dst.waitForPasses(passes + 1)
+        try dst.qmp.execute("stop")
+        let check = try dst.qmp.execute("x-check-memory")
+        #expect(check["ok"]?.boolValue == true, "x-check-memory: \(check.jsonText)")
+    }
+}
