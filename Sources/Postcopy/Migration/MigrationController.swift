@@ -109,6 +109,7 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
                 outgoingWatcher?.join()
                 outgoingWatcher = try watch(side: "outgoing", until: { m.waitUntilFinished() }, info: { m.info() })
                 outgoing = m
+                save = nil   // query-migrate shows the latest migration
                 return m
             }
             statusChanged(to: .setup)  // the engine is born in setup; QEMU announces entering it
@@ -195,6 +196,7 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
                 m.onStatusChange { [weak self] in self?.statusChanged(to: $0) }
                 incomingWatcher = try watch(side: "incoming", until: { m.waitUntilFinished() }, info: { m.info() })
                 incoming = m
+                restore = nil   // a refused or failed restore before it; query-migrate shows this one
                 statusChanged(to: .setup)
                 m.start()
             }

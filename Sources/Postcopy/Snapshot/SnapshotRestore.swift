@@ -126,11 +126,13 @@ public final class SnapshotRestore: @unchecked Sendable {
             // The working set first, as REAP does: the vCPUs would otherwise run into the reads'
             // front and fault on page after page of it. Bounded: a slow disk must not hold the guest.
             if prefetchChunks > 0 { headStartDone.wait(timeout: Self.prefetchWaitLimit) { $0 } }
-            state.update { s in
+            let setupNs = state.update { s -> UInt64 in
                 if s.status == .setup { s.status = .postcopyActive }
                 s.runningNs = monotonicNanoseconds()
+                return s.runningNs! - s.startNs
             }
             hooks.resumeVCPUs()
+            Log.destination.info("the guest runs from \(file.path) \(Double(setupNs / 1000) / 1000) ms after migrate-incoming; its pages follow")
         } else {
             try restoreDeviceState(hooks)
             state.update { $0.status = .active }
