@@ -54,14 +54,23 @@ enum WorkingSet {
 
     static func read(path: String, pageSize: Int, pageCount: Int) throws -> [UInt32] {
         func refuse(_ why: String) -> MigrationError { .badSnapshot("working set \(path): \(why)") }
-        guard let handle = fopen(path, "rb") else { throw refuse("cannot open it: \(String(cString: strerror(errno)))") }
-        defer { fclose(handle) }
-        var bytes: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 1 << 16)
-        while true {
-            let n = fread(&chunk, 1, chunk.count, handle)
-            if n == 0 { break }
-            bytes += chunk[0..<n]
+        let opened = open(path, O_RDONLY | O_CLOEXEC)
+        guard opened >= 0 else { throw refuse("cannot open it: \(String(cString: strerror(errno)))") }
+        let file = Descriptor(adopting: opened)
+        var info = stat()
+        _ = try syscallValue("fstat(\(path))") { fstat(file.rawValue, &info) }
+        // At most the header and one entry per page: anything longer is not this guest's.
+        guard Int(info.st_size) <= 32 + 4 * pageCount else {
+            throw refuse("not a recorded working set of this guest: \(info.st_size) bytes, more than one of \(pageCount) pages holds")
+        }
+        var bytes = [UInt8](repeating: 0, count: Int(info.st_size))
+        var done = 0
+        while done < bytes.count {
+            let n = try bytes.withUnsafeMutableBytes { raw in
+                try file.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[done...]), at: done, what: "working set \(path)")
+            }
+            guard n > 0 else { throw refuse("the file shrank while it was read") }
+            done += n
         }
         func u64(_ at: Int) -> UInt64 { (0..<8).reduce(UInt64(0)) { $0 | UInt64(bytes[at + $1]) << (8 * UInt64($1)) } }
         guard bytes.count >= 32, bytes.prefix(8).elementsEqual(magic.utf8) else { throw refuse("not a recorded working set (bad magic)") }
