@@ -14,10 +14,10 @@ let package = Package(
     ],
     targets: [
         // The only C the runtime needs: ioctl numbers, variadic syscalls, kernel ABI newer than the headers.
-        // Beyond libc it needs only OpenSSL (libssl-dev), for TLS on the migration channels:
-        // NUMA calls are raw syscalls.
+        // Beyond libc it needs OpenSSL (libssl-dev), for TLS on the migration channels, and
+        // liburing (liburing-dev), for snapshot restores' reads: NUMA calls are raw syscalls.
         .target(name: "CPostcopy", path: "CShims",
-                linkerSettings: [.linkedLibrary("ssl"), .linkedLibrary("crypto")]),
+                linkerSettings: [.linkedLibrary("ssl"), .linkedLibrary("crypto"), .linkedLibrary("uring")]),
         // The C floor for the fault benchmarks: the same loops as the Swift path, in plain C.
         .target(name: "CFaultFloor", dependencies: ["CPostcopy"], path: "Sources/CFaultFloor"),
         .target(

@@ -209,3 +209,18 @@ int cpc_kvm_install_kick_handler(int signal) {
     sigemptyset(&action.sa_mask);
     return sigaction(signal, &action, NULL);
 }
+
+// MARK: io_uring
+
+struct io_uring_sqe *cpc_uring_get_sqe(struct io_uring *ring) { return io_uring_get_sqe(ring); }
+
+void cpc_uring_prep_read(struct io_uring_sqe *sqe, int fd, void *buf, unsigned len, uint64_t offset, uint64_t data) {
+    io_uring_prep_read(sqe, fd, buf, len, offset);
+    io_uring_sqe_set_data64(sqe, data);
+}
+
+int cpc_uring_next_cqe(struct io_uring *ring, struct io_uring_cqe **cqe, int wait) {
+    return wait ? io_uring_wait_cqe(ring, cqe) : io_uring_peek_cqe(ring, cqe);
+}
+
+void cpc_uring_cqe_seen(struct io_uring *ring, struct io_uring_cqe *cqe) { io_uring_cqe_seen(ring, cqe); }

@@ -16,6 +16,7 @@ want_bench=0
 apt_need=()
 [ -f /usr/include/linux/userfaultfd.h ] || apt_need+=(linux-libc-dev)
 [ -f /usr/include/openssl/ssl.h ] || apt_need+=(libssl-dev)   # TLS on the migration channels
+[ -f /usr/include/liburing.h ] || apt_need+=(liburing-dev)    # snapshot restores read through io_uring
 command -v cc >/dev/null || apt_need+=(gcc)
 if [ $want_tests = 1 ]; then
   { [ -x /usr/sbin/ip ] || [ -x /sbin/ip ]; } && { [ -x /usr/sbin/tc ] || [ -x /sbin/tc ]; } || apt_need+=(iproute2)   # network-namespace tests

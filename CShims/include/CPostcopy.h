@@ -224,6 +224,22 @@ int cpc_tls_set_socket(SSL *ssl, int fd);
 /// Why: reading the text back from a memory BIO (BIO_get_mem_data) is a macro.
 int cpc_tls_peer_subject(SSL *ssl, char *buf, size_t size);
 
+// MARK: io_uring (liburing 2.x, linked as liburing): snapshot reads
+//
+// A lazy restore reads pages from the snapshot file through a ring: the filler keeps several
+// chunk reads in flight, the fault thread submits one read per fault of a batch at once.
+// Why: liburing's get_sqe, prep_read, set_data64, peek/wait_cqe and cqe_seen are static
+// inline functions Swift does not import. <linux/io_uring.h> comes first, as liburing expects.
+
+#include <linux/io_uring.h>
+#include <liburing.h>
+
+struct io_uring_sqe *cpc_uring_get_sqe(struct io_uring *ring);
+void cpc_uring_prep_read(struct io_uring_sqe *sqe, int fd, void *buf, unsigned len, uint64_t offset, uint64_t data);
+/// The next completion, waiting for one when wait != 0: 0 and *cqe set, or -errno (-EAGAIN: none yet).
+int cpc_uring_next_cqe(struct io_uring *ring, struct io_uring_cqe **cqe, int wait);
+void cpc_uring_cqe_seen(struct io_uring *ring, struct io_uring_cqe *cqe);
+
 // MARK: constants Swift sees as macros it cannot import
 
 static const unsigned long cpc_UFFDIO_REGISTER_MODE_MISSING = UFFDIO_REGISTER_MODE_MISSING;

@@ -21,6 +21,9 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
     private var settings = MigrationSettings()
     private var outgoing: OutgoingMigration?
     private var incoming: IncomingMigration?
+    /// `migrate file:PATH` and `migrate-incoming file:PATH` (Snapshot/).
+    private var save: SnapshotSave?
+    private var restore: SnapshotRestore?
     /// One thread per migration waits for its end to log how it ended (the status observer runs
     /// under the engine's lock, where nothing may be logged or read).
     private var outgoingWatcher: JoinableThread?
@@ -39,11 +42,15 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
     public var currentSettings: MigrationSettings { lock.withLock { _ in settings } }
     public var incomingMigration: IncomingMigration? { lock.withLock { _ in incoming } }
     public var outgoingMigration: OutgoingMigration? { lock.withLock { _ in outgoing } }
+    public var snapshotSave: SnapshotSave? { lock.withLock { _ in save } }
+    public var snapshotRestore: SnapshotRestore? { lock.withLock { _ in restore } }
 
     /// A destination still waiting for its stream may change its settings, as in QEMU.
     private var isMigrating: Bool {
         if let o = outgoing, o.status.isInProgress { return true }
         if let i = incoming, i.status.isInProgress, i.status != .setup { return true }
+        if let s = save, s.status.isInProgress { return true }
+        if let r = restore, r.status.isInProgress { return true }
         return false
     }
 
@@ -87,6 +94,11 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
     public func migrate(uri: String, resume: Bool) throws {
         Log.controller.info("migrate \(resume ? "-r " : "")\(uri)")
         do {
+            if let path = SnapshotFile.path(inURI: uri) {
+                guard !resume else { throw MigrationError.notNow("migrate -r resumes a paused postcopy migration; a save to a file has nothing to resume") }
+                try saveSnapshot(to: path)
+                return
+            }
             let endpoint = try Endpoint(uri: uri)
             if resume {
                 // QEMU's manual recovery: the paused migration reconnects there.
@@ -108,6 +120,7 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
                 outgoingWatcher?.join()
                 outgoingWatcher = try watch(side: "outgoing", until: { m.waitUntilFinished() }, info: { m.info() })
                 outgoing = m
+                save = nil   // query-migrate shows the latest migration
                 return m
             }
             statusChanged(to: .setup)  // the engine is born in setup; QEMU announces entering it
@@ -118,10 +131,63 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
         }
     }
 
+    /// `migrate file:PATH`: the guest into a snapshot file, live or stopped.
+    private func saveSnapshot(to path: String) throws {
+        guard let host else { throw MigrationError.hostGone }
+        let migration: SnapshotSave = try lock.withLock { _ in
+            guard !isMigrating else { throw MigrationError.inProgress }
+            guard host.runState() != .inmigrate else { throw MigrationError.notNow("this host waits for an incoming migration: it has no guest to save yet") }
+            let m = SnapshotSave(memory: memory, path: path, settings: settings, hooks: host)
+            m.onStatusChange { [weak self] in self?.statusChanged(to: $0) }
+            outgoingWatcher?.join()
+            outgoingWatcher = try watch(side: "outgoing (file:\(path))", until: { m.waitUntilFinished() }, info: { m.info() })
+            save = m
+            return m
+        }
+        statusChanged(to: .setup)
+        migration.start()
+    }
+
+    /// `migrate-incoming file:PATH`: restores the guest from a snapshot file, lazily with
+    /// `postcopy-ram`. A file that is refused leaves the host as it was (still `inmigrate`).
+    private func restoreSnapshot(from path: String, host: any MigratableHost) throws {
+        try lock.withLock { _ in
+            if let incoming { throw MigrationError.notNow("an incoming migration is already set up on \(incoming.endpoint)") }
+            if let restore, restore.status != .failed, restore.status != .cancelled {
+                throw MigrationError.notNow("a restore from \(restore.file.path) is already under way or done here")
+            }
+            let runState = host.runState()
+            guard runState == .inmigrate else {
+                throw MigrationError.notNow("migrate-incoming needs a host started with --incoming defer (or --incoming URI): "
+                    + "this guest has run here (state '\(runState.rawValue)') and its memory must not be replaced")
+            }
+            let m = try SnapshotRestore(memory: memory, path: path, lazy: settings.postcopyRAM,
+                                        recordWorkingSet: settings.xRecordWorkingSet, prefetch: settings.xPrefetch, vcpuCount: host.vcpuThreadIDs.count,
+                                        settings: { [weak self] in self?.currentSettings ?? MigrationSettings() }, hooks: host)
+            for (i, tid) in host.vcpuThreadIDs.enumerated() { m.registerVCPU(i, threadID: tid) }
+            m.onStatusChange { [weak self] in self?.statusChanged(to: $0) }
+            statusChanged(to: .setup)
+            do {
+                try m.start()
+            } catch {
+                statusChanged(to: .failed)
+                throw error
+            }
+            restore = m
+            incomingWatcher?.join()
+            incomingWatcher = try watch(side: "incoming (file:\(path))", until: { m.waitUntilFinished() }, info: { m.info() })
+        }
+    }
+
     /// Starts listening for an incoming migration at `uri` (the host's `--incoming`).
     public func migrateIncoming(uri: String) throws {
         Log.controller.info("migrate-incoming \(uri)")
         do {
+            if let path = SnapshotFile.path(inURI: uri) {
+                guard let host else { throw MigrationError.hostGone }
+                try restoreSnapshot(from: path, host: host)
+                return
+            }
             let endpoint = try Endpoint(uri: uri)
             guard let host else { throw MigrationError.hostGone }
             let tlsCreds = currentSettings.parameters.first { $0.name == "tls-creds" }.map { $0.value.stringValue ?? "" }
@@ -142,6 +208,7 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
                 m.onStatusChange { [weak self] in self?.statusChanged(to: $0) }
                 incomingWatcher = try watch(side: "incoming", until: { m.waitUntilFinished() }, info: { m.info() })
                 incoming = m
+                restore = nil   // a refused or failed restore before it; query-migrate shows this one
                 statusChanged(to: .setup)
                 m.start()
             }
@@ -167,8 +234,12 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
     public func cancelMigration() throws {
         Log.controller.info("migrate_cancel")
         do {
-            if let outgoing = outgoingMigration {
+            if let save = snapshotSave, save.status.isInProgress {
+                try save.cancel()
+            } else if let outgoing = outgoingMigration {
                 try outgoing.cancel()
+            } else if let restore = snapshotRestore {
+                try restore.cancel()
             } else {
                 try incomingMigration?.cancel()
             }
@@ -212,12 +283,14 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
     /// Whether vCPU `index` is blocked on a page that has not arrived (a destination in
     /// postcopy): `stop` counts it as stopped, since it cannot run until the page comes.
     public func vcpuWaitsForPage(_ index: Int) -> Bool {
-        incomingMigration?.blocktime.isBlocked(vcpu: index) ?? false
+        (incomingMigration?.blocktime ?? snapshotRestore?.blocktime)?.isBlocked(vcpu: index) ?? false
     }
 
     public func queryMigrate() -> MigrationInfo {
+        if let s = snapshotSave { return s.info() }
         if let o = outgoingMigration { return o.info() }
         if let i = incomingMigration { return i.info() }
+        if let r = snapshotRestore { return r.info() }
         return MigrationInfo()
     }
 

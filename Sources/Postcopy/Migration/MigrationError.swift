@@ -17,6 +17,8 @@ public enum MigrationError: Error, CustomStringConvertible, Sendable, Equatable 
     case notRunByPeer(String)
     /// The device state could not be restored.
     case deviceState(String)
+    /// A snapshot file that cannot be restored (not one, unfinished, truncated, damaged, another guest's).
+    case badSnapshot(String)
     /// The host that embeds the engine was torn down mid-call.
     case hostGone
     /// `migrate_cancel` (or a newer migration) ended this one.
@@ -34,6 +36,7 @@ public enum MigrationError: Error, CustomStringConvertible, Sendable, Equatable 
         case .refusedByPeer(let why): "the destination refused: \(why)"
         case .notRunByPeer(let why): "the destination never ran the guest: \(why)"
         case .deviceState(let why): "device state: \(why)"
+        case .badSnapshot(let why): why
         case .hostGone: "the host went away"
         case .cancelled: "migration cancelled"
         case .system(let error): error.description

@@ -51,6 +51,11 @@ public struct MigrationSettings: Sendable, Equatable {
     /// A file to record this side's timeline in: one JSON line every 10 ms while a migration
     /// runs (Stats/Timeline.swift; empty: none).
     public var xTimeline = ""
+    /// A lazy snapshot restore writes the pages its vCPUs faulted on, in order, to this file
+    /// (empty: it records nothing); `xPrefetch` names such a file on a later restore, whose
+    /// pages are then loaded first (Snapshot/WorkingSet.swift).
+    public var xRecordWorkingSet = ""
+    public var xPrefetch = ""
 
     public init() {}
 
@@ -111,12 +116,14 @@ public struct MigrationSettings: Sendable, Equatable {
          ("tls-creds", .string(tlsCreds)),
          ("tls-hostname", .string(tlsHostname)),
          ("tls-authz", .string(tlsAuthz)),
-         ("x-timeline", .string(xTimeline))]
+         ("x-timeline", .string(xTimeline)),
+         ("x-record-working-set", .string(xRecordWorkingSet)),
+         ("x-prefetch", .string(xPrefetch))]
     }
 
     public mutating func setParameter(_ given: String, _ value: MonitorValue) throws(MigrationError) {
         let name = Self.canonicalName(given)
-        if ["tls-creds", "tls-hostname", "tls-authz", "x-timeline"].contains(name) {
+        if ["tls-creds", "tls-hostname", "tls-authz", "x-timeline", "x-record-working-set", "x-prefetch"].contains(name) {
             // A string; null or "" turns it off, as in QEMU.
             let text: String
             switch value {
@@ -128,6 +135,8 @@ public struct MigrationSettings: Sendable, Equatable {
             case "tls-creds": tlsCreds = text
             case "tls-hostname": tlsHostname = text
             case "tls-authz": tlsAuthz = text
+            case "x-record-working-set": xRecordWorkingSet = text
+            case "x-prefetch": xPrefetch = text
             default: xTimeline = text
             }
             return

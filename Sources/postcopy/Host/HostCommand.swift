@@ -35,7 +35,7 @@ struct HostCommand: ParsableCommand {
     @Option(help: "Append one 'B' to this file per workload pass (as the QEMU test guests do on their serial port).")
     var serial: String?
 
-    @Option(help: "Start as a migration destination listening on tcp:HOST:PORT; the vCPUs wait for the switchover.")
+    @Option(help: "Start as a migration destination listening on tcp:HOST:PORT (the vCPUs wait for the switchover), or restore lazily from the snapshot file:PATH; defer: wait for migrate-incoming.")
     var incoming: String?
 
     @Option(name: .customLong("object"), help: ArgumentHelp(stringLiteral: HostCommand.objectHelp))
@@ -126,11 +126,12 @@ struct HostCommand: ParsableCommand {
 
     /// `tcp:HOST:PORT` with an IPv4 HOST, `localhost` or nothing (every address), as the engine listens.
     private static func validateIncoming(_ uri: String) throws {
+        if SnapshotFile.path(inURI: uri) != nil { return }   // the restore checks the file itself
         let endpoint: Endpoint
         do {
             endpoint = try Endpoint(uri: uri)
         } catch {
-            throw ValidationError("--incoming \(uri): expected tcp:HOST:PORT (e.g. tcp:127.0.0.1:4444, or tcp::4444 for every address) or defer")
+            throw ValidationError("--incoming \(uri): expected tcp:HOST:PORT (e.g. tcp:127.0.0.1:4444, or tcp::4444 for every address), file:PATH (a snapshot) or defer")
         }
         var address = in_addr()
         guard endpoint.host == "localhost" || inet_pton(AF_INET, endpoint.host, &address) == 1 else {

@@ -51,6 +51,9 @@ enum HostProcessMain {
         if let qmp { servers.append(try QMPServer(path: qmp, backend: controller, events: controller.events)) }
         if let monitor { servers.append(try HMPServer(path: monitor, backend: controller)) }
         if let incoming, incoming != "defer" {
+            // A snapshot named on the command line is restored lazily; --incoming defer and
+            // migrate-incoming with postcopy-ram off copy it whole first.
+            if SnapshotFile.path(inURI: incoming) != nil { try controller.setCapability("postcopy-ram", enabled: true) }
             try controller.migrateIncoming(uri: incoming)
         }
         host.waitForQuit()

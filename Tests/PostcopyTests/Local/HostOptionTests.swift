@@ -42,7 +42,7 @@ struct HostOptionTests {
         Case(arguments: ["--qmp", directory + "/same", "--monitor", directory + "/same"],
              error: "--qmp and --monitor are both \(directory)/same: give each monitor its own socket"),
         Case(arguments: ["--incoming", "udp:127.0.0.1:4444"],
-             error: "--incoming udp:127.0.0.1:4444: expected tcp:HOST:PORT (e.g. tcp:127.0.0.1:4444, or tcp::4444 for every address) or defer"),
+             error: "--incoming udp:127.0.0.1:4444: expected tcp:HOST:PORT (e.g. tcp:127.0.0.1:4444, or tcp::4444 for every address), file:PATH (a snapshot) or defer"),
         Case(arguments: ["--incoming", "tcp:127.0.0.1:70000"], error: "--incoming tcp:127.0.0.1:70000: expected tcp:HOST:PORT"),
         Case(arguments: ["--incoming", "tcp:example.invalid:4444"], error: "--incoming tcp:example.invalid:4444: 'example.invalid' is not an IPv4 address"),
     ]
