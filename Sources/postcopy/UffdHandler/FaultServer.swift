@@ -20,7 +20,7 @@ import Postcopy
 final class FaultServer: @unchecked Sendable {  // used only by its thread once built
     private let uffd: UserfaultFD
     private let regions: [GuestRegionMapping]
-    private let snapshot: SnapshotFile
+    private let snapshot: GuestMemoryFile
     private let log: Logger
     private var removed: RemovedPages
     private let events = UnsafeMutableBufferPointer<UserfaultEvent>.allocate(capacity: 64)
@@ -32,7 +32,7 @@ final class FaultServer: @unchecked Sendable {  // used only by its thread once 
     /// Zeros for a removed huge page: UFFDIO_ZEROPAGE does not work on hugetlbfs.
     private let hugeZeros: UnsafeMutableRawPointer?
 
-    init(handover: Handover, snapshot: SnapshotFile, log: Logger) {
+    init(handover: Handover, snapshot: GuestMemoryFile, log: Logger) {
         uffd = handover.uffd
         regions = handover.regions
         self.snapshot = snapshot

@@ -45,7 +45,7 @@ struct UffdHandlerCommand: ParsableCommand {
 
     func run() throws {
         HostProcessMain.prepare(logLevel: logLevel)
-        let memory = try SnapshotFile(path: snapshot)
+        let memory = try GuestMemoryFile(path: snapshot)
         let listener = try UffdHandlerListener(path: socket)
         uffdHandlerLog.info("serving \(memory.path) (\(memory.size) bytes) to VMMs connecting on \(socket)")
         var served = 0

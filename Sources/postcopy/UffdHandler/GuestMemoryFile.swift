@@ -5,7 +5,7 @@ import Postcopy
 /// `offset` its mapping names. Faults copy straight from this mapping, so a page is read from
 /// disk (or the page cache) only when the guest first touches it. Private and never written:
 /// the file is not changed, however the guest's copy changes.
-final class SnapshotFile: @unchecked Sendable {
+final class GuestMemoryFile: @unchecked Sendable {
     let path: String
     let size: UInt64
     private let base: UnsafeRawPointer
