@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Snapshot save and lazy restore, timed: how soon a restored guest runs, and how fast the
+background fill brings the rest in from the page cache.
+
+Each run saves a stopped `postcopy host` guest to a file (`migrate file:PATH`), then starts a
+new host with `--incoming defer`, sets postcopy-ram, and times `migrate-incoming file:PATH`
+until `query-status` says running (both over one QMP connection, so the figure includes two
+QMP round trips), then waits for the restore to complete and reports the fill rate (bytes of
+guest memory over the restore's total time), the fault count and the memory check.
+
+  python3 Benchmarks/e2e/snapshot.py --binary .build/release/postcopy --runs 3 --memory 1000M
+"""
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+class QMP:
+    def __init__(self, path, timeout=60):
+        deadline = time.time() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX)
+                self.sock.connect(path)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.02)
+        self.file = self.sock.makefile("rwb")
+        self.file.readline()  # greeting
+        self.execute("qmp_capabilities")
+
+    def execute(self, command, **arguments):
+        message = {"execute": command}
+        if arguments:
+            message["arguments"] = arguments
+        self.file.write(json.dumps(message).encode() + b"\n")
+        self.file.flush()
+        while True:
+            reply = json.loads(self.file.readline())
+            if "event" in reply:
+                continue
+            if "error" in reply:
+                raise RuntimeError(f"{command}: {reply['error']['desc']}")
+            return reply["return"]
+
+    def hmp(self, line):
+        return self.execute("human-monitor-command", **{"command-line": line})
+
+
+def wait_status(qmp, statuses, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = qmp.execute("query-migrate")
+        if info.get("status") in statuses:
+            return info
+        time.sleep(0.01)
+    raise RuntimeError(f"no {statuses} within {timeout} s: {info}")
+
+
+def one_run(binary, memory, workload, directory, image):
+    src_qmp, dst_qmp = os.path.join(directory, "src.qmp"), os.path.join(directory, "dst.qmp")
+    src = subprocess.Popen([binary, "host", "--memory", memory, "--workload", workload, "--qmp", src_qmp],
+                           stderr=open(os.path.join(directory, "src.log"), "w"))
+    dst = None
+    try:
+        s = QMP(src_qmp)
+        time.sleep(1)  # let the workload touch its memory
+        s.execute("stop")
+        started = time.time()
+        s.execute("migrate", uri=f"file:{image}")
+        saved = wait_status(s, {"completed", "failed"})
+        save_s = time.time() - started
+        if saved["status"] != "completed":
+            raise RuntimeError(f"save failed: {saved}")
+        src.terminate()
+        dst = subprocess.Popen([binary, "host", "--memory", memory, "--workload", workload, "--qmp", dst_qmp,
+                                "--incoming", "defer"], stderr=open(os.path.join(directory, "dst.log"), "w"))
+        d = QMP(dst_qmp)
+        d.execute("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
+        t0 = time.perf_counter()
+        d.execute("migrate-incoming", uri=f"file:{image}")
+        while d.execute("query-status")["status"] != "running":
+            pass
+        running_ms = (time.perf_counter() - t0) * 1000
+        info = wait_status(d, {"completed", "failed"})
+        total_ms = info.get("total-time", 0)
+        size = info["ram"]["total"]
+        d.execute("stop")
+        check = d.execute("x-check-memory")
+        return {
+            "save_gbps": size / save_s / 1e9,
+            "running_ms": running_ms,
+            "fill_gbps": size / (total_ms / 1000) / 1e9 if total_ms else 0,
+            "restore_total_ms": total_ms,
+            "faults": info["ram"].get("postcopy-requests", 0),
+            "status": info["status"],
+            "memory_ok": bool(check.get("ok")),
+        }
+    finally:
+        for p in (src, dst):
+            if p and p.poll() is None:
+                p.terminate()
+                p.wait()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--binary", default=".build/release/postcopy")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--memory", default="1000M")
+    parser.add_argument("--workload", default="linear")
+    args = parser.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="snapshot-bench-", dir="/var/tmp") as directory:
+        for run in range(args.runs):
+            image = os.path.join(directory, "guest.img")
+            r = one_run(os.path.abspath(args.binary), args.memory, args.workload, directory, image)
+            results.append(r)
+            print(f"run {run + 1}: save {r['save_gbps']:.2f} GB/s (stopped, page cache + fsync); running after "
+                  f"{r['running_ms']:.1f} ms; fill {r['fill_gbps']:.2f} GB/s over {r['restore_total_ms']} ms; "
+                  f"{r['faults']} faults; {r['status']}; memory {'ok' if r['memory_ok'] else 'FAILED'}", flush=True)
+            os.unlink(image)
+    medians = {k: statistics.median(r[k] for r in results) for k in ("save_gbps", "running_ms", "fill_gbps", "faults")}
+    print("medians: " + ", ".join(f"{k} {v:.2f}" for k, v in medians.items()))
+    print(json.dumps({"runs": results, "medians": medians}))
+    sys.exit(0 if all(r["memory_ok"] and r["status"] == "completed" for r in results) else 1)
+
+
+if __name__ == "__main__":
+    main()
