@@ -143,8 +143,11 @@ final class FuzzCampaign {
         } catch {
             return silentMonitor(host, error)
         }
-        // Its guest ran: the stream was taken for a real one. Nothing more to check here.
-        if runState != RunState.inmigrate.rawValue {
+        // Its guest ran (or is being started: `run` was taken, the status is a postcopy one):
+        // the stream was taken for a real one. Since the source then vanished, the destination
+        // waits paused for it to resume (postcopy recovery) and takes no new migration.
+        let handedOver = migration["status"]?.stringValue.flatMap(MigrationStatus.init(rawValue:))?.isPostcopy ?? false
+        if runState != RunState.inmigrate.rawValue || handedOver {
             // The guest runs the restored vCPU state. A state no real source sent may make it trap
             // within a sweep; the process then prints its backtrace (about 0.5 s) before it exits.
             let grace = replayCase.deviceStates.allSatisfy(realDeviceStates.contains) ? 0.05 : acceptedGraceSeconds
