@@ -111,13 +111,90 @@ def one_run(binary, memory, workload, directory, image):
                 p.wait()
 
 
+def vm_run(binary, qemu, image, memory_mb, directory, snapshot):
+    """The same boot-sector guest (the anchors' linear.S) under QEMU 7.2 or `postcopy vm`:
+    saved stopped to a file, restored in a new process; the time until the restored guest
+    can run (QEMU: its incoming stream completed, having copied everything; ours: running,
+    lazily)."""
+    src_qmp, dst_qmp = os.path.join(directory, "vsrc.qmp"), os.path.join(directory, "vdst.qmp")
+    serial = os.path.join(directory, "vsrc.serial")
+    open(serial, "wb").close()
+    if qemu:
+        def command(qmp, extra):
+            return ["qemu-system-x86_64", "-enable-kvm", "-m", f"{memory_mb + 200}M", "-nic", "none", "-boot", "c",
+                    "-display", "none", "-monitor", "none", "-drive", f"file={image},format=raw,if=ide",
+                    "-serial", f"file:{serial if 'vsrc' in qmp else os.devnull}", "-qmp", f"unix:{qmp},server=on,wait=off"] + extra
+        save_uri, load_uri = f"exec:cat > {snapshot}", f"exec:cat {snapshot}"
+    else:
+        def command(qmp, extra):
+            return [binary, "vm", "--memory", f"{memory_mb}M", "--boot", image, "--qmp", qmp,
+                    "--serial", serial if "vsrc" in qmp else os.devnull] + extra
+        save_uri, load_uri = f"file:{snapshot}", f"file:{snapshot}"
+    src = subprocess.Popen(command(src_qmp, []), stderr=subprocess.DEVNULL)
+    dst = None
+    try:
+        s = QMP(src_qmp)
+        deadline = time.time() + 60
+        while open(serial, "rb").read().count(b"B") < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        s.execute("stop")
+        s.execute("migrate-set-parameters", **{"max-bandwidth": 100_000_000_000})   # QEMU's default caps it at 128 MiB/s
+        started = time.time()
+        s.execute("migrate", uri=save_uri)
+        saved = wait_status(s, {"completed", "failed"})
+        save_s = time.time() - started
+        if saved["status"] != "completed":
+            raise RuntimeError(f"save failed: {saved}")
+        src.terminate()
+        src.wait()
+        dst = subprocess.Popen(command(dst_qmp, ["-incoming", "defer"] if qemu else ["--incoming", "defer"]), stderr=subprocess.DEVNULL)
+        d = QMP(dst_qmp)
+        if not qemu:
+            d.execute("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
+        t0 = time.perf_counter()
+        d.execute("migrate-incoming", uri=load_uri)
+        if qemu:
+            wait_status(d, {"completed", "failed"})
+        else:
+            while d.execute("query-status")["status"] != "running":
+                pass
+        ready_ms = (time.perf_counter() - t0) * 1000
+        info = wait_status(d, {"completed", "failed"})
+        return {"save_s": save_s, "ready_ms": ready_ms, "file_mb": os.path.getsize(snapshot) / 1e6, "status": info["status"]}
+    finally:
+        for p in (src, dst):
+            if p and p.poll() is None:
+                p.terminate()
+                p.wait()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--binary", default=".build/release/postcopy")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--memory", default="1000M")
     parser.add_argument("--workload", default="linear")
+    parser.add_argument("--vm", action="store_true",
+                        help="also the anchors' linear.S guest under QEMU 7.2 (exec:cat file migration) and postcopy vm")
+    parser.add_argument("--anchors", default=os.path.join(os.path.dirname(__file__), "../../../shared/anchors/qemu"))
     args = parser.parse_args()
+    if args.vm:
+        memory_mb = int(args.memory.rstrip("M"))
+        with tempfile.TemporaryDirectory(prefix="snapshot-vm-", dir="/var/tmp") as directory:
+            image = os.path.join(directory, "linear.img")
+            subprocess.run([os.path.join(args.anchors, "build-guest.sh"), os.path.join(args.anchors, "linear.S"), str(memory_mb), image], check=True)
+            for name, qemu in (("qemu", True), ("ours", False)):
+                rows = []
+                for run in range(args.runs):
+                    snapshot = os.path.join(directory, "vm.snap")
+                    rows.append(vm_run(os.path.abspath(args.binary), qemu, image, memory_mb, directory, snapshot))
+                    os.unlink(snapshot)
+                    r = rows[-1]
+                    print(f"{name} run {run + 1}: save {r['save_s']:.2f} s ({r['file_mb']:.0f} MB file); restored guest can run after "
+                          f"{r['ready_ms']:.1f} ms; {r['status']}", flush=True)
+                print(f"{name} medians: save {statistics.median(r['save_s'] for r in rows):.2f} s, ready "
+                      f"{statistics.median(r['ready_ms'] for r in rows):.1f} ms", flush=True)
+        return
     results = []
     with tempfile.TemporaryDirectory(prefix="snapshot-bench-", dir="/var/tmp") as directory:
         for run in range(args.runs):
