@@ -65,7 +65,7 @@ def wait_status(qmp, statuses, timeout=120):
     raise RuntimeError(f"no {statuses} within {timeout} s: {info}")
 
 
-def one_run(binary, memory, workload, directory, image):
+def one_run(binary, memory, workload, directory, image, paused=False):
     src_qmp, dst_qmp = os.path.join(directory, "src.qmp"), os.path.join(directory, "dst.qmp")
     src = subprocess.Popen([binary, "host", "--memory", memory, "--workload", workload, "--qmp", src_qmp],
                            stderr=open(os.path.join(directory, "src.log"), "w"))
@@ -85,9 +85,11 @@ def one_run(binary, memory, workload, directory, image):
                                 "--incoming", "defer"], stderr=open(os.path.join(directory, "dst.log"), "w"))
         d = QMP(dst_qmp)
         d.execute("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
+        if paused:
+            d.execute("stop")   # no autostart: the fill runs alone, without the guest's faults
         t0 = time.perf_counter()
         d.execute("migrate-incoming", uri=f"file:{image}")
-        while d.execute("query-status")["status"] != "running":
+        while not paused and d.execute("query-status")["status"] != "running":
             pass
         running_ms = (time.perf_counter() - t0) * 1000
         info = wait_status(d, {"completed", "failed"})
@@ -168,6 +170,56 @@ def vm_run(binary, qemu, image, memory_mb, directory, snapshot):
                 p.wait()
 
 
+def working_set_run(binary, memory, directory):
+    """A 2-vCPU `hotcold` guest saved in its hot phase, restored three times: cold, cold while
+    recording its working set (the filler waits for the faults to settle), then prefetching
+    it: the fault counts (the first against the last is the figure)."""
+    src_qmp = os.path.join(directory, "hsrc.qmp")
+    serial = os.path.join(directory, "hsrc.serial")
+    open(serial, "wb").close()
+    image, record = os.path.join(directory, "hot.img"), os.path.join(directory, "hot.rec")
+    src = subprocess.Popen([binary, "host", "--memory", memory, "--vcpus", "2", "--workload", "hotcold", "--qmp", src_qmp,
+                            "--serial", serial], stderr=subprocess.DEVNULL)
+    try:
+        s = QMP(src_qmp)
+        deadline = time.time() + 60
+        while open(serial, "rb").read().count(b"B") < 2 and time.time() < deadline:   # a mark every 16 hot passes
+            time.sleep(0.05)
+        s.execute("stop")
+        s.execute("migrate", uri=f"file:{image}")
+        wait_status(s, {"completed"})
+    finally:
+        src.terminate()
+        src.wait()
+    faults = {}
+    for name, parameter in (("cold", None), ("recording", "x-record-working-set"), ("prefetched", "x-prefetch")):
+        qmp = os.path.join(directory, f"h{name}.qmp")
+        dst = subprocess.Popen([binary, "host", "--memory", memory, "--vcpus", "2", "--workload", "hotcold", "--qmp", qmp,
+                                "--incoming", "defer"], stderr=subprocess.DEVNULL)
+        try:
+            d = QMP(qmp)
+            d.execute("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
+            if parameter:
+                d.execute("migrate-set-parameters", **{parameter: record})
+            t0 = time.perf_counter()
+            d.execute("migrate-incoming", uri=f"file:{image}")
+            while d.execute("query-status")["status"] != "running":
+                pass
+            running_ms = (time.perf_counter() - t0) * 1000
+            info = wait_status(d, {"completed", "failed"})
+            d.execute("stop")
+            ok = bool(d.execute("x-check-memory").get("ok"))
+            faults[name] = (info["ram"].get("postcopy-requests", 0), running_ms, ok)
+        finally:
+            dst.terminate()
+            dst.wait()
+        if name == "recording":
+            deadline = time.time() + 10
+            while not os.path.exists(record) and time.time() < deadline:
+                time.sleep(0.05)
+    return faults
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--binary", default=".build/release/postcopy")
@@ -177,7 +229,25 @@ def main():
     parser.add_argument("--vm", action="store_true",
                         help="also the anchors' linear.S guest under QEMU 7.2 (exec:cat file migration) and postcopy vm")
     parser.add_argument("--anchors", default=os.path.join(os.path.dirname(__file__), "../../../shared/anchors/qemu"))
+    parser.add_argument("--paused", action="store_true",
+                        help="restore with the destination stopped (no autostart): the fill alone, no faults")
+    parser.add_argument("--working-set", action="store_true",
+                        help="a hotcold guest saved in its hot phase: cold restore (recording) against a prefetched one")
     args = parser.parse_args()
+    if args.working_set:
+        rows = []
+        for run in range(args.runs):
+            with tempfile.TemporaryDirectory(prefix="snapshot-ws-", dir="/var/tmp") as directory:
+                f = working_set_run(os.path.abspath(args.binary), args.memory, directory)
+            (cold, cold_ms, cold_ok), (warm, warm_ms, warm_ok) = f["cold"], f["prefetched"]
+            cold_ok = cold_ok and f["recording"][2]
+            rows.append((cold, warm))
+            print(f"run {run + 1}: faults cold {cold} (running after {cold_ms:.1f} ms), recording {f['recording'][0]}, prefetched {warm} (running after "
+                  f"{warm_ms:.1f} ms): {100 * (1 - warm / cold) if cold else 0:.0f}% fewer; memory "
+                  f"{'ok' if cold_ok and warm_ok else 'FAILED'}", flush=True)
+        cold_m, warm_m = statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows)
+        print(f"medians: cold {cold_m:.0f} faults, prefetched {warm_m:.0f} ({100 * (1 - warm_m / cold_m) if cold_m else 0:.0f}% fewer)")
+        return
     if args.vm:
         memory_mb = int(args.memory.rstrip("M"))
         with tempfile.TemporaryDirectory(prefix="snapshot-vm-", dir="/var/tmp") as directory:
@@ -199,7 +269,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="snapshot-bench-", dir="/var/tmp") as directory:
         for run in range(args.runs):
             image = os.path.join(directory, "guest.img")
-            r = one_run(os.path.abspath(args.binary), args.memory, args.workload, directory, image)
+            r = one_run(os.path.abspath(args.binary), args.memory, args.workload, directory, image, args.paused)
             results.append(r)
             print(f"run {run + 1}: save {r['save_gbps']:.2f} GB/s (stopped, page cache + fsync); running after "
                   f"{r['running_ms']:.1f} ms; fill {r['fill_gbps']:.2f} GB/s over {r['restore_total_ms']} ms; "

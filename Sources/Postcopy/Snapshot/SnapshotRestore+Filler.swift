@@ -15,7 +15,14 @@ extension SnapshotRestore {
     static let fillChunkPages = 256
     static let fillDepth = 4
 
+    /// While a working set is recorded, the filler waits until the guest's faults settle (no
+    /// new one for `recordQuietSeconds`, at most `recordWaitLimit`): a page it brought in first
+    /// would never fault, so the record would miss it (REAP records with nothing prefetched).
+    static let recordQuietSeconds = 0.1
+    static let recordWaitLimit = 2.0
+
     func fill(_ uffd: UserfaultFD) {
+        if recorder != nil { waitForFaultsToSettle() }
         let pageSize = memory.pageSize
         let chunkPages = max(1, Self.fillChunkPages * 4096 / pageSize)
         let chunkCount = (memory.pageCount + chunkPages - 1) / chunkPages
@@ -91,6 +98,18 @@ extension SnapshotRestore {
         }
         headStartDone.update { $0 = true }
         if !finished.isSet { complete() }
+    }
+
+    private func waitForFaultsToSettle() {
+        let start = monotonicNanoseconds()
+        var seen = faultsServed.value
+        var quietSince = start
+        while !finished.isSet {
+            usleep(10_000)
+            let now = monotonicNanoseconds(), served = faultsServed.value
+            if served != seen { seen = served; quietSince = now }
+            if Double(now - quietSince) / 1e9 >= Self.recordQuietSeconds || Double(now - start) / 1e9 >= Self.recordWaitLimit { return }
+        }
     }
 
     /// Places the pages of `range` not yet in: runs of zero pages zero-filled, runs of the
