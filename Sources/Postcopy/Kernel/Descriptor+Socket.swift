@@ -50,6 +50,34 @@ extension Descriptor {
         _ = try syscallValue("listen(\(what()))") { Glibc.listen(rawValue, backlog) }
     }
 
+    /// A unix stream socket listening at `path` for its owner alone (the monitors, the
+    /// page-fault handler): a stale socket left there by a process that died is replaced,
+    /// anything else there is refused, and the file is narrowed to 0600 before listen(2).
+    /// bind(2) creates it with the process umask (under umask 000 anyone may connect); until
+    /// listen(2) a connect fails, so no one gets in through the wider mode. Changing the umask
+    /// instead would race with every other thread that creates a file.
+    public static func ownerOnlyUnixListener(at path: String, backlog: Int32 = 16) throws(SystemError) -> OwnerOnlyUnixListener {
+        let address = try unixAddress(path)
+        var existing = stat()
+        if lstat(path, &existing) == 0 {
+            guard existing.st_mode & S_IFMT == S_IFSOCK else {
+                throw SystemError("refusing to replace \(path), which is not a socket", errno: EEXIST)
+            }
+            // ENOENT: someone else removed it first, which is as good.
+            if unlink(path) != 0, errno != ENOENT { throw SystemError("unlink stale socket \(path)") }
+        }
+        let socket = try streamSocket(AF_UNIX, what: path)
+        try socket.bind(to: address, what: path)
+        _ = try syscallValue("chmod(\(path), 0600)") { chmod(path, 0o600) }
+        var bound = stat()
+        _ = try syscallValue("stat \(path)") { lstat(path, &bound) }
+        guard bound.st_mode & S_IFMT == S_IFSOCK, bound.st_mode & 0o777 == 0o600 else {
+            throw SystemError("\(path) changed while the socket was being created there", errno: EEXIST)
+        }
+        try socket.listen(backlog: backlog, what: path)
+        return OwnerOnlyUnixListener(socket: socket, inode: (UInt(bound.st_dev), UInt(bound.st_ino)))
+    }
+
     /// Connects to `address` (a sockaddr_in or sockaddr_un), waiting for the connection.
     public borrowing func connect<Address>(to address: Address, what: @autoclosure () -> String) throws(SystemError) {
         _ = try syscallValue("connect(\(what()))") {
@@ -92,4 +120,14 @@ extension Descriptor {
             Log.kernel.warning("\(SystemError("shutdown(\(what()))"))")
         }
     }
+}
+
+/// A listening unix socket from `Descriptor.ownerOnlyUnixListener`, with its file's identity, so
+/// that whoever removes the file at the end removes this socket and not a later one at the path.
+public struct OwnerOnlyUnixListener: ~Copyable {
+    public var socket: Descriptor
+    public let inode: (device: UInt, inode: UInt)
+
+    /// The listening socket, kept once the file's identity has been read.
+    public consuming func takeSocket() -> Descriptor { socket }
 }

@@ -30,30 +30,9 @@ final class UnixSocketListener: Sendable {
     init(path: String, name: String, refusal: @escaping @Sendable (String) -> String = { $0 + "\n" },
          serve: @escaping @Sendable (MonitorSocket) -> Void) throws {
         self.path = path
-        let address = try Descriptor.unixAddress(path)
-        var existing = stat()
-        if lstat(path, &existing) == 0 {
-            guard existing.st_mode & S_IFMT == S_IFSOCK else {
-                throw SystemError("refusing to replace \(path), which is not a socket", errno: EEXIST)
-            }
-            // ENOENT: someone else removed it first, which is as good.
-            if unlink(path) != 0, errno != ENOENT { throw SystemError("unlink stale socket \(path)") }
-        }
-        let socket = try Descriptor.streamSocket(AF_UNIX, what: path)
-        try socket.bind(to: address, what: path)
-        // bind(2) creates the file with the process umask (under umask 000, anyone may connect).
-        // Narrowed before listen(2): until then a connect fails (ECONNREFUSED), so no one gets in
-        // through the wider mode. Changing the umask instead would race with every other thread
-        // that creates a file.
-        _ = try syscallValue("chmod(\(path), 0600)") { chmod(path, 0o600) }
-        var bound = stat()
-        _ = try syscallValue("stat \(path)") { lstat(path, &bound) }
-        guard bound.st_mode & S_IFMT == S_IFSOCK, bound.st_mode & 0o777 == 0o600 else {
-            throw SystemError("\(path) changed while the monitor socket was being created there", errno: EEXIST)
-        }
-        inode = (UInt(bound.st_dev), UInt(bound.st_ino))
-        try socket.listen(backlog: 16, what: path)
-        listening = Mutex(socket)
+        let bound = try Descriptor.ownerOnlyUnixListener(at: path)
+        inode = bound.inode
+        listening = Mutex(bound.takeSocket())
         state.update { $0.running += 1 }
         startDetachedThread("\(name) accept") { [self] in
             self.acceptLoop(name: name, refusal: refusal, serve: serve)

@@ -12,21 +12,7 @@ struct UffdHandlerListener: ~Copyable {
     /// Listens at `path`, replacing a socket left there by a handler that died.
     init(path: String) throws {
         self.path = path
-        let address = try Descriptor.unixAddress(path)
-        var existing = stat()
-        if lstat(path, &existing) == 0 {
-            guard existing.st_mode & S_IFMT == S_IFSOCK else {
-                throw SystemError("refusing to replace \(path), which is not a socket", errno: EEXIST)
-            }
-            if unlink(path) != 0, errno != ENOENT { throw SystemError("unlink stale socket \(path)") }
-        }
-        let socket = try Descriptor.streamSocket(AF_UNIX, what: path)
-        try socket.bind(to: address, what: path)
-        // Narrowed before listen(2): until then a connect is refused, so no one gets in through
-        // the umask's wider mode.
-        guard chmod(path, 0o600) == 0 else { throw SystemError("chmod(\(path), 0600)") }
-        try socket.listen(backlog: 16, what: path)
-        self.socket = socket
+        socket = try Descriptor.ownerOnlyUnixListener(at: path).takeSocket()
     }
 
     /// The connecting process's pid when it may be served; nil (logged) when not.
