@@ -8,6 +8,33 @@ public protocol SourceHooks: AnyObject, Sendable {
     func saveDeviceState() -> [UInt8]
 }
 
+/// What the switchover's pause changes in a source's state: a migration's (`SourceState`) or a
+/// snapshot save's.
+protocol PausableSourceState {
+    var status: MigrationStatus { get }
+    var pausedNs: UInt64? { get set }
+    var vcpusPaused: Bool { get set }
+}
+
+extension SourceHooks {
+    /// Pauses the vCPUs for the last pass, unless the migration or save left `active` meanwhile:
+    /// then the guest keeps running here and this throws `cancelled`.
+    func pauseForSwitch<State: PausableSourceState>(_ state: Guarded<State>) throws {
+        guard state.read({ $0.status == .active }) else { throw MigrationError.cancelled }
+        pauseVCPUs()
+        let paused = state.update { s -> Bool in
+            guard s.status == .active else { return false }
+            s.pausedNs = monotonicNanoseconds()
+            s.vcpusPaused = true
+            return true
+        }
+        if !paused {
+            resumeVCPUs()
+            throw MigrationError.cancelled
+        }
+    }
+}
+
 public protocol DestinationHooks: AnyObject, Sendable {
     /// Restores the device state sent by the source; throws when it is not acceptable.
     func restoreDeviceState(_ bytes: [UInt8]) throws

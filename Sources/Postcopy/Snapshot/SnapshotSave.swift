@@ -32,7 +32,7 @@ public final class SnapshotSave: @unchecked Sendable {
     /// Pages written per pwrite at most (1 MiB of 4 KiB pages).
     static let maxRun = 256
 
-    struct State {
+    struct State: PausableSourceState {
         var status = MigrationStatus.setup
         var startNs = monotonicNanoseconds()
         var setupNs: UInt64?
@@ -207,18 +207,7 @@ public final class SnapshotSave: @unchecked Sendable {
 
     private func pauseVCPUs() throws {
         guard let hooks else { throw MigrationError.hostGone }
-        guard status == .active else { throw MigrationError.cancelled }
-        hooks.pauseVCPUs()
-        let paused = state.update { s -> Bool in
-            guard s.status == .active else { return false }
-            s.pausedNs = monotonicNanoseconds()
-            s.vcpusPaused = true
-            return true
-        }
-        if !paused {
-            hooks.resumeVCPUs()
-            throw MigrationError.cancelled
-        }
+        try hooks.pauseForSwitch(state)
     }
 
     private func fail(_ error: any Error) {

@@ -191,15 +191,8 @@ extension OutgoingMigration {
     /// pending; returns how many that is. The size is checked against this guest's before a
     /// byte of it is read.
     private func receiveBitmap(on main: Channel, by deadline: Deadline) throws -> Int {
-        let scratch = UnsafeMutableRawPointer.allocate(byteCount: Channel.maxMessageBytes, alignment: 16)
-        defer { scratch.deallocate() }
-        guard let header = try main.readHeader(scratch: scratch, idle: deadline) else {
-            throw ProtocolError.stalled("the destination's received bitmap", seconds: deadline.seconds)
-        }
-        switch header.kind {
-        case .receivedBitmap: break
-        case .error: throw ProtocolError.peer(try main.readErrorMessage(header, scratch: scratch))
-        default: throw ProtocolError.unexpectedFrame(header.kind, while: "waiting for the destination's received bitmap")
+        let header = try main.readAnswer(.receivedBitmap, by: deadline, what: "the destination's received bitmap") { message, _ in
+            ProtocolError.peer(message)
         }
         let words = pending.wordCount64
         guard header.argument == UInt64(memory.pageCount), Int(header.count) == words * 8 else {

@@ -81,18 +81,7 @@ extension OutgoingMigration {
     /// guest keeps running here and this throws).
     func pauseVCPUs() throws {
         guard let hooks else { throw MigrationError.hostGone }
-        guard state.read({ $0.status == .active }) else { throw MigrationError.cancelled }
-        hooks.pauseVCPUs()
-        let paused = state.update { s -> Bool in
-            guard s.status == .active else { return false }
-            s.pausedNs = monotonicNanoseconds()
-            s.vcpusPaused = true
-            return true
-        }
-        if !paused {
-            hooks.resumeVCPUs()
-            throw MigrationError.cancelled
-        }
+        try hooks.pauseForSwitch(state)
     }
 
     /// Sends the device state and "run". Marked as sent before the write: from the first byte

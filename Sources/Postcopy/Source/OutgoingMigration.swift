@@ -243,17 +243,8 @@ public final class OutgoingMigration: @unchecked Sendable {
         hello.multifdChannels = settings.multifd ? settings.multifdChannels : 0
         try main.writeHandshake(hello)
         // The destination accepts or explains why not.
-        let scratch = UnsafeMutableRawPointer.allocate(byteCount: Channel.maxMessageBytes, alignment: 16)
-        defer { scratch.deallocate() }
-        guard let reply = try main.readHeader(scratch: scratch, idle: deadline) else {
-            throw ProtocolError.stalled("the destination's answer to the handshake", seconds: deadline.seconds)
-        }
-        switch reply.kind {
-        case .helloAck: break
-        case .error:
-            let message = try main.readErrorMessage(reply, scratch: scratch)
-            throw resuming && reply.argument == FrameHeader.neverRan ? MigrationError.notRunByPeer(message) : MigrationError.refusedByPeer(message)
-        default: throw ProtocolError.unexpectedFrame(reply.kind, while: "waiting for the handshake reply")
+        _ = try main.readAnswer(.helloAck, by: deadline, what: "the destination's answer to the handshake") { message, reply in
+            resuming && reply.argument == FrameHeader.neverRan ? MigrationError.notRunByPeer(message) : MigrationError.refusedByPeer(message)
         }
         if resuming {
             try state.update { s in guard s.transition(to: .postcopyRecover) else { throw MigrationError.cancelled } }

@@ -1,7 +1,7 @@
 /// Where the source's migration stands: its status, who runs the guest, and the times and
 /// figures `info()` reports. Changed only under `OutgoingMigration.state`'s lock, and the
 /// status only through `transition(to:)`, so the legal moves are all in this file.
-struct SourceState {
+struct SourceState: PausableSourceState {
     private(set) var status = MigrationStatus.setup
     var handover = Handover.notSent
     var startNs: UInt64 = monotonicNanoseconds()

@@ -173,6 +173,21 @@ public final class Channel: @unchecked Sendable {
         }
     }
 
+    /// Reads the one frame the peer owes now, of kind `expected`, by `deadline` (`what` names it
+    /// in errors), and returns its header (its payload, if any, is the caller's to read). An
+    /// error frame instead throws `refusal(message, header)`; any other kind is a protocol error.
+    public func readAnswer(_ expected: FrameKind, by deadline: Deadline, what: String,
+                           refusal: (String, FrameHeader) -> any Error) throws -> FrameHeader {
+        try withUnsafeTemporaryAllocation(byteCount: Self.maxMessageBytes, alignment: 16) { scratch in
+            guard let header = try readHeader(scratch: scratch.baseAddress!, idle: deadline) else {
+                throw ProtocolError.stalled(what, seconds: deadline.seconds)
+            }
+            if header.kind == expected { return header }
+            if header.kind == .error { throw refusal(try readErrorMessage(header, scratch: scratch.baseAddress!), header) }
+            throw ProtocolError.unexpectedFrame(header.kind, while: "waiting for \(what)")
+        }
+    }
+
     /// Reads the message of an error frame whose header was just read; `scratch` holds at least
     /// `maxMessageBytes`. A longer message is a protocol error, not a read past the frame.
     public func readErrorMessage(_ header: FrameHeader, scratch: UnsafeMutableRawPointer) throws -> String {
