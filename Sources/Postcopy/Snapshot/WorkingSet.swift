@@ -37,14 +37,18 @@ final class WorkingSetRecorder: @unchecked Sendable {
         var bytes = Array(WorkingSet.magic.utf8)
         for field in [UInt64(pageSize), UInt64(capacity), UInt64(count)] { withUnsafeBytes(of: field.littleEndian) { bytes += $0 } }
         for i in 0..<count { withUnsafeBytes(of: pages[i].littleEndian) { bytes += $0 } }
-        let fd = Descriptor(adopting: try syscallValue("open \(path)") { open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644) })
+        // Written whole under another name, then renamed over `path`: a reader (or a process
+        // killed mid-write) never sees a record cut short under its real name.
+        let partial = path + ".partial"
+        let fd = Descriptor(adopting: try syscallValue("open \(partial)") { open(partial, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644) })
         var done = 0
         while done < bytes.count {
             done += try bytes.withUnsafeBytes { raw in
-                try fd.write(UnsafeRawBufferPointer(rebasing: raw[done...]), what: "working set \(path)")
+                try fd.write(UnsafeRawBufferPointer(rebasing: raw[done...]), what: "working set \(partial)")
             }
         }
-        _ = try syscallValue("fsync(\(path))") { fsync(fd.rawValue) }
+        _ = try syscallValue("fsync(\(partial))") { fsync(fd.rawValue) }
+        _ = try syscallValue("rename(\(partial), \(path))") { rename(partial, path) }
     }
 }
 
