@@ -31,6 +31,12 @@ int cpc_memfd_create(const char *name, unsigned int flags) { return (int)syscall
 void *cpc_mremap_fixed(void *old_address, size_t size, void *new_address) {
     return mremap(old_address, size, size, MREMAP_MAYMOVE | MREMAP_FIXED, new_address);
 }
+#ifndef MREMAP_DONTUNMAP
+#define MREMAP_DONTUNMAP 4
+#endif
+void *cpc_mremap_dontunmap(void *old_address, size_t size) {
+    return mremap(old_address, size, size, MREMAP_MAYMOVE | MREMAP_DONTUNMAP);
+}
 int cpc_punch_hole(int fd, int64_t offset, int64_t length) { return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length); }
 
 int cpc_accept_cloexec(int fd) { return accept4(fd, NULL, NULL, SOCK_CLOEXEC); }

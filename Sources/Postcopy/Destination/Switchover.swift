@@ -78,14 +78,34 @@ extension IncomingMigration {
 
     /// Drops pages that went stale at the source after precopy sent them: they are missing
     /// again, so a vCPU touching one faults and asks for the current content. This runs while
-    /// the guest is paused on both sides. MADV_DONTNEED frees ~256 MiB per 25 ms here, so when
-    /// most of the memory went stale, everything is moved aside at once instead, the pages still
-    /// good are moved back (UFFDIO_MOVE, no copy), and the rest is freed after the guest runs.
+    /// the guest is paused on both sides, so it is downtime. MADV_DONTNEED frees ~256 MiB per
+    /// 25-60 ms here, so on anonymous memory the large runs move aside instead (page tables
+    /// only, the range stays registered and empty) and are freed after the guest runs; only
+    /// small runs are freed in place. When most of the memory went stale in small runs,
+    /// everything is moved aside at once and the pages still good are moved back (UFFDIO_MOVE).
     private func applyDiscards(_ ranges: [(first: Int, count: Int)], uffd: UserfaultFD) throws {
-        let stale = ranges.reduce(0) { $0 + $1.count }
         let pageSize = memory.pageSize
-        guard memory.backing == .anonymous, stale * 2 > memory.pageCount else {
+        guard memory.backing == .anonymous else {
             for range in ranges { try memory.discard(offset: range.first * pageSize, length: range.count * pageSize) }
+            return
+        }
+        // Each run moved aside splits the guest's VMA: at most `maxRunsMovedAside` of them.
+        let large = ranges.filter { $0.count >= Self.largeRunPages }.prefix(Self.maxRunsMovedAside)
+        let stale = ranges.reduce(0) { $0 + $1.count }
+        let staleInSmallRuns = stale - large.reduce(0) { $0 + $1.count }
+        guard staleInSmallRuns * 2 > memory.pageCount else {
+            var moved: [(address: UnsafeMutableRawPointer, length: Int)] = []
+            defer { freeLater(moved) }
+            for range in ranges {
+                let offset = range.first * pageSize, length = range.count * pageSize
+                // A run that cannot move (no memory for another VMA) is freed in place instead.
+                if range.count >= Self.largeRunPages, moved.count < Self.maxRunsMovedAside,
+                   let aside = try? memory.moveAside(offset: offset, length: length) {
+                    moved.append((aside, length))
+                } else {
+                    try memory.discard(offset: offset, length: length)
+                }
+            }
             return
         }
         let aside = try memory.moveContentsAside()
@@ -109,12 +129,20 @@ extension IncomingMigration {
             }
             p = end
         }
-        let size = memory.size
+        freeLater([(UnsafeMutableRawPointer(bitPattern: aside)!, memory.size)])
+    }
+
+    /// A run shorter than this (4 MiB of 4 KiB pages) is freed in place with MADV_DONTNEED.
+    static let largeRunPages = 1024
+    static let maxRunsMovedAside = 256
+
+    /// Unmaps stale pages moved aside on a thread of their own, off the downtime.
+    private func freeLater(_ mappings: [(address: UnsafeMutableRawPointer, length: Int)]) {
+        guard !mappings.isEmpty else { return }
+        let addresses = mappings.map { (UInt(bitPattern: $0.address), $0.length) }
         let free: @Sendable () -> Void = {
-            do {
-                _ = try syscallValue("munmap(stale pages)") { munmap(UnsafeMutableRawPointer(bitPattern: aside), size) }
-            } catch {
-                Log.destination.error("could not free the stale pages moved aside: \(error)")
+            for (address, length) in addresses {
+                GuestMemory.unmap(UnsafeMutableRawPointer(bitPattern: address)!, length, what: "stale guest pages moved aside")
             }
         }
         do {
