@@ -145,7 +145,9 @@ gdt_desc:
     static let timerSource = """
 # A boot-sector guest that takes timer interrupts while it sweeps memory, for migration tests
 # of the interrupt controllers, the PIT and a vCPU halted between interrupts.
-# It stays in real mode: it hooks vector 0x08 in the IVT (the PIC as the BIOS left it),
+# It sets up COM1 (115200 8N1), A20 through the keyboard controller and port 0x92, and reads
+# the RTC and port 0x61, as a boot sector of the BIOS era does; it polls COM1's line status
+# before each byte. It stays in real mode: it hooks vector 0x08 in the IVT (the PIC as the BIOS left it),
 # programs the PIT's channel 0 at 1 kHz, and reaches memory above 1 MiB through FS with a
 # 4 GiB limit ("unreal" mode). Each pass increments the first byte of every 4 KiB page from
 # 1 MiB up to END, 256 pages per timer tick: after each 256 it halts until the next interrupt.
@@ -168,9 +170,33 @@ _start:
   mov %eax, %cr0
   xor %ax, %ax
   mov %ax, %fs
-  inb $0x92, %al          # fast A20 gate
+  mov $0x3fb, %dx         # COM1: open the divisor latch, divisor 1, then 8 data bits, no parity
+  mov $0x80, %al
+  outb %al, %dx
+  mov $0x3f8, %dx
+  mov $1, %al
+  outb %al, %dx
+  inc %dx
+  xor %al, %al
+  outb %al, %dx
+  mov $0x3fb, %dx
+  mov $0x03, %al
+  outb %al, %dx
+  call kbc_ready          # A20 through the keyboard controller's output port
+  mov $0xd1, %al
+  outb %al, $0x64
+  call kbc_ready
+  mov $0xdf, %al
+  outb %al, $0x60
+  call kbc_ready
+  inb $0x92, %al          # and through the fast A20 gate
   orb $2, %al
   outb %al, $0x92
+  outb %al, $0x80         # a POST code: the classic I/O delay
+  xor %al, %al            # the RTC's seconds
+  outb %al, $0x70
+  inb $0x71, %al
+  inb $0x61, %al          # system control port B: the refresh toggle
   movw $tick, 0x08 * 4    # IVT: the timer's vector
   movw $0, 0x08 * 4 + 2
   mov $0x34, %al          # PIT channel 0: low then high byte, mode 2, 1193182 Hz / 1193
@@ -193,9 +219,8 @@ page:
   hlt                     # until the next tick
   jmp chunk
 done:
-  mov $0x3f8, %dx
   mov $'B', %al
-  outb %al, %dx
+  call putc
   mov ticks, %eax
   mov $8, %cx
 digit:
@@ -207,12 +232,28 @@ digit:
   jbe 1f
   add $('a' - '9' - 1), %al
 1:
-  outb %al, %dx
+  call putc
   pop %eax
   loop digit
   mov $10, %al            # newline
-  outb %al, %dx
+  call putc
   jmp pass
+putc:                     # AL to COM1, once its transmitter is empty
+  push %ax
+  mov $0x3fd, %dx
+2:
+  inb %dx, %al
+  test $0x20, %al
+  jz 2b
+  pop %ax
+  mov $0x3f8, %dx
+  outb %al, %dx
+  ret
+kbc_ready:                # until the keyboard controller's input buffer is empty
+  inb $0x64, %al
+  test $0x02, %al
+  jnz kbc_ready
+  ret
 tick:
   incl %cs:ticks
   push %ax
