@@ -101,7 +101,8 @@ final class LegacyPorts: @unchecked Sendable {
         case 0x70: r.cmosIndex = value & 0x7f  // bit 7 masks NMIs, which this VM never raises
         case 0x71:
             switch r.cmosIndex {
-            case 0x00...0x09, 0x0c, 0x0d, 0x32: break  // the clock follows the host; status C and D are read-only
+            case let i where Self.clockRegisters.contains(i): break  // the clock follows the host
+            case 0x0c, 0x0d: break  // status C and D are read-only
             case 0x0a: r.cmos[0x0a] = value & 0x7f  // bit 7 (update in progress) is read-only
             default: r.cmos[Int(r.cmosIndex)] = value
             }
@@ -179,40 +180,34 @@ final class LegacyPorts: @unchecked Sendable {
         r.kbcStatus |= 0x01
     }
 
+    /// The clock registers: the host's UTC time, in the format status B asks for.
+    private static let clockRegisters: Set<UInt8> = [0x00, 0x02, 0x04, 0x06, 0x07, 0x08, 0x09, 0x32]
+
     private func cmosRead(_ r: inout Registers) -> UInt8 {
-        let index = Int(r.cmosIndex)
-        switch index {
-        case 0x00...0x09, 0x32:
-            var now = time(nil)
-            var t = tm()
-            gmtime_r(&now, &t)
-            let value: Int32 = switch index {
-            case 0x00: t.tm_sec
-            case 0x02: t.tm_min
-            case 0x04: t.tm_hour
-            case 0x06: t.tm_wday + 1
-            case 0x07: t.tm_mday
-            case 0x08: t.tm_mon + 1
-            case 0x09: t.tm_year % 100
-            case 0x32: (t.tm_year + 1900) / 100
-            default: Int32(r.cmos[index])  // the alarm registers
-            }
-            let binary = r.cmos[0x0b] & 0x04 != 0
-            if index == 0x04, r.cmos[0x0b] & 0x02 == 0 {  // 12-hour mode: 1-12, bit 7 for p.m.
-                let pm: UInt8 = value >= 12 ? 0x80 : 0
-                let hour = value % 12 == 0 ? 12 : value % 12
-                return pm | (binary ? UInt8(hour) : Self.bcd(hour))
-            }
-            return index == 0x01 || index == 0x03 || index == 0x05 ? UInt8(value) : (binary ? UInt8(value) : Self.bcd(value))
-        case 0x0c:
+        let index = r.cmosIndex
+        if index == 0x0c {
             defer { r.cmos[0x0c] = 0 }  // reading status C acknowledges the RTC's interrupt flags
             return r.cmos[0x0c]
-        default:
-            return r.cmos[index]
+        }
+        guard Self.clockRegisters.contains(index) else { return r.cmos[Int(index)] }
+        var now = time(nil)
+        var t = tm()
+        gmtime_r(&now, &t)
+        let binary = r.cmos[0x0b] & 0x04 != 0, twelveHour = r.cmos[0x0b] & 0x02 == 0
+        func encode(_ v: Int32) -> UInt8 { binary ? UInt8(v) : UInt8((v / 10) << 4 | v % 10) }
+        switch index {
+        case 0x00: return encode(t.tm_sec)
+        case 0x02: return encode(t.tm_min)
+        case 0x04 where twelveHour:  // 1-12, bit 7 for p.m.
+            return (t.tm_hour >= 12 ? 0x80 : 0) | encode(t.tm_hour % 12 == 0 ? 12 : t.tm_hour % 12)
+        case 0x04: return encode(t.tm_hour)
+        case 0x06: return encode(t.tm_wday + 1)
+        case 0x07: return encode(t.tm_mday)
+        case 0x08: return encode(t.tm_mon + 1)
+        case 0x09: return encode(t.tm_year % 100)
+        default: return encode((t.tm_year + 1900) / 100)
         }
     }
-
-    private static func bcd(_ value: Int32) -> UInt8 { UInt8((value / 10) << 4 | value % 10) }
 
     // MARK: device state
 
