@@ -63,9 +63,11 @@ final class KVMMachine: @unchecked Sendable {
     }
 
     /// SYSENTER_CS/ESP/EIP, STAR, LSTAR, CSTAR, FMASK, KERNEL_GS_BASE, TSC_AUX, PAT,
-    /// MISC_ENABLE, TSC (EFER and APIC_BASE travel in the special registers).
+    /// MISC_ENABLE, TSC, then TSC_DEADLINE (an armed local APIC timer in TSC-deadline mode:
+    /// set after the TSC it counts against and the LAPIC that holds the mode). EFER and
+    /// APIC_BASE travel in the special registers.
     static let usualMSRs: [UInt32] = [0x174, 0x175, 0x176, 0xc000_0081, 0xc000_0082, 0xc000_0083, 0xc000_0084,
-                                       0xc000_0102, 0xc000_0103, 0x277, 0x1a0, 0x10]
+                                       0xc000_0102, 0xc000_0103, 0x277, 0x1a0, 0x10, 0x6e0]
 
     // MARK: KVM's dirty log (for comparison with the library's tracker: `postcopy bench vm-dirty`)
 
