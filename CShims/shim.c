@@ -108,6 +108,11 @@ int cpc_kvm_set_user_memory_region(int vm, uint32_t slot, uint32_t flags, uint64
 
 int cpc_kvm_set_tss_addr(int vm, unsigned long address) { return ioctl(vm, KVM_SET_TSS_ADDR, address); }
 int cpc_kvm_create_irqchip(int vm) { return ioctl(vm, KVM_CREATE_IRQCHIP, 0); }
+
+int cpc_kvm_create_pit2(int vm, uint32_t flags) {
+    struct kvm_pit_config config = { .flags = flags };
+    return ioctl(vm, KVM_CREATE_PIT2, &config);
+}
 int cpc_kvm_create_vcpu(int vm, int index) { return ioctl(vm, KVM_CREATE_VCPU, (unsigned long)index); }
 
 int cpc_kvm_set_supported_cpuid(int kvm, int vcpu) {
@@ -195,6 +200,34 @@ int cpc_kvm_state(int vcpu, enum cpc_kvm_state part, void *buffer, int set) {
     return ioctl(vcpu, set ? put[part] : get[part], buffer);
 }
 
+size_t cpc_kvm_vm_state_size(enum cpc_kvm_vm_state part) {
+    switch (part) {
+    case CPC_KVM_PIC_MASTER: case CPC_KVM_PIC_SLAVE: case CPC_KVM_IOAPIC: return sizeof(struct kvm_irqchip);
+    case CPC_KVM_PIT2: return sizeof(struct kvm_pit_state2);
+    case CPC_KVM_CLOCK: return sizeof(struct kvm_clock_data);
+    default: return 0;
+    }
+}
+
+int cpc_kvm_vm_state(int vm, enum cpc_kvm_vm_state part, void *buffer, int set) {
+    switch (part) {
+    case CPC_KVM_PIC_MASTER: case CPC_KVM_PIC_SLAVE: case CPC_KVM_IOAPIC:
+        if (!set) ((struct kvm_irqchip *)buffer)->chip_id = (uint32_t)part;
+        return ioctl(vm, set ? KVM_SET_IRQCHIP : KVM_GET_IRQCHIP, buffer);
+    case CPC_KVM_PIT2:
+        return ioctl(vm, set ? KVM_SET_PIT2 : KVM_GET_PIT2, buffer);
+    case CPC_KVM_CLOCK:
+        if (set) {
+            struct kvm_clock_data clock = { .clock = ((const struct kvm_clock_data *)buffer)->clock };
+            return ioctl(vm, KVM_SET_CLOCK, &clock);
+        }
+        return ioctl(vm, KVM_GET_CLOCK, buffer);
+    default:
+        errno = EINVAL;
+        return -1;
+    }
+}
+
 uint32_t cpc_kvm_run_exit_reason(const struct kvm_run *run) { return run->exit_reason; }
 void cpc_kvm_run_io(const struct kvm_run *run, uint8_t *direction, uint8_t *size, uint16_t *port, uint32_t *count, uint64_t *data_offset) {
     *direction = run->io.direction;
@@ -204,6 +237,11 @@ void cpc_kvm_run_io(const struct kvm_run *run, uint8_t *direction, uint8_t *size
     *data_offset = run->io.data_offset;
 }
 uint64_t cpc_kvm_run_fail_entry_reason(const struct kvm_run *run) { return run->fail_entry.hardware_entry_failure_reason; }
+void cpc_kvm_run_mmio(const struct kvm_run *run, uint64_t *address, uint32_t *length, uint8_t *is_write) {
+    *address = run->mmio.phys_addr;
+    *length = run->mmio.len;
+    *is_write = run->mmio.is_write;
+}
 uint32_t cpc_kvm_run_internal_suberror(const struct kvm_run *run) { return run->internal.suberror; }
 void cpc_kvm_run_set_immediate_exit(struct kvm_run *run, uint8_t value) { __atomic_store_n(&run->immediate_exit, value, __ATOMIC_SEQ_CST); }
 

@@ -161,6 +161,9 @@ int cpc_kvm_set_user_memory_region(int vm, uint32_t slot, uint32_t flags, uint64
 int cpc_kvm_set_tss_addr(int vm, unsigned long address);
 /// KVM_CREATE_IRQCHIP: the in-kernel PIC, IOAPIC and local APICs (KVM_GET_LAPIC needs them).
 int cpc_kvm_create_irqchip(int vm);
+/// KVM_CREATE_PIT2 (after the irqchip): the in-kernel i8254 at ports 0x40-0x43; with
+/// KVM_PIT_SPEAKER_DUMMY in flags, port 0x61 too (PIT channel 2 gate and output, refresh bit).
+int cpc_kvm_create_pit2(int vm, uint32_t flags);
 /// KVM_CREATE_VCPU: the vCPU descriptor, or -1 and errno.
 int cpc_kvm_create_vcpu(int vm, int index);
 /// KVM_GET_SUPPORTED_CPUID then KVM_SET_CPUID2 on the vCPU (kvm_cpuid2 ends in a flexible array).
@@ -190,10 +193,29 @@ size_t cpc_kvm_state_size(enum cpc_kvm_state part);
 /// KVM_GET_* (set = 0) or KVM_SET_* (set = 1) of one part: 0, or -1 and errno.
 int cpc_kvm_state(int vcpu, enum cpc_kvm_state part, void *buffer, int set);
 
+/// The VM's in-kernel devices that migrate: the three irqchips (each a whole struct kvm_irqchip,
+/// chip_id included), the PIT (struct kvm_pit_state2) and the KVM clock (struct kvm_clock_data).
+enum cpc_kvm_vm_state {
+    CPC_KVM_PIC_MASTER, CPC_KVM_PIC_SLAVE, CPC_KVM_IOAPIC, CPC_KVM_PIT2, CPC_KVM_CLOCK,
+    CPC_KVM_VM_STATE_COUNT
+};
+_Static_assert(CPC_KVM_PIC_MASTER == KVM_IRQCHIP_PIC_MASTER && CPC_KVM_PIC_SLAVE == KVM_IRQCHIP_PIC_SLAVE
+               && CPC_KVM_IOAPIC == KVM_IRQCHIP_IOAPIC, "the irqchip parts are numbered as KVM's chip ids");
+_Static_assert(sizeof(struct kvm_irqchip) == 520, "kvm_irqchip is 520 bytes");
+_Static_assert(sizeof(struct kvm_pit_state2) == 112, "kvm_pit_state2 is 112 bytes");
+_Static_assert(sizeof(struct kvm_clock_data) == 48, "kvm_clock_data is 48 bytes");
+/// The size of one VM-level part (its kernel struct).
+size_t cpc_kvm_vm_state_size(enum cpc_kvm_vm_state part);
+/// KVM_GET_IRQCHIP/PIT2/CLOCK (set = 0) or KVM_SET_* (set = 1) of one part on the VM fd: 0, or
+/// -1 and errno. A get fills chip_id itself; a KVM_SET_CLOCK passes the clock alone (flags 0):
+/// the guest's clock goes on from where the source stopped it, as QEMU's kvmclock does.
+int cpc_kvm_vm_state(int vm, enum cpc_kvm_vm_state part, void *buffer, int set);
+
 /// kvm_run keeps its exit data in an anonymous union; these read and write the fields the host uses.
 uint32_t cpc_kvm_run_exit_reason(const struct kvm_run *run);
 void cpc_kvm_run_io(const struct kvm_run *run, uint8_t *direction, uint8_t *size, uint16_t *port, uint32_t *count, uint64_t *data_offset);
 uint64_t cpc_kvm_run_fail_entry_reason(const struct kvm_run *run);
+void cpc_kvm_run_mmio(const struct kvm_run *run, uint64_t *address, uint32_t *length, uint8_t *is_write);
 uint32_t cpc_kvm_run_internal_suberror(const struct kvm_run *run);
 void cpc_kvm_run_set_immediate_exit(struct kvm_run *run, uint8_t value);
 

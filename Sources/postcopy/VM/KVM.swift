@@ -2,7 +2,8 @@ import CPostcopy
 import Glibc
 import Postcopy
 
-/// One KVM virtual machine: /dev/kvm, the VM, and guest RAM as memory slot 0 at guest-physical 0.
+/// One KVM virtual machine: /dev/kvm, the VM, its in-kernel PICs, IOAPIC, local APICs and PIT,
+/// and guest RAM as memory slot 0 at guest-physical 0.
 /// The RAM is the library's `GuestMemory`: KVM maps the guest's pages from this process's mapping,
 /// so what the runtime places there (or the kernel's userfault path waits for) is what the guest sees.
 final class KVMMachine: @unchecked Sendable {
@@ -35,6 +36,10 @@ final class KVMMachine: @unchecked Sendable {
             // Intel VMX runs real mode through a TSS in guest-physical space: above any RAM we give.
             try kvmCall("KVM_SET_TSS_ADDR") { cpc_kvm_set_tss_addr(vm, 0xfffb_d000) }
             try kvmCall("KVM_CREATE_IRQCHIP") { cpc_kvm_create_irqchip(vm) }
+            // The PIT QEMU's pc machine has at 0x40-0x43, in the kernel as QEMU puts it under KVM.
+            // KVM_PIT_SPEAKER_DUMMY adds port 0x61 (PIT channel 2's gate and output, the refresh
+            // bit delay loops poll), which QEMU answers in its own pcspk device.
+            try kvmCall("KVM_CREATE_PIT2") { cpc_kvm_create_pit2(vm, UInt32(KVM_PIT_SPEAKER_DUMMY)) }
             try kvmCall("KVM_SET_USER_MEMORY_REGION(\(memory.size) bytes)") {
                 cpc_kvm_set_user_memory_region(vm, Self.memorySlot, 0, 0, UInt64(memory.size), UInt64(memory.base))
             }
@@ -58,9 +63,11 @@ final class KVMMachine: @unchecked Sendable {
     }
 
     /// SYSENTER_CS/ESP/EIP, STAR, LSTAR, CSTAR, FMASK, KERNEL_GS_BASE, TSC_AUX, PAT,
-    /// MISC_ENABLE, TSC (EFER and APIC_BASE travel in the special registers).
+    /// MISC_ENABLE, TSC, then TSC_DEADLINE (an armed local APIC timer in TSC-deadline mode:
+    /// set after the TSC it counts against and the LAPIC that holds the mode). EFER and
+    /// APIC_BASE travel in the special registers.
     static let usualMSRs: [UInt32] = [0x174, 0x175, 0x176, 0xc000_0081, 0xc000_0082, 0xc000_0083, 0xc000_0084,
-                                       0xc000_0102, 0xc000_0103, 0x277, 0x1a0, 0x10]
+                                       0xc000_0102, 0xc000_0103, 0x277, 0x1a0, 0x10, 0x6e0]
 
     // MARK: KVM's dirty log (for comparison with the library's tracker: `postcopy bench vm-dirty`)
 

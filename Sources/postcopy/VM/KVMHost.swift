@@ -11,34 +11,25 @@ final class KVMHost: MigratableHost, @unchecked Sendable {
     let machine: KVMMachine
     var memory: GuestMemory { machine.memory }
     let vcpus: [VCPU]
-    private let serialFD: Int32
+    /// COM1, the RTC, the keyboard controller, ports 0x80 and 0x92: what KVM leaves to us.
+    let ports: LegacyPorts
     private let logger = Logger(label: "postcopy.vm")
 
     /// Run state, pauses and autostart, shared with `postcopy host`; checked by every vCPU
     /// before it enters the guest.
     let run: VCPURunControl
     /// Bytes the guest wrote to COM1 (one per pass for the test guests), for benchmarks.
-    let serialBytes = AtomicCounter()
-    /// Port 0x92 (fast A20 gate): remembered as written, so the guest reads back what it set.
-    private let systemControlPort = AtomicCounter(0)
+    var serialBytes: AtomicCounter { ports.serialBytes }
 
-    /// Where `STOP` and `RESUME` go (the controller's bus); set before the monitors start.
-
-    /// Where a BIOS loads the boot sector and jumps to, in real mode.
-    static let bootAddress = 0x7c00
-
-    /// A source boots `image`; a destination (`incoming`) leaves RAM untouched, for the pages
-    /// come from the source, and parks its vCPUs until the switchover.
+    /// A source boots `image` as SeaBIOS would (`Firmware`); a destination (`incoming`) leaves
+    /// RAM and devices untouched, for they come from the source, and parks its vCPUs until the
+    /// switchover.
     init(memory: GuestMemory, vcpuCount: Int, image: [UInt8], serialPath: String?, incoming: Bool) throws {
         let machine = try KVMMachine(memory: memory)
         self.machine = machine
         vcpus = try (0..<vcpuCount).map { try VCPU(machine: machine, index: $0) }
-        if !incoming {
-            try machine.load(image: image, at: Self.bootAddress)
-            for vcpu in vcpus { try vcpu.resetToRealMode(at: UInt64(Self.bootAddress)) }
-        }
-        serialFD = serialPath.map { open($0, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644) } ?? -1
-        if serialPath != nil, serialFD < 0 { throw SystemError("open(\(serialPath!))") }
+        if !incoming { try Firmware.boot(image, machine: machine, vcpus: vcpus) }
+        ports = try LegacyPorts(serialPath: serialPath, memorySize: memory.size, vcpuCount: vcpuCount)
         run = VCPURunControl(vcpuCount: vcpuCount, incoming: incoming)
         _ = cpc_kvm_install_kick_handler(VCPU.kickSignal)
         for vcpu in vcpus {
@@ -70,7 +61,7 @@ final class KVMHost: MigratableHost, @unchecked Sendable {
                 case .interrupted:
                     continue
                 case let .io(port, out, size, count, data):
-                    try portIO(port: port, out: out, size: size, count: count, data: data)
+                    try ports.access(port: port, out: out, size: size, count: count, data: data)
                 case .halt:
                     // Only without an in-kernel APIC; nothing can wake this guest but a stop.
                     run.waitForPauseRequest()
@@ -81,23 +72,6 @@ final class KVMHost: MigratableHost, @unchecked Sendable {
                 logger.critical("\(error)")
                 Glibc.exit(1)
             }
-        }
-    }
-
-    /// COM1 (0x3f8-0x3ff): bytes written to its data register go to --serial; its line status
-    /// says the transmitter is always empty. Port 0x92: A20 gate, remembered. Nothing else.
-    private func portIO(port: UInt16, out: Bool, size: Int, count: Int, data: UnsafeMutableRawPointer) throws {
-        switch port {
-        case 0x3f8 where out:
-            serialBytes.add(UInt64(size * count))
-            if serialFD >= 0 { _ = write(serialFD, data, size * count) }
-        case 0x3f9...0x3ff:
-            if !out { data.initializeMemory(as: UInt8.self, repeating: port == 0x3fd ? 0x60 : 0, count: size * count) }
-        case 0x92:
-            if out { systemControlPort.store(UInt64(data.load(as: UInt8.self))) }
-            else { data.initializeMemory(as: UInt8.self, repeating: UInt8(truncatingIfNeeded: systemControlPort.value), count: size * count) }
-        default:
-            throw KVMError("KVM_EXIT_IO: \(out ? "out to" : "in from") port \(hex(port)) (\(size) bytes), which this VM does not have")
         }
     }
 
@@ -128,21 +102,21 @@ final class KVMHost: MigratableHost, @unchecked Sendable {
     func saveDeviceState() -> [UInt8] {
         do {
             let start = monotonicNanoseconds()
-            let state = try ArchitecturalState.save(vcpus: vcpus, memorySize: memory.size, msrs: machine.migratableMSRs)
-            logger.debug("vCPU state: \(state.count) bytes saved in \((monotonicNanoseconds() - start) / 1000) µs")
+            let state = try VMState.save(machine: machine, ports: ports, vcpus: vcpus)
+            logger.debug("device state: \(state.count) bytes saved in \((monotonicNanoseconds() - start) / 1000) µs")
             return state
         } catch {
             // An empty state is refused by the destination, which fails the migration there
             // with this log line's reason on the source.
-            logger.error("saving the vCPUs' state: \(error)")
+            logger.error("saving the device state: \(error)")
             return []
         }
     }
 
     func restoreDeviceState(_ bytes: [UInt8]) throws {
         let start = monotonicNanoseconds()
-        try ArchitecturalState.restore(bytes, vcpus: vcpus, memorySize: memory.size, msrs: machine.migratableMSRs)
-        logger.debug("vCPU state: \(bytes.count) bytes restored in \((monotonicNanoseconds() - start) / 1000) µs")
+        try VMState.restore(bytes, machine: machine, ports: ports, vcpus: vcpus)
+        logger.debug("device state: \(bytes.count) bytes restored in \((monotonicNanoseconds() - start) / 1000) µs")
     }
 
     // MARK: host commands

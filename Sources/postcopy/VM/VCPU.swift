@@ -37,19 +37,6 @@ final class VCPU: @unchecked Sendable {
         close(fd)
     }
 
-    /// Real mode at 0000:`address`, as a BIOS leaves the CPU when it jumps to a boot sector.
-    func resetToRealMode(at address: UInt64) throws {
-        var sregs = kvm_sregs()
-        try kvmCall("KVM_GET_SREGS") { cpc_kvm_state(fd, CPC_KVM_SREGS, &sregs, 0) }
-        sregs.cs.base = 0
-        sregs.cs.selector = 0
-        try kvmCall("KVM_SET_SREGS") { cpc_kvm_state(fd, CPC_KVM_SREGS, &sregs, 1) }
-        var regs = kvm_regs()
-        regs.rip = address
-        regs.rflags = 0x2  // bit 1 is always set
-        try kvmCall("KVM_SET_REGS") { cpc_kvm_state(fd, CPC_KVM_REGS, &regs, 1) }
-    }
-
     /// What one KVM_RUN came back with.
     enum Exit {
         /// A kick (signal or immediate_exit), or KVM_EXIT_INTR.
@@ -77,6 +64,10 @@ final class VCPU: @unchecked Sendable {
         case KVM_EXIT_INTR: return .interrupted
         case KVM_EXIT_FAIL_ENTRY:
             return .unexpected("KVM_EXIT_FAIL_ENTRY (hardware entry failure reason \(cpc_kvm_run_fail_entry_reason(run)))")
+        case KVM_EXIT_MMIO:
+            var address: UInt64 = 0, length: UInt32 = 0, write: UInt8 = 0
+            cpc_kvm_run_mmio(run, &address, &length, &write)
+            return .unexpected("KVM_EXIT_MMIO (\(write != 0 ? "write to" : "read of") \(length) bytes at \(hex(address)), outside RAM and the APICs)")
         case KVM_EXIT_INTERNAL_ERROR:
             return .unexpected("KVM_EXIT_INTERNAL_ERROR (suberror \(cpc_kvm_run_internal_suberror(run)))")
         default:

@@ -10,8 +10,10 @@ struct VMCommand: ParsableCommand {
         commandName: "vm",
         abstract: "Run a KVM guest from a boot-sector image, migratable over QMP and HMP like QEMU.",
         discussion: """
-        The image is loaded at guest-physical 0x7c00 and the vCPUs start there in real mode, as after a BIOS.
-        The guest has RAM from address 0, COM1 (port 0x3f8, to --serial) and the A20 gate (port 0x92).
+        The image is loaded at guest-physical 0x7c00 and the vCPUs start there in real mode, as SeaBIOS leaves
+        them under QEMU: PICs at vectors 0x08/0x70, the PIT ticking at 18.2 Hz into a BIOS timer handler, interrupts on.
+        The guest has RAM from address 0, KVM's PICs, IOAPIC, local APICs and PIT (0x40-0x43, 0x61), COM1 (0x3f8-0x3ff,
+        output to --serial), the RTC and CMOS (0x70-0x71), the keyboard controller (0x60, 0x64; A20), ports 0x80 and 0x92.
         As a source:      postcopy vm --memory 1000M --boot linear.img --qmp /tmp/src.qmp --serial /tmp/src.serial
         As a destination: postcopy vm --memory 1000M --boot linear.img --qmp /tmp/dst.qmp --incoming tcp:127.0.0.1:4444
         Host commands: x-check-memory (QEMU's migration-test check of the linear guest), x-memory-digest (SHA-256 of RAM).
@@ -52,7 +54,7 @@ struct VMCommand: ParsableCommand {
         guard vcpus >= 1, vcpus <= 64 else { throw ValidationError("--vcpus must be between 1 and 64") }
         let size = try parseSize(memory)
         guard size <= 3000 << 20 else { throw ValidationError("--memory \(memory): the 32-bit boot-sector guests address at most 3000M here") }
-        guard size > KVMHost.bootAddress + 512 else { throw ValidationError("--memory \(memory) does not reach past the boot sector at 0x7c00") }
+        guard size >= 1 << 20 else { throw ValidationError("--memory \(memory): at least 1M, for the BIOS area below 1 MiB is RAM here") }
         if backing == .hugetlb, size % GuestMemory.hugePageSize != 0 {
             throw ValidationError("--memory \(memory) is not a multiple of 2 MiB: hugetlb guest memory is made of 2 MiB pages")
         }
@@ -78,7 +80,7 @@ struct VMCommand: ParsableCommand {
         var image = [UInt8](repeating: 0, count: 64 << 10)
         let n = read(fd, &image, image.count)
         guard n > 0 else { throw ValidationError("--boot \(path) is empty or unreadable") }
-        guard n <= 0x7_0000 - KVMHost.bootAddress else { throw ValidationError("--boot \(path) is larger than a boot image may be") }
+        guard n <= 0x7_0000 - Firmware.bootAddress else { throw ValidationError("--boot \(path) is larger than a boot image may be") }
         return Array(image[..<n])
     }
 }

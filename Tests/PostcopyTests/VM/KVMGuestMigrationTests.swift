@@ -17,7 +17,7 @@ struct KVMGuestMigrationTests {
         return (src, dst)
     }
 
-    static func expectLinearRAMConsistent(_ vm: VMProcess) throws {
+    static func expectLinearRAMConsistent(_ vm: VMProcess, memoryMiB: Int = memoryMiB) throws {
         try vm.qmp.execute("stop")
         let check = try vm.qmp.execute("x-check-memory")
         #expect(check["ok"]?.boolValue == true, "\(vm.role) x-check-memory: \(check.jsonText)")
