@@ -11,12 +11,15 @@ import Synchronization
 /// waiting for the socket happens outside it, so a reader waiting for bytes never holds a
 /// writer back. The lock is held for one record's encryption or decryption at most.
 ///
+/// Public for tools that carry a byte stream under TLS as a real peer would (the fuzzer's
+/// recording proxy and replayer): a channel makes its own with `Channel.secure`.
+///
 /// Hot path: this file allocates nothing per frame. Reads copy decrypted records into the
 /// caller's buffer. A frame's header travels in one record with the start of its payload
 /// (`write`), not in a record and a syscall of its own. OpenSSL 3.0 itself mallocs about twice
 /// per 16 KiB record received and four times per record sent (Benchmarks/e2e/malloc_per_page.sh
 /// with TLS objects: 139k mallocs for 1000 MiB received, 323k sent; 111 and 1761 in plaintext).
-final class TLSSession: @unchecked Sendable {
+public final class TLSSession: @unchecked Sendable {
     private let ssl: OpaquePointer
     private let fd: Int32
     private let lock = Mutex(())
@@ -46,7 +49,7 @@ final class TLSSession: @unchecked Sendable {
     /// Runs the handshake on a connected socket, as `credentials.endpoint` says, within
     /// `handshakeSeconds`. A client with x509 credentials checks the server's certificate
     /// against `expectedHost` (a DNS name or an IP address).
-    static func handshake(fd: Int32, credentials: TLSCredentials, expectedHost: String?, peer: String) throws -> TLSSession {
+    public static func handshake(fd: Int32, credentials: TLSCredentials, expectedHost: String?, peer: String) throws -> TLSSession {
         let deadline = monotonicNanoseconds() + UInt64(handshakeSeconds) * 1_000_000_000
         let flags = try syscallValue("fcntl(F_GETFL)") { fcntl(fd, F_GETFL) }
         _ = try syscallValue("fcntl(F_SETFL, O_NONBLOCK)") { fcntl(fd, F_SETFL, flags | O_NONBLOCK) }
@@ -101,7 +104,7 @@ final class TLSSession: @unchecked Sendable {
     /// One read of up to `count` bytes (all of them when `whole`) by `deadline`: the bytes
     /// read, 0 at the peer's close, nil when the deadline passed first. What OpenSSL already
     /// decrypted is returned before any wait, so a poll never sleeps on data it holds.
-    func receive(_ buffer: UnsafeMutableRawPointer, _ count: Int, until deadline: Deadline, whole: Bool,
+    public func receive(_ buffer: UnsafeMutableRawPointer, _ count: Int, until deadline: Deadline, whole: Bool,
                  what: () -> String) throws -> Int? {
         var done = 0
         while done < count {
@@ -133,7 +136,7 @@ final class TLSSession: @unchecked Sendable {
     /// The header goes in one record with the start of the payload (copied: one record's worth,
     /// not the whole frame), the rest straight from the caller's buffer: a 64 KiB frame is the
     /// same five records as if it were copied whole, and a small frame is one record.
-    func write(_ first: UnsafeRawPointer, _ firstLength: Int, _ second: UnsafeRawPointer?, _ secondLength: Int,
+    public func write(_ first: UnsafeRawPointer, _ firstLength: Int, _ second: UnsafeRawPointer?, _ secondLength: Int,
                until deadline: Deadline) throws {
         guard let second, secondLength > 0 else { return try writeAll(first, firstLength, until: deadline) }
         let head = min(secondLength, Self.coalesceBytes - firstLength)
