@@ -15,6 +15,11 @@ SSL_CTX *cpc_tls_context_new(int is_server) {
         return NULL;
     }
     SSL_CTX_set_mode(ctx, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    // Read ahead into a buffer of four whole records: one recv takes in several records of a
+    // streaming peer, where OpenSSL would otherwise make two per record (its 5-byte header,
+    // then its body). SSL_read still hands out what it holds before it asks the socket.
+    SSL_CTX_set_read_ahead(ctx, 1);
+    SSL_CTX_set_default_read_buffer_len(ctx, 4 * (SSL3_RT_HEADER_LENGTH + SSL3_RT_MAX_PLAIN_LENGTH + SSL3_RT_MAX_ENCRYPTED_OVERHEAD));
     // A peer that closes without close_notify is an EOF like any other: the frames say whether
     // the stream was whole.
     SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET | SSL_OP_IGNORE_UNEXPECTED_EOF);

@@ -14,8 +14,11 @@ odd.
   python3 Benchmarks/e2e/tls_cost.py --binary .build/release/postcopy --runs 3 --memory 1000M
 
 Prints one line per migration, then per mode the median and range of the source's total time
-and throughput (QEMU's mbps: bytes sent * 8 / total time), the ratios TLS / plaintext, and a
-JSON summary as the last line. Exits non-zero if a migration failed or a memory check did not
+and throughput (QEMU's mbps: bytes sent * 8 / total time) and the CPU time both hosts spent
+on the migration outside their vCPU threads (senders, receivers, fault thread, request server),
+the ratios TLS / plaintext, and a JSON summary as the last line. With --before BINARY, every
+run also migrates with that build, both ways, so a change is measured against its base in
+the same run. Exits non-zero if a migration failed or a memory check did not
 come out ok; that run's host logs are kept and their path printed.
 """
 import argparse
@@ -87,6 +90,28 @@ class Monitor:
         self.sock.close()
 
 
+def cpu_ticks(stat_path):
+    """(thread or process name, user + system ticks) from a /proc stat file."""
+    with open(stat_path) as f:
+        stat = f.read()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return stat[stat.index("(") + 1:stat.rindex(")")], int(fields[11]) + int(fields[12])
+
+
+def non_vcpu_cpu_seconds(pid):
+    """CPU time of a host so far, minus its vCPU threads' (which live as long as the host;
+    the migration threads that ended are still counted in the process's total)."""
+    _, total = cpu_ticks(f"/proc/{pid}/stat")
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            name, ticks = cpu_ticks(f"/proc/{pid}/task/{task}/stat")
+        except OSError:
+            continue
+        if name.startswith("vcpu"):
+            total -= ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def migrate(binary, tls, args):
     """One migration; returns the source's figures."""
     work = tempfile.mkdtemp(prefix="tls-cost-")
@@ -125,6 +150,7 @@ def migrate(binary, tls, args):
             if tls:
                 side("migrate-set-parameters", **{"tls-creds": "tls0"})
         src("migrate-set-parameters", **{"max-bandwidth": 100 << 30})
+        cpu_before = sum(non_vcpu_cpu_seconds(host.pid) for host in hosts)
         src("migrate", uri=f"tcp:127.0.0.1:{port}")
         time.sleep(args.precopy_seconds)
         src("migrate-start-postcopy")
@@ -143,6 +169,7 @@ def migrate(binary, tls, args):
             if time.monotonic() > deadline:
                 raise RunFailed("the destination did not complete within 60 s of the source")
             time.sleep(0.05)
+        cpu = sum(non_vcpu_cpu_seconds(host.pid) for host in hosts) - cpu_before
         dst("stop")
         check = dst("x-check-memory")
         if not check.get("ok"):
@@ -152,7 +179,7 @@ def migrate(binary, tls, args):
         failed = False
         ram = info["ram"]
         return {"total_ms": info["total-time"], "mbps": ram["mbps"], "transferred_mib": ram["transferred"] / 2**20,
-                "memory_check": "ok"}
+                "cpu_s": cpu, "memory_check": "ok"}
     finally:
         for host in hosts:
             host.terminate()
@@ -181,32 +208,40 @@ def main():
     ap.add_argument("--multifd-channels", type=int, default=2)
     ap.add_argument("--precopy-seconds", type=float, default=1.0)
     ap.add_argument("--preempt", action="store_true", help="also postcopy-preempt (the urgent channel)")
+    ap.add_argument("--before", metavar="BINARY", help="also migrate with this build (the base of a change), in the same runs")
     args = ap.parse_args()
 
     print(f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
-    results = {"plaintext": [], "tls": []}
+    builds = [("", args.binary)] + ([("before ", args.before)] if args.before else [])
+    modes = [(f"{label}{'tls' if tls else 'plaintext'}", binary, tls) for label, binary in builds for tls in (False, True)]
+    results = {mode: [] for mode, _, _ in modes}
     for run in range(args.runs):
-        order = [False, True] if run % 2 == 0 else [True, False]
-        for tls in order:
-            mode = "tls" if tls else "plaintext"
+        # Plaintext first in even runs, TLS first in odd ones (and the builds likewise).
+        order = modes if run % 2 == 0 else list(reversed(modes))
+        for mode, binary, tls in order:
             try:
-                r = migrate(args.binary, tls, args)
+                r = migrate(binary, tls, args)
             except RunFailed as error:
                 print(f"run {run + 1} {mode}: FAILED: {error}")
                 sys.exit(1)
             results[mode].append(r)
-            print(f"run {run + 1} {mode:9}: total {r['total_ms']:6d} ms, {r['mbps']:7.0f} mbps, "
-                  f"{r['transferred_mib']:6.0f} MiB sent, memory check: {r['memory_check']}", flush=True)
+            print(f"run {run + 1} {mode:16}: total {r['total_ms']:6d} ms, {r['mbps']:7.0f} mbps, "
+                  f"{r['transferred_mib']:6.0f} MiB sent, {r['cpu_s']:5.2f} CPU s outside vCPUs, "
+                  f"memory check: {r['memory_check']}", flush=True)
     out = {"memory": args.memory, "runs": args.runs, "preempt": args.preempt,
            "multifd_channels": args.multifd_channels, "precopy_seconds": args.precopy_seconds}
     for mode, runs in results.items():
-        out[mode] = {"total_ms": summary([r["total_ms"] for r in runs]), "mbps": summary([r["mbps"] for r in runs])}
-        t, m = out[mode]["total_ms"], out[mode]["mbps"]
-        print(f"{mode:9}: total {t['median']:.0f} ms ({t['min']}-{t['max']}), "
-              f"{m['median']:.0f} mbps ({m['min']:.0f}-{m['max']:.0f})")
-    out["throughput_ratio"] = out["tls"]["mbps"]["median"] / out["plaintext"]["mbps"]["median"]
-    out["time_ratio"] = out["tls"]["total_ms"]["median"] / out["plaintext"]["total_ms"]["median"]
-    print(f"TLS / plaintext: throughput {out['throughput_ratio']:.2f}x, total time {out['time_ratio']:.2f}x")
+        out[mode] = {key: summary([r[key] for r in runs]) for key in ("total_ms", "mbps", "cpu_s", "transferred_mib")}
+        t, m, c = out[mode]["total_ms"], out[mode]["mbps"], out[mode]["cpu_s"]
+        print(f"{mode:16}: total {t['median']:.0f} ms ({t['min']}-{t['max']}), "
+              f"{m['median']:.0f} mbps ({m['min']:.0f}-{m['max']:.0f}), "
+              f"{c['median']:.2f} CPU s outside vCPUs ({c['min']:.2f}-{c['max']:.2f})")
+    for label, _ in builds:
+        tls, plain = out[f"{label}tls"], out[f"{label}plaintext"]
+        ratios = {"throughput": tls["mbps"]["median"] / plain["mbps"]["median"],
+                  "total_time": tls["total_ms"]["median"] / plain["total_ms"]["median"]}
+        out[f"{label}ratio"] = ratios
+        print(f"{label}TLS / plaintext: throughput {ratios['throughput']:.2f}x, total time {ratios['total_time']:.2f}x")
     print(json.dumps(out))
 
 

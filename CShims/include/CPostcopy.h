@@ -207,9 +207,10 @@ int cpc_kvm_install_kick_handler(int signal);
 #include <openssl/x509v3.h>
 
 /// A context that speaks TLS 1.3 only, as a server (is_server != 0) or a client, issues no
-/// session tickets (every connection authenticates afresh), prefers AES-128-GCM and lets a
-/// write that would block be retried from a moved buffer. NULL when OpenSSL cannot allocate it.
-/// Why: SSL_CTX_set_min/max_proto_version and SSL_CTX_set_mode are macros.
+/// session tickets (every connection authenticates afresh), prefers AES-128-GCM, reads ahead
+/// (several records per recv) and lets a write that would block be retried from a moved
+/// buffer. NULL when OpenSSL cannot allocate it.
+/// Why: SSL_CTX_set_min/max_proto_version, SSL_CTX_set_mode and SSL_CTX_set_read_ahead are macros.
 SSL_CTX *cpc_tls_context_new(int is_server);
 
 /// Attaches a connected socket to ssl through a BIO that sends with MSG_NOSIGNAL and reports

@@ -15,8 +15,9 @@ import Synchronization
 /// recording proxy and replayer): a channel makes its own with `Channel.secure`.
 ///
 /// Hot path: this file allocates nothing per frame. Reads copy decrypted records into the
-/// caller's buffer. A frame's header travels in one record with the start of its payload
-/// (`write`), not in a record and a syscall of its own. OpenSSL 3.0 itself mallocs about twice
+/// caller's buffer; the context reads ahead, so one recv takes in several records. A frame
+/// goes out in as few full records as its length allows (`write`), its payload's whole
+/// records straight from the caller's buffer. OpenSSL 3.0 itself mallocs about twice
 /// per 16 KiB record received and four times per record sent (Benchmarks/e2e/malloc_per_page.sh
 /// with TLS objects: 139k mallocs for 1000 MiB received, 323k sent; 111 and 1761 in plaintext).
 public final class TLSSession: @unchecked Sendable {
@@ -25,11 +26,11 @@ public final class TLSSession: @unchecked Sendable {
     private let lock = Mutex(())
     /// Keeps the credentials (and their context's callbacks) alive as long as the session.
     let credentials: TLSCredentials
-    /// A frame's header and the start of its payload, encrypted as one record; used under the
-    /// channel's write lock.
+    /// A frame's header and the part of its payload that does not fill a record, encrypted as
+    /// one record; used under the channel's write lock.
     private let coalesce: UnsafeMutableRawPointer
     /// TLS's largest record (16 KiB of plaintext).
-    static let coalesceBytes = 16 << 10
+    static let recordBytes = 16 << 10
 
     /// How long a TLS handshake may take in all, as QEMU's migration gives its handshakes.
     static let handshakeSeconds = 10
@@ -38,7 +39,7 @@ public final class TLSSession: @unchecked Sendable {
         self.ssl = ssl
         self.fd = fd
         self.credentials = credentials
-        coalesce = .allocate(byteCount: Self.coalesceBytes, alignment: 64)
+        coalesce = .allocate(byteCount: Self.recordBytes, alignment: 64)
     }
 
     deinit {
@@ -133,16 +134,25 @@ public final class TLSSession: @unchecked Sendable {
     /// Writes `first` then `second` (a header and its payload); called under the channel's
     /// write lock. Waits for the peer to read until `deadline` (the channel's frame deadline).
     ///
-    /// The header goes in one record with the start of the payload (copied: one record's worth,
-    /// not the whole frame), the rest straight from the caller's buffer: a 64 KiB frame is the
-    /// same five records as if it were copied whole, and a small frame is one record.
+    /// The payload's whole 16 KiB records go straight from the caller's buffer (OpenSSL cuts
+    /// a long write into full records); the header goes in one record with the start of the
+    /// payload that would not fill one (copied), or alone when that does not fit beside it. So
+    /// a frame takes the fewest records its length allows, and no more than 16 KiB is copied:
+    /// a 4 KiB page frame is one record, a 64 KiB frame the header's record and four full ones
+    /// with nothing copied (copying the payload's first 16 KiB in with the header instead, as
+    /// before, made the same five records, the last one of 16 bytes).
     public func write(_ first: UnsafeRawPointer, _ firstLength: Int, _ second: UnsafeRawPointer?, _ secondLength: Int,
-               until deadline: Deadline) throws {
+                      until deadline: Deadline) throws {
         guard let second, secondLength > 0 else { return try writeAll(first, firstLength, until: deadline) }
-        let head = min(secondLength, Self.coalesceBytes - firstLength)
-        coalesce.copyMemory(from: first, byteCount: firstLength)
-        (coalesce + firstLength).copyMemory(from: second, byteCount: head)
-        try writeAll(coalesce, firstLength + head, until: deadline)
+        let partial = secondLength % Self.recordBytes
+        let head = firstLength + partial <= Self.recordBytes ? partial : 0
+        if firstLength + head <= Self.recordBytes {
+            coalesce.copyMemory(from: first, byteCount: firstLength)
+            (coalesce + firstLength).copyMemory(from: second, byteCount: head)
+            try writeAll(coalesce, firstLength + head, until: deadline)
+        } else {
+            try writeAll(first, firstLength, until: deadline)   // a header longer than a record: not one of ours
+        }
         if head < secondLength { try writeAll(second + head, secondLength - head, until: deadline) }
     }
 
