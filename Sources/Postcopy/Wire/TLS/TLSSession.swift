@@ -141,11 +141,21 @@ public final class TLSSession: @unchecked Sendable {
     /// a 4 KiB page frame is one record, a 64 KiB frame the header's record and four full ones
     /// with nothing copied (copying the payload's first 16 KiB in with the header instead, as
     /// before, made the same five records, the last one of 16 bytes).
+    ///
+    /// Every record but the frame's last leaves with MSG_MORE (the socket BIO counts them down),
+    /// so the kernel sends the frame as one and the peer wakes once for it.
     public func write(_ first: UnsafeRawPointer, _ firstLength: Int, _ second: UnsafeRawPointer?, _ secondLength: Int,
                       until deadline: Deadline) throws {
-        guard let second, secondLength > 0 else { return try writeAll(first, firstLength, until: deadline) }
+        let secondLength = second == nil ? 0 : secondLength
         let partial = secondLength % Self.recordBytes
         let head = firstLength + partial <= Self.recordBytes ? partial : 0
+        _ = lock.withLock { _ in cpc_tls_expect_writes(ssl, Self.onWire(firstLength + head) + Self.onWire(secondLength - head)) }
+        defer {
+            // Not every expected byte left (a write failed, or OpenSSL wrote other than
+            // counted): what MSG_MORE held back must not wait for the next frame.
+            if lock.withLock({ _ in cpc_tls_expect_writes(ssl, 0) }) != 0 { pushPendingBytes() }
+        }
+        guard let second, secondLength > 0 else { return try writeAll(first, firstLength, until: deadline) }
         if firstLength + head <= Self.recordBytes {
             coalesce.copyMemory(from: first, byteCount: firstLength)
             (coalesce + firstLength).copyMemory(from: second, byteCount: head)
@@ -154,6 +164,18 @@ public final class TLSSession: @unchecked Sendable {
             try writeAll(first, firstLength, until: deadline)   // a header longer than a record: not one of ours
         }
         if head < secondLength { try writeAll(second + head, secondLength - head, until: deadline) }
+    }
+
+    /// TLS 1.3's bytes on the wire for `plaintext` bytes written at once: each record of up to
+    /// 16 KiB adds a 5-byte header, its 1-byte content type and a 16-byte AEAD tag.
+    private static func onWire(_ plaintext: Int) -> Int {
+        plaintext == 0 ? 0 : plaintext + (plaintext + recordBytes - 1) / recordBytes * 22
+    }
+
+    /// Sends what MSG_MORE left in the socket (setting TCP_NODELAY pushes pending output).
+    private func pushPendingBytes() {
+        var on: Int32 = 1
+        _ = try? syscallValue("setsockopt(TCP_NODELAY)") { setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &on, socklen_t(MemoryLayout<Int32>.size)) }
     }
 
     private func writeAll(_ bytes: UnsafeRawPointer, _ length: Int, until deadline: Deadline) throws {
