@@ -232,16 +232,24 @@ int cpc_kvm_install_kick_handler(int signal);
 #include <openssl/x509v3.h>
 
 /// A context that speaks TLS 1.3 only, as a server (is_server != 0) or a client, issues no
-/// session tickets (every connection authenticates afresh), prefers AES-128-GCM and lets a
-/// write that would block be retried from a moved buffer. NULL when OpenSSL cannot allocate it.
-/// Why: SSL_CTX_set_min/max_proto_version and SSL_CTX_set_mode are macros.
+/// session tickets (every connection authenticates afresh), prefers AES-128-GCM, reads ahead
+/// (several records per recv) and lets a write that would block be retried from a moved
+/// buffer. NULL when OpenSSL cannot allocate it.
+/// Why: SSL_CTX_set_min/max_proto_version, SSL_CTX_set_mode and SSL_CTX_set_read_ahead are macros.
 SSL_CTX *cpc_tls_context_new(int is_server);
 
-/// Attaches a connected socket to ssl through a BIO that sends with MSG_NOSIGNAL and reports
-/// EAGAIN as "retry" (the socket is non-blocking). 1 on success, 0 when OpenSSL cannot allocate.
+/// Attaches a connected socket to ssl through a BIO that sends with MSG_NOSIGNAL (and MSG_MORE
+/// as cpc_tls_expect_writes says) and reports EAGAIN as "retry" (the socket is non-blocking).
+/// 1 on success, 0 when OpenSSL cannot allocate.
 /// Why: OpenSSL's socket BIO writes with write(2), whose SIGPIPE would kill the host when the
 /// peer has gone; the retry flags it must set (BIO_set_retry_*) are macros.
 int cpc_tls_set_socket(SSL *ssl, int fd);
+
+/// Tells ssl's socket BIO that `bytes` of records are about to be written (a frame's); every
+/// record but the last of them goes out with MSG_MORE. Returns the count left from the previous
+/// call: 0 when its last record went out without MSG_MORE, else the caller must push the
+/// socket's pending bytes itself. Why: the BIO's state is C (see cpc_tls_set_socket).
+size_t cpc_tls_expect_writes(SSL *ssl, size_t bytes);
 
 /// The peer certificate's subject as RFC 2253 text ("CN=client,O=Example,C=GB", the form of
 /// QEMU's authz-simple identities) into buf, NUL-terminated; its length, or -1 when the peer

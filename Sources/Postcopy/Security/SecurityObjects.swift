@@ -91,7 +91,7 @@ public final class SecurityObjects: Sendable {
     }
 
     /// The credentials `tls-creds` names.
-    func tlsCredentials(_ id: String) throws -> TLSCredentials {
+    public func tlsCredentials(_ id: String) throws -> TLSCredentials {
         guard case .tlsCredentials(let credentials)? = objects.withLock({ $0[id] }) else {
             throw MigrationError.invalidSetting("No TLS credentials with id '\(id)' (add them with object-add tls-creds-psk or tls-creds-x509)")
         }

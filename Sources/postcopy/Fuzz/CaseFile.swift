@@ -2,9 +2,11 @@ import Foundation
 import Postcopy
 
 /// A replay case on disk, so that a finding can be replayed (`postcopy fuzz --replay FILE`)
-/// and kept as a regression test. Little-endian: "PCFZ", version 1, page size (u64), page
-/// count (u64), name (u32 length + UTF-8), steps (u32), then each step as tag (u8: 0 open,
-/// 1 send, 2 await), connection (u16), unit or frame kind (u8), length or count (u32), bytes.
+/// and kept as a regression test. Little-endian: "PCFZ", version 2, page size (u64), page
+/// count (u64), transport (u8: 0 plain, 1 tls, 2 wrong key, 3 no TLS; absent in version 1,
+/// which is plain), name (u32 length + UTF-8), steps (u32), then each step as tag (u8: 0
+/// open, 1 send, 2 await), connection (u16), unit or frame kind (u8), length or count (u32),
+/// bytes.
 enum CaseFile {
     static let magic = Array("PCFZ".utf8)
 
@@ -13,9 +15,10 @@ enum CaseFile {
         func put<T: FixedWidthInteger>(_ value: T) {
             for k in 0..<MemoryLayout<T>.size { out.append(UInt8(truncatingIfNeeded: value >> (8 * k))) }
         }
-        put(UInt32(1))
+        put(UInt32(2))
         put(UInt64(replayCase.pageSize))
         put(UInt64(replayCase.pageCount))
+        put(replayCase.transport.code)
         put(UInt32(replayCase.name.utf8.count))
         out += replayCase.name.utf8
         put(UInt32(replayCase.steps.count))
@@ -49,9 +52,17 @@ enum CaseFile {
             defer { offset += n }
             return Array(bytes[offset..<(offset + n)])
         }
-        guard try take(4) == magic, try get(UInt32.self) == 1 else { throw FuzzError("\(path) is not a fuzz case (PCFZ version 1)") }
+        guard try take(4) == magic else { throw FuzzError("\(path) is not a fuzz case (PCFZ)") }
+        let version = try get(UInt32.self)
+        guard version == 1 || version == 2 else { throw FuzzError("\(path) is PCFZ version \(version); this build reads 1 and 2") }
         let pageSize = Int(try get(UInt64.self))
         let pageCount = Int(try get(UInt64.self))
+        var transport = ReplayCase.Transport.plain
+        if version >= 2 {
+            let code = try get(UInt8.self)
+            guard let t = ReplayCase.Transport(code: code) else { throw FuzzError("\(path): transport \(code)") }
+            transport = t
+        }
         let name = String(decoding: try take(Int(try get(UInt32.self))), as: UTF8.self)
         var steps: [ReplayCase.Step] = []
         for _ in 0..<(try get(UInt32.self)) {
@@ -70,7 +81,23 @@ enum CaseFile {
             default: throw FuzzError("\(path): step tag \(tag) at byte \(offset)")
             }
         }
-        return ReplayCase(name: name, pageSize: pageSize, pageCount: pageCount, steps: steps)
+        return ReplayCase(name: name, pageSize: pageSize, pageCount: pageCount, transport: transport, steps: steps)
+    }
+}
+
+extension ReplayCase.Transport {
+    var code: UInt8 {
+        switch self {
+        case .plain: 0
+        case .tls: 1
+        case .wrongKey: 2
+        case .noTLS: 3
+        }
+    }
+
+    init?(code: UInt8) {
+        guard let transport = Self.allCases.first(where: { $0.code == code }) else { return nil }
+        self = transport
     }
 }
 

@@ -6,7 +6,9 @@ import Postcopy
 /// reused destination host; afterwards the destination must be alive, its monitor must answer
 /// `query-status` and `query-migrate` within 1 s, and, unless its guest ran, it must be back
 /// to listening within the deadline (a probe source gets `hello-ack`) with its memory
-/// untouched (`x-check-memory`: every page counter 0, ok).
+/// untouched (`x-check-memory`: every page counter 0, ok). With `keys` the destination
+/// requires TLS: a case with its key must meet the same oracle, and a case with a wrong key
+/// or none must be refused before the destination answers its handshake.
 final class FuzzCampaign {
     /// What a case came to: the two expected outcomes, then the findings.
     enum Verdict: String, Codable, CaseIterable {
@@ -24,6 +26,9 @@ final class FuzzCampaign {
         case memory
         /// Refused without saying why: no error frame before the close, or no `error-desc`.
         case silent
+        /// A source without the destination's key (a wrong one, or no TLS) got `hello-ack`, had
+        /// its stream taken (the guest ran) or changed the memory.
+        case unauthenticated
 
         var isFinding: Bool { self != .refused && self != .accepted }
     }
@@ -33,6 +38,7 @@ final class FuzzCampaign {
         let verdict: Verdict
         let detail: String
         let recording: String
+        let transport: ReplayCase.Transport
         let mutations: [String]
         /// The saved case (`postcopy fuzz --replay PATH`), for the first finding of each kind and detail.
         let reproducer: String?
@@ -43,6 +49,8 @@ final class FuzzCampaign {
     let findingsDirectory: String
     let memory: String
     let vcpus: Int
+    /// The destination requires TLS with these keys' pre-shared key (nil: plaintext).
+    let keys: FuzzKeys?
     /// Seconds a refused stream may hold the port once every connection is closed.
     var deadlineSeconds = 2.0
     var restartEvery = 50
@@ -60,8 +68,10 @@ final class FuzzCampaign {
     /// The main handshake of a real recording with no channel announced: the probe's.
     private let probeHandshake: [UInt8]
 
-    init(executable: String, workDirectory: String, findingsDirectory: String, memory: String, vcpus: Int, probeHandshake: [UInt8]) {
+    init(executable: String, workDirectory: String, findingsDirectory: String, memory: String, vcpus: Int, keys: FuzzKeys?,
+         probeHandshake: [UInt8]) {
         self.executable = executable
+        self.keys = keys
         self.workDirectory = workDirectory
         self.findingsDirectory = findingsDirectory
         self.memory = memory
@@ -82,7 +92,7 @@ final class FuzzCampaign {
         if let destination { return destination }
         port = UInt16(try freePort())
         let host = try FuzzHost(executable: executable, directory: workDirectory, role: "fuzz-dst", memory: memory,
-                                vcpus: vcpus, incomingPort: port)
+                                vcpus: vcpus, incomingPort: port, tlsDirectory: keys?.directory)
         destination = host
         replayer = Replayer(port: port, awaitSeconds: replayer.awaitSeconds, sendSeconds: replayer.sendSeconds, lingerSeconds: replayer.lingerSeconds)
         restarts += 1
@@ -101,27 +111,32 @@ final class FuzzCampaign {
             let path = "\(findingsDirectory)/case-\(number)-\(verdict.rawValue).pcfz"
             try FileManager.default.createDirectory(atPath: findingsDirectory, withIntermediateDirectories: true)
             try CaseFile.write(replayCase, to: path)
-            let notes = ([signature, "recording: \(replayCase.name)"] + mutations.map { "mutation: \($0)" }).joined(separator: "\n")
+            let notes = ([signature, "recording: \(replayCase.name)", "transport: \(replayCase.transport.rawValue)"]
+                + mutations.map { "mutation: \($0)" }).joined(separator: "\n")
             _ = FileManager.default.createFile(atPath: path + ".txt", contents: Data((notes + "\n").utf8))
             // The destination's whole log (a crash's backtrace): the next destination has not started yet.
             try? FileManager.default.copyItem(atPath: "\(workDirectory)/fuzz-dst.log", toPath: path + ".log")
             reproducer = path
         }
         return (verdict, Finding(number: number, verdict: verdict, detail: detail, recording: replayCase.name,
-                                 mutations: mutations, reproducer: reproducer))
+                                 transport: replayCase.transport, mutations: mutations, reproducer: reproducer))
     }
 
     /// Replays one case against the destination and judges it; after anything but a refusal
     /// the destination is stopped, so the next case gets a fresh one.
     func verdict(of replayCase: ReplayCase, number: Int = 0, mutations: [String] = []) throws -> (Verdict, String) {
+        guard replayCase.transport.destinationRequiresTLS == (keys != nil) else {
+            throw FuzzError("a \(replayCase.transport.rawValue) case needs a destination \(keys == nil ? "with" : "without") TLS")
+        }
         let started = Date()
         let host = try startDestination()
         let replayed = Date()
-        let outcome = replayer.replay(replayCase)
+        let outcome = replayer.replay(replayCase, credentials: keys?.credentials(for: replayCase.transport))
         let judged = Date()
         let (verdict, detail) = judge(host, outcome, replayCase, replayStarted: replayed)
         if verdict != .refused { stop() }   // a guest that ran, or a finding: the next case gets a fresh destination
-        trace?(String(format: "case %d %@: start %.2f s, replay %.2f s (%d bytes), judge %.2f s: %@", number, verdict.rawValue,
+        trace?(String(format: "case %d %@ (%@): start %.2f s, replay %.2f s (%d bytes), judge %.2f s: %@", number, verdict.rawValue,
+                      replayCase.transport.rawValue,
                       replayed.timeIntervalSince(started), judged.timeIntervalSince(replayed), outcome.bytesSent,
                       Date().timeIntervalSince(judged), mutations.joined(separator: "; ")))
         return (verdict, detail)
@@ -143,6 +158,10 @@ final class FuzzCampaign {
         } catch {
             return silentMonitor(host, error)
         }
+        let transport = replayCase.transport
+        if !transport.authenticated, outcome.answers.contains(FrameKind.helloAck.rawValue) {
+            return (.unauthenticated, "a source with \(transport.rawValue) got hello-ack (answers: \(outcome.answers))")
+        }
         // Its guest ran (or is being started: `run` was taken, the status is a postcopy one):
         // the stream was taken for a real one. Since the source then vanished, the destination
         // waits paused for it to resume (postcopy recovery) and takes no new migration.
@@ -151,6 +170,9 @@ final class FuzzCampaign {
             // The guest runs the restored vCPU state. A state no real source sent may make it trap
             // within a sweep; the process then prints its backtrace (about 0.5 s) before it exits.
             let grace = replayCase.deviceStates.allSatisfy(realDeviceStates.contains) ? 0.05 : acceptedGraceSeconds
+            guard transport.authenticated else {
+                return (.unauthenticated, "a source with \(transport.rawValue) had its stream taken: run state \(runState), \(migration["status"]?.stringValue ?? "?")")
+            }
             let end = Date().addingTimeInterval(grace)
             while host.isAlive, Date() < end { usleep(5_000) }
             return host.isAlive ? (.accepted, "") : (.crash, "\(host.exitDescription) while its guest ran; log: \(host.crashSummary)")
@@ -194,7 +216,7 @@ final class FuzzCampaign {
             let check = try host.execute("x-check-memory")
             let sum = check["page-counter-sum"]?.intValue ?? -1
             guard check["ok"]?.boolValue == true, sum == 0 else {
-                return (.memory, "after a refused stream: \(check.jsonText)")
+                return (transport.authenticated ? .memory : .unauthenticated, "after a refused \(transport.rawValue) stream: \(check.jsonText)")
             }
         } catch {
             return silentMonitor(host, error)
@@ -221,18 +243,19 @@ final class FuzzCampaign {
     private func probe() -> String? {
         guard let stream = TCPStream.connect(port: port, timeout: deadlineSeconds) else { return "connection refused" }
         defer { stream.shutdown() }
+        if let keys {
+            do { try stream.secure(keys.client, peer: "the destination") } catch { return "TLS: \(error)" }
+        }
         let deadline = monotonicNanoseconds() + UInt64(deadlineSeconds * 1e9)
         guard stream.send(probeHandshake, deadline: deadline) == .sent else { return "the handshake could not be sent" }
         var answer: [UInt8] = []
         var buffer = [UInt8](repeating: 0, count: 4096)
         while answer.count < FrameHeader.size || answer[0] == FrameKind.error.rawValue && answer.count < FrameHeader.size + Int(answer[4]) + Int(answer[5]) << 8 {
-            let now = monotonicNanoseconds()
-            guard now < deadline, stream.poll(Int16(POLLIN), milliseconds: Int32((deadline - now) / 1_000_000 + 1)) else {
+            guard let n = buffer.withUnsafeMutableBytes({ stream.receive(into: $0, by: deadline) }) else {
                 return answer.isEmpty ? "no answer within \(deadlineSeconds) s" : "an incomplete answer"
             }
-            let n = buffer.withUnsafeMutableBytes { recv(stream.fd, $0.baseAddress!, $0.count, Int32(MSG_DONTWAIT)) }
             if n == 0 { return answer.isEmpty ? "closed without an answer" : "closed mid-answer" }
-            if n > 0 { answer += buffer[..<n] }
+            answer += buffer[..<n]
         }
         if answer[0] == FrameKind.helloAck.rawValue { return nil }
         if answer[0] == FrameKind.error.rawValue {

@@ -4,7 +4,8 @@ import Postcopy
 
 /// `postcopy fuzz`: records real migrations, then replays mutated copies of them against a
 /// destination host and reports every case that crashed it, hung its monitor, held its port
-/// or changed its memory without running its guest.
+/// or changed its memory without running its guest; with `--tls`, against a destination that
+/// requires TLS, also every case without its key that it did not refuse.
 struct FuzzCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "fuzz",
@@ -13,6 +14,12 @@ struct FuzzCommand: ParsableCommand {
         Records a precopy (multifd 2), a postcopy (preempt, multifd 2) and a postcopy (main only) migration between two
         hosts through a recording proxy, then mutates and replays them on every channel. Each finding is saved as a case
         file under --out; replay one with --replay FILE.
+
+        With --tls the same migrations run with a pre-shared key on both sides and the proxy ends each TLS session itself,
+        so it records the plaintext inside; the fuzzed destination requires TLS. Mutated streams reach it inside TLS
+        sessions with its key (mutations act on the frames it decrypts and authenticates, not on ciphertext); one case in
+        six is a real stream with a wrong key and one in six a stream without TLS, which it must refuse before it answers
+        the handshake, with its memory untouched.
         """
     )
 
@@ -28,6 +35,8 @@ struct FuzzCommand: ParsableCommand {
     @Flag(help: "With --replay: shrink the case while it keeps its verdict, and save it as FILE.min.pcfz.") var minimize = false
     @Option(help: "Also save the unmutated recordings as case files in this folder (NAME.pcfz).") var saveRecordings: String?
     @Option(help: "Fuzz these saved recordings (a --save-recordings folder) instead of recording new ones: the same folder and seed give the same cases.") var recordings: String?
+    @Flag(help: "Record and fuzz with TLS (PSK) on every channel: a destination that requires TLS; cases with its key, a wrong key, or none.") var tls = false
+    @Option(help: "With --replay: reach the destination this way instead of as the case file says (plain, tls, wrong-key, no-tls).") var transport: ReplayCase.Transport?
     @Flag(help: "Print the report as JSON on stdout.") var json = false
     @Flag(help: "Print each case's verdict, timings and mutations on stderr.") var verbose = false
 
@@ -38,6 +47,8 @@ struct FuzzCommand: ParsableCommand {
         var casesPerSecond = 0.0
         var recordings: [String: Int] = [:]
         var outcomes: [String: Int] = [:]
+        /// The outcomes of each transport's cases (plain, tls, wrong-key, no-tls).
+        var transports: [String: [String: Int]] = [:]
         var destinationStarts = 0
         var findings: [FuzzCampaign.Finding] = []
     }
@@ -50,14 +61,20 @@ struct FuzzCommand: ParsableCommand {
         let out = URL(fileURLWithPath: self.out).path
 
         var seeds: [ReplayCase]
+        let scenarios = tls ? StreamRecorder.Scenario.tls : StreamRecorder.Scenario.plain
+        var keys: FuzzKeys?
         if let replay {
             seeds = [try CaseFile.read(from: replay)]
+            if let transport { seeds[0].transport = transport }
+            if seeds[0].transport.destinationRequiresTLS { keys = try FuzzKeys(in: work) }
         } else if let recordings {
-            seeds = try StreamRecorder.Scenario.all.map { try CaseFile.read(from: "\(recordings)/\($0.name).pcfz") }
+            seeds = try scenarios.map { try CaseFile.read(from: "\(recordings)/\($0.name).pcfz") }
+            if tls { keys = try FuzzKeys(in: work) }
         } else {
-            let recorder = StreamRecorder(executable: executable, directory: work, memory: memory, vcpus: vcpus)
+            if tls { keys = try FuzzKeys(in: work) }
+            let recorder = StreamRecorder(executable: executable, directory: work, memory: memory, vcpus: vcpus, keys: keys)
             seeds = []
-            for scenario in StreamRecorder.Scenario.all {
+            for scenario in scenarios {
                 progress("recording \(scenario.name)...")
                 seeds.append(try recorder.record(scenario).replayCase())
             }
@@ -70,7 +87,7 @@ struct FuzzCommand: ParsableCommand {
             throw FuzzError("no recording starts with a main handshake to probe with")
         }
         let campaign = FuzzCampaign(executable: executable, workDirectory: work, findingsDirectory: out,
-                                    memory: memory, vcpus: vcpus, probeHandshake: probe)
+                                    memory: memory, vcpus: vcpus, keys: keys, probeHandshake: probe)
         defer { campaign.stop() }
         campaign.restartEvery = restartEvery
         campaign.deadlineSeconds = deadline
@@ -101,10 +118,25 @@ struct FuzzCommand: ParsableCommand {
         for number in 0..<total {
             if seconds > 0, Date().timeIntervalSince(started) > seconds { break }
             let original = seeds.randomElement(using: &pick)!
-            let (replayCase, mutations) = replay == nil ? mutator.mutate(original) : (original, ["replay of \(replay!)"])
+            var (replayCase, mutations) = replay == nil ? mutator.mutate(original) : (original, ["replay of \(replay!)"])
+            if replay == nil, tls {
+                // A real source's stream without the key: the whole of it with a wrong key (the
+                // handshake must fail before a byte of it is read), mutated or not without TLS.
+                switch number % 6 {
+                case 1:
+                    (replayCase, mutations) = (original, ["unmutated"])
+                    replayCase.transport = .wrongKey
+                case 4:
+                    if Bool.random(using: &pick) { (replayCase, mutations) = (original, ["unmutated"]) }
+                    replayCase.transport = .noTLS
+                default:
+                    break
+                }
+            }
             let (verdict, finding) = try campaign.run(replayCase, number: number, mutations: mutations)
             report.cases += 1
             report.outcomes[verdict.rawValue, default: 0] += 1
+            report.transports[replayCase.transport.rawValue, default: [:]][verdict.rawValue, default: 0] += 1
             if let finding {
                 report.findings.append(finding)
                 progress("case \(number): \(verdict.rawValue): \(finding.detail)\n  \(mutations.joined(separator: "\n  "))\(finding.reproducer.map { "\n  saved as \($0)" } ?? "")")
@@ -127,6 +159,11 @@ struct FuzzCommand: ParsableCommand {
             for verdict in FuzzCampaign.Verdict.allCases {
                 print("  \(verdict.rawValue): \(report.outcomes[verdict.rawValue] ?? 0)")
             }
+            if tls {
+                for (transport, outcomes) in report.transports.sorted(by: { $0.key < $1.key }) {
+                    print("  \(transport): " + outcomes.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))
+                }
+            }
             for finding in report.findings where finding.reproducer != nil {
                 print("finding (\(finding.verdict.rawValue)) case \(finding.number): \(finding.detail)\n  replay: postcopy fuzz --replay \(finding.reproducer!)")
             }
@@ -137,6 +174,8 @@ struct FuzzCommand: ParsableCommand {
         FileHandle.standardError.write(Data((line + "\n").utf8))
     }
 }
+
+extension ReplayCase.Transport: ExpressibleByArgument {}
 
 extension [ReplayCase.Step] {
     /// The first bytes sent on `connection`.

@@ -11,7 +11,11 @@ final class FuzzHost {
     let logPath: String
     private var client: MonitorClient?
 
-    init(executable: String, directory: String, role: String, memory: String, vcpus: Int, incomingPort: UInt16?) throws {
+    /// With `tlsDirectory` (a `keys.psk` folder) the host gets QEMU's `tls-creds-psk` object
+    /// as a server (with `incomingPort`) or a client, and `tls-creds` names it: every channel
+    /// it takes or opens runs TLS.
+    init(executable: String, directory: String, role: String, memory: String, vcpus: Int, incomingPort: UInt16?,
+         tlsDirectory: String? = nil) throws {
         qmpPath = "\(directory)/\(role).qmp"
         logPath = "\(directory)/\(role).log"
         unlink(qmpPath)
@@ -20,6 +24,9 @@ final class FuzzHost {
         var arguments = ["host", "--memory", memory, "--vcpus", String(vcpus), "--workload", "linear",
                          "--qmp", qmpPath, "--log-level", "warning"]
         if let incomingPort { arguments += ["--incoming", "tcp:127.0.0.1:\(incomingPort)"] }
+        if let tlsDirectory {
+            arguments += ["--object", "tls-creds-psk,id=tls0,endpoint=\(incomingPort == nil ? "client" : "server"),dir=\(tlsDirectory)"]
+        }
         process.arguments = arguments
         process.standardError = FileHandle(forWritingAtPath: logPath)
         process.standardOutput = FileHandle.nullDevice
@@ -32,6 +39,7 @@ final class FuzzHost {
                 usleep(10_000)
             }
         }
+        if tlsDirectory != nil { try execute("migrate-set-parameters", [("tls-creds", .string("tls0"))]) }
     }
 
     deinit { terminate() }

@@ -12,6 +12,8 @@ struct Recording: Sendable {
     var name: String
     var pageSize: Int
     var pageCount: Int
+    /// `.tls` when every channel ran TLS: the events are then the plaintext inside the sessions.
+    var transport: ReplayCase.Transport
     var events: [Event]
 
     func bytes(of connection: Int, toDestination: Bool) -> [UInt8] {
@@ -68,6 +70,6 @@ struct Recording: Sendable {
             }
         }
         for c in 0..<connections { emit(c, upTo: Int.max) }
-        return ReplayCase(name: name, pageSize: pageSize, pageCount: pageCount, steps: steps)
+        return ReplayCase(name: name, pageSize: pageSize, pageCount: pageCount, transport: transport, steps: steps)
     }
 }

@@ -23,9 +23,28 @@ struct ReplayCase: Sendable {
         case await(FrameKind, count: Int)
     }
 
+    /// How the case's connections reach the destination. The steps are always the plaintext
+    /// a source sends: under TLS they travel inside the session, so mutations act on frames
+    /// the destination has decrypted and authenticated, not on ciphertext.
+    enum Transport: String, Sendable, Codable, CaseIterable {
+        /// Plaintext, to a destination without TLS.
+        case plain
+        /// TLS 1.3 with the destination's pre-shared key.
+        case tls
+        /// TLS 1.3 with another key for the same identity, to a destination that requires TLS.
+        case wrongKey = "wrong-key"
+        /// Plaintext, to a destination that requires TLS.
+        case noTLS = "no-tls"
+
+        var destinationRequiresTLS: Bool { self != .plain }
+        /// Whether a destination may take the stream: with the wrong key or none it must refuse.
+        var authenticated: Bool { self == .plain || self == .tls }
+    }
+
     var name: String
     var pageSize: Int
     var pageCount: Int
+    var transport: Transport = .plain
     var steps: [Step]
 
     var connectionCount: Int {

@@ -1,9 +1,10 @@
 import Glibc
 import Postcopy
 
-/// Plays a `ReplayCase` against a destination as its source would: opens the connections,
-/// sends each unit in order, waits (briefly) where the real source waited for an answer, and
-/// reads whatever the destination sends back on every connection.
+/// Plays a `ReplayCase` against a destination as its source would: opens the connections
+/// (each with its own TLS session when given credentials), sends each unit in order, waits
+/// (briefly) where the real source waited for an answer, and reads whatever the destination
+/// sends back on every connection.
 struct Replayer {
     let port: UInt16
     /// How long an await waits for the destination's `hello-ack` or `running`.
@@ -24,12 +25,15 @@ struct Replayer {
         var stalled = false
         /// An await that got no answer within `awaitSeconds`.
         var unansweredAwaits = 0
+        /// Connections whose TLS handshake the destination refused (or never finished).
+        var refusedHandshakes = 0
         var bytesSent = 0
 
         func count(_ kind: FrameKind) -> Int { answers.count { $0 == kind.rawValue } }
     }
 
-    func replay(_ replayCase: ReplayCase) -> Outcome {
+    /// With `credentials`, each connection runs a TLS handshake with them before its first byte.
+    func replay(_ replayCase: ReplayCase, credentials: TLSCredentials? = nil) -> Outcome {
         let returnPath = Guarded(Outcome())
         var connections: [Int: TCPStream] = [:]
         var broken: Set<Int> = []
@@ -38,6 +42,7 @@ struct Replayer {
         var stalled = false
         var unanswered = 0
         var sentBytes = 0
+        var refusedHandshakes = 0
 
         stepping: for step in replayCase.steps {
             switch step {
@@ -45,6 +50,15 @@ struct Replayer {
                 guard connections[c] == nil, let stream = TCPStream.connect(port: port, timeout: awaitSeconds) else {
                     broken.insert(c)
                     continue
+                }
+                if let credentials {
+                    do {
+                        try stream.secure(credentials, peer: "the destination")
+                    } catch {
+                        refusedHandshakes += 1
+                        broken.insert(c)
+                        continue
+                    }
                 }
                 connections[c] = stream
                 if let reader = try? JoinableThread("fuzz-read\(c)", { Self.read(stream, into: c == 0 ? returnPath : nil) }) {
@@ -60,13 +74,15 @@ struct Replayer {
                     break stepping
                 }
             case .await(let kind, let count):
+                // Main never opened (its TLS handshake was refused): no answer can come.
+                guard connections[0] != nil else { continue }
                 let answered = returnPath.wait(timeout: awaitSeconds) {
                     $0.count(kind) >= count || $0.errorMessage != nil || $0.closedByDestination
                 }
                 if !answered { unanswered += 1 }
             }
         }
-        if !stalled {
+        if !stalled, connections[0] != nil {
             _ = returnPath.wait(timeout: lingerSeconds) {
                 $0.count(.done) > 0 || $0.errorMessage != nil || $0.closedByDestination
             }
@@ -79,6 +95,7 @@ struct Replayer {
         outcome.stalled = stalled
         outcome.unansweredAwaits = unanswered
         outcome.bytesSent = sentBytes
+        outcome.refusedHandshakes = refusedHandshakes
         return outcome
     }
 

@@ -4,7 +4,10 @@ import Postcopy
 
 /// Records real migrations for the fuzzer's seed corpus: a source and a destination host,
 /// and between them a TCP proxy that forwards every connection (main with its return path,
-/// urgent, multifd) and keeps each direction's bytes in the order they passed.
+/// urgent, multifd) and keeps each direction's bytes in the order they passed. With `keys`
+/// both hosts run every channel under TLS with the same pre-shared key, and the proxy ends
+/// each side's session itself (the destination's key toward the source, the source's toward
+/// the destination): it keeps the plaintext that went inside.
 struct StreamRecorder {
     /// One migration to record: the capabilities and parameters set on both hosts.
     struct Scenario {
@@ -14,7 +17,10 @@ struct StreamRecorder {
         /// Issue `migrate-start-postcopy` this long after `migrate` (nil: precopy only).
         let postcopyAfter: Double?
 
-        static let all: [Scenario] = [
+        /// Every channel under TLS (a recorder with keys).
+        var tls = false
+
+        static let plain: [Scenario] = [
             Scenario(name: "precopy-multifd", capabilities: ["multifd"],
                      parameters: [("multifd-channels", .int(2))], postcopyAfter: nil),
             Scenario(name: "postcopy-preempt-multifd", capabilities: ["postcopy-ram", "postcopy-preempt", "multifd"],
@@ -22,24 +28,34 @@ struct StreamRecorder {
             Scenario(name: "postcopy-main", capabilities: ["postcopy-ram"],
                      parameters: [("max-bandwidth", .int(16 << 20))], postcopyAfter: 0.2),
         ]
+
+        /// The same migrations, each channel under TLS: NAME-tls.
+        static let tls: [Scenario] = plain.map {
+            Scenario(name: $0.name + "-tls", capabilities: $0.capabilities, parameters: $0.parameters,
+                     postcopyAfter: $0.postcopyAfter, tls: true)
+        }
     }
 
     let executable: String
     let directory: String
     let memory: String
     let vcpus: Int
+    /// The pre-shared keys for the TLS scenarios.
+    var keys: FuzzKeys?
 
     func record(_ scenario: Scenario) throws -> Recording {
+        let keys = scenario.tls ? self.keys : nil
+        guard !scenario.tls || keys != nil else { throw FuzzError("recording \(scenario.name): TLS without keys") }
         let destinationPort = UInt16(try freePort())
         let destination = try FuzzHost(executable: executable, directory: directory, role: "rec-dst", memory: memory,
-                                       vcpus: vcpus, incomingPort: destinationPort)
+                                       vcpus: vcpus, incomingPort: destinationPort, tlsDirectory: keys?.directory)
         let source = try FuzzHost(executable: executable, directory: directory, role: "rec-src", memory: memory,
-                                  vcpus: vcpus, incomingPort: nil)
+                                  vcpus: vcpus, incomingPort: nil, tlsDirectory: keys?.directory)
         defer {
             source.terminate()
             destination.terminate()
         }
-        let proxy = try RecordingProxy(destinationPort: destinationPort)
+        let proxy = try RecordingProxy(destinationPort: destinationPort, keys: keys)
         defer { proxy.stop() }
         let capabilities: [MonitorValue] = scenario.capabilities.map {
             .object([("capability", .string($0)), ("state", .bool(true))])
@@ -70,23 +86,28 @@ struct StreamRecorder {
         destination.terminate()
         let events = proxy.stop()
         let pageSize = Int(getpagesize())
-        return Recording(name: scenario.name, pageSize: pageSize, pageCount: try parseSize(memory) / pageSize, events: events)
+        return Recording(name: scenario.name, pageSize: pageSize, pageCount: try parseSize(memory) / pageSize,
+                         transport: scenario.tls ? .tls : .plain, events: events)
     }
 }
 
 /// A TCP proxy in front of a destination: each accepted connection gets its own connection to
-/// the destination and two pumps, one per direction, that record what they forward.
+/// the destination and two pumps, one per direction, that record what they forward. With
+/// `keys` it runs a TLS handshake on each side first (as the destination toward the source,
+/// as the source toward the destination), so the pumps see and record the plaintext.
 final class RecordingProxy: @unchecked Sendable {
     let port: UInt16
     private let listener: TCPStream
     private let destinationPort: UInt16
+    private let keys: FuzzKeys?
     private let log = Guarded([Recording.Event]())
     private let streams = Guarded([TCPStream]())
     private let threads = Guarded([JoinableThread]())
     private var acceptor: JoinableThread?
 
-    init(destinationPort: UInt16) throws {
+    init(destinationPort: UInt16, keys: FuzzKeys? = nil) throws {
         self.destinationPort = destinationPort
+        self.keys = keys
         (listener, port) = try TCPStream.listen()
         acceptor = try JoinableThread("fuzz-proxy") { [self] in acceptLoop() }
     }
@@ -95,6 +116,16 @@ final class RecordingProxy: @unchecked Sendable {
         var connection = 0
         while let client = listener.accept() {
             guard let server = TCPStream.connect(port: destinationPort, timeout: 5) else { continue }
+            if let keys {
+                // The source's handshake first: it waits for its session before it sends a byte.
+                do {
+                    try client.secure(keys.server, peer: "the source")
+                    try server.secure(keys.client, peer: "the destination")
+                } catch {
+                    Log.controller.warning("recording proxy: \(error)")
+                    continue
+                }
+            }
             let c = connection
             connection += 1
             log.update { $0.append(.opened(connection: c)) }

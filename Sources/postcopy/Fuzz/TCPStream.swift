@@ -4,11 +4,21 @@ import Postcopy
 /// A loopback TCP connection owned by the fuzzer: the recording proxy's two ends and the
 /// replayer's connections. Unlike the engine's `Channel` it reads whatever arrived (a proxy
 /// forwards partial reads) and writes against a deadline (a destination that stops reading
-/// must not stall the fuzzer).
+/// must not stall the fuzzer). After `secure` every byte goes through a TLS session: what the
+/// fuzzer records and mutates is the plaintext inside it.
 final class TCPStream: @unchecked Sendable {
     let fd: Int32
+    /// The TLS session once `secure` ran; nil: plaintext.
+    private var tls: TLSSession?
 
     init(adopting fd: Int32) { self.fd = fd }
+
+    /// Runs a TLS handshake on this fresh connection as `credentials.endpoint` says (PSK: no
+    /// host to check), by the library's handshake deadline. Call it before another thread
+    /// uses the stream.
+    func secure(_ credentials: TLSCredentials, peer: String) throws {
+        tls = try TLSSession.handshake(fd: fd, credentials: credentials, expectedHost: nil, peer: peer)
+    }
 
     deinit { close(fd) }
 
@@ -90,6 +100,19 @@ final class TCPStream: @unchecked Sendable {
 
     /// Writes every byte unless the peer closes or stops reading until `deadline` (monotonic ns).
     func send(_ bytes: [UInt8], deadline: UInt64) -> SendResult {
+        if let tls {
+            let now = monotonicNanoseconds()
+            guard !bytes.isEmpty else { return .sent }
+            guard now < deadline else { return .stalled }
+            do {
+                try bytes.withUnsafeBytes { try tls.write($0.baseAddress!, $0.count, nil, 0, until: Deadline(in: Double(deadline - now) / 1e9)) }
+                return .sent
+            } catch ProtocolError.stalled {
+                return .stalled
+            } catch {
+                return .closed
+            }
+        }
         var done = 0
         return bytes.withUnsafeBytes { raw in
             while done < raw.count {
@@ -107,6 +130,10 @@ final class TCPStream: @unchecked Sendable {
 
     /// Blocking write of every byte (the proxy's pumps); false once the peer is gone.
     func sendAll(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        if let tls {
+            guard bytes.count > 0 else { return true }
+            return (try? tls.write(bytes.baseAddress!, bytes.count, nil, 0, until: .never)) != nil
+        }
         var done = 0
         while done < bytes.count {
             let n = Glibc.send(fd, bytes.baseAddress! + done, bytes.count - done, Int32(MSG_NOSIGNAL))
@@ -119,12 +146,36 @@ final class TCPStream: @unchecked Sendable {
 
     /// Blocks for what arrives next: its length, 0 at end of stream or error.
     func receive(into buffer: UnsafeMutableRawBufferPointer) -> Int {
+        if let tls { return (try? tls.receive(buffer.baseAddress!, buffer.count, until: .never, whole: false, what: { "the peer's bytes" })) ?? 0 }
         while true {
             let n = recv(fd, buffer.baseAddress!, buffer.count, 0)
             if n >= 0 { return n }
             if errno == EINTR { continue }
             if errno == EAGAIN { _ = poll(Int16(POLLIN), milliseconds: 100); continue }
             return 0
+        }
+    }
+
+    /// What arrives by `deadline` (monotonic ns): its length, 0 at end of stream or error, nil
+    /// when nothing came in time.
+    func receive(into buffer: UnsafeMutableRawBufferPointer, by deadline: UInt64) -> Int? {
+        let now = monotonicNanoseconds()
+        if let tls {
+            guard now < deadline else { return nil }
+            do {
+                return try tls.receive(buffer.baseAddress!, buffer.count, until: Deadline(in: Double(deadline - now) / 1e9),
+                                       whole: false, what: { "an answer" })
+            } catch {
+                return 0
+            }
+        }
+        while true {
+            let n = recv(fd, buffer.baseAddress!, buffer.count, Int32(MSG_DONTWAIT))
+            if n >= 0 { return n }
+            guard errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK else { return 0 }
+            let now = monotonicNanoseconds()
+            guard now < deadline else { return nil }
+            _ = poll(Int16(POLLIN), milliseconds: Int32(min(100, (deadline - now) / 1_000_000 + 1)))
         }
     }
 

@@ -55,6 +55,37 @@ struct FuzzRunTests {
         #expect(held.isEmpty, "\(held.joined(separator: "\n"))")
     }
 
+    /// Under TLS: recorded with a pre-shared key on both sides, replayed against a destination
+    /// that requires it. Cases 1, 7 and 13 are a real stream with a wrong key, 4, 10 and 16 one
+    /// without TLS; the rest are mutated streams inside sessions with the destination's key.
+    @Test("a fixed-seed run under TLS: mutated streams inside authenticated sessions break nothing, and every stream without the key is refused with the memory untouched")
+    func tlsRun() throws {
+        let (report, log) = try Self.fuzz(["--tls", "--cases", "18", "--seed", "7", "--memory", "8M"])
+        #expect(report["cases"]?.int == 18, "\(log)")
+        #expect(report["recordings"]?["postcopy-preempt-multifd-tls"]?.int ?? 0 > 0, "\(report.jsonText)")
+        let transports = report["transports"]
+        #expect(transports?["wrong-key"]?["refused"]?.int == 3, "\(transports?.jsonText ?? "")")
+        #expect(transports?["no-tls"]?["refused"]?.int == 3, "\(transports?.jsonText ?? "")")
+        // The mutations inside the sessions must reach the refusal paths, or the run checks nothing there.
+        #expect(transports?["tls"]?["refused"]?.int ?? 0 >= 3, "\(transports?.jsonText ?? "")")
+        let broken = Self.findings(report, ["crash", "monitor", "memory", "unauthenticated", "deadline", "silent"], except: Self.knownBugs)
+        #expect(broken.isEmpty, "\(broken.joined(separator: "\n"))")
+    }
+
+    @Test("an unmutated TLS recording replayed with the destination's key migrates; with a wrong key or without TLS it is refused")
+    func tlsRecordingReplays() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("postcopy-fuzz-tls-\(UUID().uuidString.prefix(8))").path
+        _ = try Self.fuzz(["--tls", "--cases", "0", "--memory", "8M", "--save-recordings", directory])
+        let recording = "\(directory)/postcopy-preempt-multifd-tls.pcfz"
+        let (accepted, log) = try Self.fuzz(["--replay", recording, "--memory", "8M"])
+        #expect(accepted["outcomes"]?["accepted"]?.int == 1, "\(accepted.jsonText)\n\(log)")
+        for transport in ["wrong-key", "no-tls"] {
+            // Refused: the destination still listens, answers, and its memory is untouched.
+            let (report, log) = try Self.fuzz(["--replay", recording, "--transport", transport, "--memory", "8M"])
+            #expect(report["outcomes"]?["refused"]?.int == 1, "\(transport): \(report.jsonText)\n\(log)")
+        }
+    }
+
     @Test("an unmutated recording replayed from its case file migrates: the destination runs the guest")
     func recordingReplays() throws {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("postcopy-fuzz-rec-\(UUID().uuidString.prefix(8))").path

@@ -11,22 +11,26 @@ import Synchronization
 /// waiting for the socket happens outside it, so a reader waiting for bytes never holds a
 /// writer back. The lock is held for one record's encryption or decryption at most.
 ///
+/// Public for tools that carry a byte stream under TLS as a real peer would (the fuzzer's
+/// recording proxy and replayer): a channel makes its own with `Channel.secure`.
+///
 /// Hot path: this file allocates nothing per frame. Reads copy decrypted records into the
-/// caller's buffer. A frame's header travels in one record with the start of its payload
-/// (`write`), not in a record and a syscall of its own. OpenSSL 3.0 itself mallocs about twice
+/// caller's buffer; the context reads ahead, so one recv takes in several records. A frame
+/// goes out in as few full records as its length allows (`write`), its payload's whole
+/// records straight from the caller's buffer. OpenSSL 3.0 itself mallocs about twice
 /// per 16 KiB record received and four times per record sent (Benchmarks/e2e/malloc_per_page.sh
 /// with TLS objects: 139k mallocs for 1000 MiB received, 323k sent; 111 and 1761 in plaintext).
-final class TLSSession: @unchecked Sendable {
+public final class TLSSession: @unchecked Sendable {
     private let ssl: OpaquePointer
     private let fd: Int32
     private let lock = Mutex(())
     /// Keeps the credentials (and their context's callbacks) alive as long as the session.
     let credentials: TLSCredentials
-    /// A frame's header and the start of its payload, encrypted as one record; used under the
-    /// channel's write lock.
+    /// A frame's header and the part of its payload that does not fill a record, encrypted as
+    /// one record; used under the channel's write lock.
     private let coalesce: UnsafeMutableRawPointer
     /// TLS's largest record (16 KiB of plaintext).
-    static let coalesceBytes = 16 << 10
+    static let recordBytes = 16 << 10
 
     /// How long a TLS handshake may take in all, as QEMU's migration gives its handshakes.
     static let handshakeSeconds = 10
@@ -35,7 +39,7 @@ final class TLSSession: @unchecked Sendable {
         self.ssl = ssl
         self.fd = fd
         self.credentials = credentials
-        coalesce = .allocate(byteCount: Self.coalesceBytes, alignment: 64)
+        coalesce = .allocate(byteCount: Self.recordBytes, alignment: 64)
     }
 
     deinit {
@@ -46,7 +50,7 @@ final class TLSSession: @unchecked Sendable {
     /// Runs the handshake on a connected socket, as `credentials.endpoint` says, within
     /// `handshakeSeconds`. A client with x509 credentials checks the server's certificate
     /// against `expectedHost` (a DNS name or an IP address).
-    static func handshake(fd: Int32, credentials: TLSCredentials, expectedHost: String?, peer: String) throws -> TLSSession {
+    public static func handshake(fd: Int32, credentials: TLSCredentials, expectedHost: String?, peer: String) throws -> TLSSession {
         let deadline = monotonicNanoseconds() + UInt64(handshakeSeconds) * 1_000_000_000
         let flags = try syscallValue("fcntl(F_GETFL)") { fcntl(fd, F_GETFL) }
         _ = try syscallValue("fcntl(F_SETFL, O_NONBLOCK)") { fcntl(fd, F_SETFL, flags | O_NONBLOCK) }
@@ -101,7 +105,7 @@ final class TLSSession: @unchecked Sendable {
     /// One read of up to `count` bytes (all of them when `whole`) by `deadline`: the bytes
     /// read, 0 at the peer's close, nil when the deadline passed first. What OpenSSL already
     /// decrypted is returned before any wait, so a poll never sleeps on data it holds.
-    func receive(_ buffer: UnsafeMutableRawPointer, _ count: Int, until deadline: Deadline, whole: Bool,
+    public func receive(_ buffer: UnsafeMutableRawPointer, _ count: Int, until deadline: Deadline, whole: Bool,
                  what: () -> String) throws -> Int? {
         var done = 0
         while done < count {
@@ -130,17 +134,48 @@ final class TLSSession: @unchecked Sendable {
     /// Writes `first` then `second` (a header and its payload); called under the channel's
     /// write lock. Waits for the peer to read until `deadline` (the channel's frame deadline).
     ///
-    /// The header goes in one record with the start of the payload (copied: one record's worth,
-    /// not the whole frame), the rest straight from the caller's buffer: a 64 KiB frame is the
-    /// same five records as if it were copied whole, and a small frame is one record.
-    func write(_ first: UnsafeRawPointer, _ firstLength: Int, _ second: UnsafeRawPointer?, _ secondLength: Int,
-               until deadline: Deadline) throws {
+    /// The payload's whole 16 KiB records go straight from the caller's buffer (OpenSSL cuts
+    /// a long write into full records); the header goes in one record with the start of the
+    /// payload that would not fill one (copied), or alone when that does not fit beside it. So
+    /// a frame takes the fewest records its length allows, and no more than 16 KiB is copied:
+    /// a 4 KiB page frame is one record, a 64 KiB frame the header's record and four full ones
+    /// with nothing copied (copying the payload's first 16 KiB in with the header instead, as
+    /// before, made the same five records, the last one of 16 bytes).
+    ///
+    /// Every record but the frame's last leaves with MSG_MORE (the socket BIO counts them down),
+    /// so the kernel sends the frame as one and the peer wakes once for it.
+    public func write(_ first: UnsafeRawPointer, _ firstLength: Int, _ second: UnsafeRawPointer?, _ secondLength: Int,
+                      until deadline: Deadline) throws {
+        let secondLength = second == nil ? 0 : secondLength
+        let partial = secondLength % Self.recordBytes
+        let head = firstLength + partial <= Self.recordBytes ? partial : 0
+        _ = lock.withLock { _ in cpc_tls_expect_writes(ssl, Self.onWire(firstLength + head) + Self.onWire(secondLength - head)) }
+        defer {
+            // Not every expected byte left (a write failed, or OpenSSL wrote other than
+            // counted): what MSG_MORE held back must not wait for the next frame.
+            if lock.withLock({ _ in cpc_tls_expect_writes(ssl, 0) }) != 0 { pushPendingBytes() }
+        }
         guard let second, secondLength > 0 else { return try writeAll(first, firstLength, until: deadline) }
-        let head = min(secondLength, Self.coalesceBytes - firstLength)
-        coalesce.copyMemory(from: first, byteCount: firstLength)
-        (coalesce + firstLength).copyMemory(from: second, byteCount: head)
-        try writeAll(coalesce, firstLength + head, until: deadline)
+        if firstLength + head <= Self.recordBytes {
+            coalesce.copyMemory(from: first, byteCount: firstLength)
+            (coalesce + firstLength).copyMemory(from: second, byteCount: head)
+            try writeAll(coalesce, firstLength + head, until: deadline)
+        } else {
+            try writeAll(first, firstLength, until: deadline)   // a header longer than a record: not one of ours
+        }
         if head < secondLength { try writeAll(second + head, secondLength - head, until: deadline) }
+    }
+
+    /// TLS 1.3's bytes on the wire for `plaintext` bytes written at once: each record of up to
+    /// 16 KiB adds a 5-byte header, its 1-byte content type and a 16-byte AEAD tag.
+    private static func onWire(_ plaintext: Int) -> Int {
+        plaintext == 0 ? 0 : plaintext + (plaintext + recordBytes - 1) / recordBytes * 22
+    }
+
+    /// Sends what MSG_MORE left in the socket (setting TCP_NODELAY pushes pending output).
+    private func pushPendingBytes() {
+        var on: Int32 = 1
+        _ = try? syscallValue("setsockopt(TCP_NODELAY)") { setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &on, socklen_t(MemoryLayout<Int32>.size)) }
     }
 
     private func writeAll(_ bytes: UnsafeRawPointer, _ length: Int, until deadline: Deadline) throws {
