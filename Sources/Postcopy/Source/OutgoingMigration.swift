@@ -1,3 +1,4 @@
+import Glibc
 import Logging
 import Synchronization
 
@@ -84,6 +85,8 @@ public final class OutgoingMigration: @unchecked Sendable {
     /// How long a failure after "run" waits for the destination's answer before it gives up
     /// and leaves the guest paused here (the answer is one frame; only a dead link takes this).
     static let runAnswerTimeout: Double = 10
+    /// How long a failure on a broken connection waits for the destination's reason (`fail`).
+    static let peerReasonGrace: Double = 0.5
 
     public init(memory: GuestMemory, settings: MigrationSettings, endpoint: Endpoint, hooks: any SourceHooks) {
         self.memory = memory
@@ -299,6 +302,15 @@ public final class OutgoingMigration: @unchecked Sendable {
     func fail(_ error: any Error) {
         if let error = error as? MigrationError, error == .cancelled { return }
         state.wait(timeout: Self.runAnswerTimeout) { $0.handover != .awaitingAnswer || $0.status.isTerminal }
+        // A destination that refuses or cancels writes its reason on the main channel, then
+        // closes: a sender can hit the closed socket before the return path has read the reason.
+        // Give the reader a moment, so that the user sees the destination's reason, not EPIPE.
+        if let broken = error as? SystemError, broken.errno == EPIPE || broken.errno == ECONNRESET {
+            state.wait(timeout: Self.peerReasonGrace) { s in
+                if case .refused = s.handover { return true }
+                return s.status.isTerminal
+            }
+        }
         let outcome: (resume: Bool, message: String)? = state.update { s in
             if s.handover == .awaitingAnswer { s.handover = .unanswered }
             let (resume, message) = s.failure(error)
