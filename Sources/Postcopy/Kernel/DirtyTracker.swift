@@ -22,9 +22,9 @@ public protocol DirtyTracker: AnyObject {
     @discardableResult
     func sync(rearm: Bool, _ body: (_ firstPage: Int, _ pageCount: Int) -> Void) throws -> Int
 
-    /// Ends tracking; later syncs report nothing. The source calls it once the destination
-    /// runs the guest (off the downtime) or when the migration fails (the guest runs on here),
-    /// and may call it more than once.
+    /// Ends tracking; later syncs report nothing. The source calls it when its migration's
+    /// control thread is done: after the switch (off the downtime, once a postcopy has pushed
+    /// every page), or when the migration failed before it (the guest runs on here).
     func stop()
 }
 

@@ -199,8 +199,9 @@ public final class OutgoingMigration: @unchecked Sendable {
         // that accepts and says nothing cannot keep the migration in setup.
         let deadline = Deadline(in: settings.handshakeTimeout)
         let (main, urgent, multifd) = try connect(to: endpoint, by: deadline, resuming: false)
-        // Track writes from before the first page is read, so none is missed. The switchover
-        // stops the tracker once the destination runs; any other way out of here stops it too.
+        // Track writes from before the first page is read, so none is missed. Ended when this
+        // thread is done, whichever way: after the switch it costs nothing (the guest here is
+        // paused), and ending it sooner would hold up the postcopy push.
         guard let tracker = try hooks?.makeDirtyTracker(for: memory) else { throw MigrationError.hostGone }
         defer { tracker.stop() }
         if !multifd.isEmpty { senders = try MultifdSenders(count: multifd.count) }

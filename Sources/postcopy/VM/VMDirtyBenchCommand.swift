@@ -34,6 +34,8 @@ struct VMDirtyBenchCommand: ParsableCommand {
         /// read without re-arming (inside a migration's downtime).
         var finalSyncMs = 0.0
         var finalDirtyPages = 0
+        /// Ending the tracking (the source does it after the switch).
+        var stopMs = 0.0
     }
 
     func run() throws {
@@ -51,7 +53,7 @@ struct VMDirtyBenchCommand: ParsableCommand {
                 "\"\(m.rawValue)\": {\"passes_per_s\": \(String(format: "%.3f", f.passesPerSecond)), \"syncs\": \(f.syncs), "
                     + "\"median_sync_ms\": \(String(format: "%.3f", f.medianSyncMs)), \"max_sync_ms\": \(String(format: "%.3f", f.maxSyncMs)), "
                     + "\"median_dirty_pages\": \(f.medianDirtyPages), \"final_sync_ms\": \(String(format: "%.3f", f.finalSyncMs)), "
-                    + "\"final_dirty_pages\": \(f.finalDirtyPages)}"
+                    + "\"final_dirty_pages\": \(f.finalDirtyPages), \"stop_ms\": \(String(format: "%.3f", f.stopMs))}"
             }.joined(separator: ", ")
             print("{\"memory_bytes\": \(size), \"interval_ms\": \(intervalMs), \(body)}")
         } else {
@@ -59,7 +61,8 @@ struct VMDirtyBenchCommand: ParsableCommand {
             for (m, f) in results {
                 print("  \(m.rawValue.padding(toLength: 30, withPad: " ", startingAt: 0)) \(String(format: "%6.2f", f.passesPerSecond)) passes/s"
                       + "  sync median \(String(format: "%7.3f", f.medianSyncMs)) ms, max \(String(format: "%7.3f", f.maxSyncMs)) ms,"
-                      + " \(f.medianDirtyPages) pages; final sync \(String(format: "%7.3f", f.finalSyncMs)) ms, \(f.finalDirtyPages) pages")
+                      + " \(f.medianDirtyPages) pages; final sync \(String(format: "%7.3f", f.finalSyncMs)) ms, \(f.finalDirtyPages) pages;"
+                      + " stop \(String(format: "%7.3f", f.stopMs)) ms")
             }
         }
     }
@@ -81,7 +84,6 @@ struct VMDirtyBenchCommand: ParsableCommand {
         case .kvmDirtyLog: try KVMDirtyLog(machine: vm.machine, manualProtect: false)
         case .kvmDirtyLogManual: try KVMDirtyLog(machine: vm.machine, manualProtect: true)
         }
-        defer { tracker?.stop() }
         var syncTimes: [Double] = []
         var dirtyCounts: [Int] = []
         let start = monotonicNanoseconds()
@@ -108,6 +110,9 @@ struct VMDirtyBenchCommand: ParsableCommand {
             let t = monotonicNanoseconds()
             f.finalDirtyPages = try tracker.sync(rearm: false) { _, _ in }
             f.finalSyncMs = Double(monotonicNanoseconds() - t) / 1e6
+            let s = monotonicNanoseconds()
+            tracker.stop()
+            f.stopMs = Double(monotonicNanoseconds() - s) / 1e6
         }
         return f
     }
