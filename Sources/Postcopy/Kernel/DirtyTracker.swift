@@ -4,7 +4,8 @@
 /// its own through `SourceHooks.makeDirtyTracker(for:)`. A cheaper sync shortens the downtime,
 /// since the final one runs with the vCPUs paused.
 ///
-/// Threads: the migration's control thread makes it, syncs it and stops it; nothing else.
+/// Threads: one thread makes it, syncs it and stops it (a migration's control thread, or a
+/// snapshot save's).
 public protocol DirtyTracker: AnyObject {
     /// The method's name, as `info migrate` shows it (`x-dirty-tracking`).
     var methodName: String { get }

@@ -86,9 +86,9 @@ extension OutgoingMigration {
     }
 
     /// The last look at what the (now paused) vCPUs wrote: read, not re-armed. The tracking
-    /// itself ends when the control thread is done (`run`), off the downtime and not before
-    /// the postcopy push, which it would delay (ending uffd-wp on 1 GiB of written pages
-    /// takes ~40 ms).
+    /// itself ends when the control thread is done (`run`), off the downtime and after the
+    /// postcopy push, which it would delay (ending uffd-wp on 1000 MiB of written pages takes
+    /// 44-66 ms).
     func finalSync(_ tracker: any DirtyTracker) throws {
         try tracker.sync(rearm: false) { first, count in
             for p in first..<(first + count) { _ = pending.testAndSet(p) }
