@@ -34,7 +34,8 @@ struct VMDirtyBenchCommand: ParsableCommand {
         /// read without re-arming (inside a migration's downtime).
         var finalSyncMs = 0.0
         var finalDirtyPages = 0
-        /// Ending the tracking (the source does it after the switch).
+        /// Starting the tracking (at the migration's start) and ending it (after the switch).
+        var startMs = 0.0
         var stopMs = 0.0
     }
 
@@ -53,7 +54,8 @@ struct VMDirtyBenchCommand: ParsableCommand {
                 "\"\(m.rawValue)\": {\"passes_per_s\": \(String(format: "%.3f", f.passesPerSecond)), \"syncs\": \(f.syncs), "
                     + "\"median_sync_ms\": \(String(format: "%.3f", f.medianSyncMs)), \"max_sync_ms\": \(String(format: "%.3f", f.maxSyncMs)), "
                     + "\"median_dirty_pages\": \(f.medianDirtyPages), \"final_sync_ms\": \(String(format: "%.3f", f.finalSyncMs)), "
-                    + "\"final_dirty_pages\": \(f.finalDirtyPages), \"stop_ms\": \(String(format: "%.3f", f.stopMs))}"
+                    + "\"final_dirty_pages\": \(f.finalDirtyPages), \"start_ms\": \(String(format: "%.3f", f.startMs)), "
+                    + "\"stop_ms\": \(String(format: "%.3f", f.stopMs))}"
             }.joined(separator: ", ")
             print("{\"memory_bytes\": \(size), \"interval_ms\": \(intervalMs), \(body)}")
         } else {
@@ -62,7 +64,7 @@ struct VMDirtyBenchCommand: ParsableCommand {
                 print("  \(m.rawValue.padding(toLength: 30, withPad: " ", startingAt: 0)) \(String(format: "%6.2f", f.passesPerSecond)) passes/s"
                       + "  sync median \(String(format: "%7.3f", f.medianSyncMs)) ms, max \(String(format: "%7.3f", f.maxSyncMs)) ms,"
                       + " \(f.medianDirtyPages) pages; final sync \(String(format: "%7.3f", f.finalSyncMs)) ms, \(f.finalDirtyPages) pages;"
-                      + " stop \(String(format: "%7.3f", f.stopMs)) ms")
+                      + " start \(String(format: "%7.3f", f.startMs)) ms, stop \(String(format: "%7.3f", f.stopMs)) ms")
             }
         }
     }
@@ -78,12 +80,14 @@ struct VMDirtyBenchCommand: ParsableCommand {
             guard monotonicNanoseconds() < deadline else { throw ValidationError("the guest made no pass in 60 s: is --boot the linear guest?") }
             usleep(10_000)
         }
+        let started = monotonicNanoseconds()
         let tracker: (any DirtyTracker)? = switch method {
         case .none: nil
         case .uffdWPAsync: try PagemapDirtyTracker(memory: memory)
         case .kvmDirtyLog: try KVMDirtyLog(machine: vm.machine, manualProtect: false)
         case .kvmDirtyLogManual: try KVMDirtyLog(machine: vm.machine, manualProtect: true)
         }
+        let startMs = Double(monotonicNanoseconds() - started) / 1e6
         var syncTimes: [Double] = []
         var dirtyCounts: [Int] = []
         let start = monotonicNanoseconds()
@@ -101,6 +105,7 @@ struct VMDirtyBenchCommand: ParsableCommand {
         var f = Figures()
         f.passesPerSecond = Double(vm.serialBytes.value - passesBefore) / elapsed
         f.syncs = syncTimes.count
+        f.startMs = tracker == nil ? 0 : startMs
         if let tracker, !syncTimes.isEmpty {
             f.medianSyncMs = syncTimes.sorted()[syncTimes.count / 2]
             f.maxSyncMs = syncTimes.max()!
