@@ -40,7 +40,7 @@ public final class SnapshotSave: @unchecked Sendable {
         var endNs: UInt64?
         var downtimeNs: UInt64?
         var dirtySyncCount: UInt64 = 0
-        var dirtyTracking: DirtyTrackingMethod?
+        var dirtyTracking: String?
         var vcpusPaused = false
         var error: String?
     }
@@ -106,13 +106,14 @@ public final class SnapshotSave: @unchecked Sendable {
         let layout = SnapshotLayout(pageSize: memory.pageSize, memorySize: memory.size)
         let writer = try SnapshotWriter(path: path, layout: layout)
         // Tracking from before the first page is read, so no write is missed.
-        let tracker = try DirtyTracker(memory: memory)
+        guard let tracker = try hooks?.makeDirtyTracker(for: memory) else { throw MigrationError.hostGone }
+        defer { tracker.stop() }
         try state.update { s in
             guard s.status == .setup else { throw MigrationError.cancelled }
             s.status = .active
             s.setupNs = monotonicNanoseconds()
             s.dirtySyncCount = 1
-            s.dirtyTracking = tracker.method
+            s.dirtyTracking = tracker.methodName
         }
         var passes = 0
         while true {
@@ -120,7 +121,7 @@ public final class SnapshotSave: @unchecked Sendable {
             let bytes = try writePending(writer)
             let passNs = max(1, monotonicNanoseconds() - passStart)
             // Soft-dirty reads and clears in two steps: the vCPUs hold still between them.
-            let quiesce = tracker.method == .softDirty
+            let quiesce = tracker.writersMustHoldStill
             if quiesce { hooks?.pauseVCPUs() }
             let synced = Result { try tracker.sync { first, count in for p in first..<(first + count) { _ = pending.testAndSet(p) } } }
             if quiesce { hooks?.resumeVCPUs() }
@@ -250,7 +251,7 @@ public final class SnapshotSave: @unchecked Sendable {
             ram.pagesPerSecond = UInt64(Double(ram.normal + ram.duplicate) / elapsed)
         }
         info.ram = ram
-        info.dirtyTracking = s.dirtyTracking?.rawValue
+        info.dirtyTracking = s.dirtyTracking
         info.errorDescription = s.error
         return info
     }

@@ -6,7 +6,7 @@
 extension OutgoingMigration {
     /// Returns true when the rest fits in `downtime-limit` at the measured bandwidth (finish in
     /// precopy), false when postcopy was asked for or the migration ended.
-    func precopy(_ main: Channel, tracker: DirtyTracker) throws -> Bool {
+    func precopy(_ main: Channel, tracker: any DirtyTracker) throws -> Bool {
         let pageSize = memory.pageSize
         let maxRun = maxPagesPerFrame
         var bandwidth = Double(bandwidthLimit.value == 0 ? UInt64(1) << 40 : bandwidthLimit.value)
@@ -17,7 +17,7 @@ extension OutgoingMigration {
             var pace = Pace(limit: bandwidthLimit)
             let bytes = senders == nil
                 ? try sendPass(pages: 0..<memory.pageCount, maxRun: maxRun, on: main, pace: &pace)
-                : try sendPassOnMultifd(maxRun: maxRun)
+                : try sendPassOnMultifd(maxRun: maxRun, limit: bandwidthLimit)
             if interrupt.isSet { break }
             let passNs = monotonicNanoseconds() - passStart
             if bytes > 1 << 20, passNs > 0 {
@@ -25,9 +25,9 @@ extension OutgoingMigration {
                 bandwidth = Double(bytes) / (Double(passNs) / 1e9)
                 if limit > 0 { bandwidth = min(limit, bandwidth) }
             }
-            // Sync: what did the vCPUs write meanwhile? Soft-dirty reads the bits and clears them
-            // in two steps, and a write between the two would be lost: the vCPUs hold still for it.
-            let quiesce = tracker.method == .softDirty
+            // Sync: what did the vCPUs write meanwhile? A tracker that reads and re-arms in two
+            // steps (soft-dirty) would lose a write between the two: the vCPUs hold still for it.
+            let quiesce = tracker.writersMustHoldStill
             if quiesce { hooks?.pauseVCPUs() }
             let synced = Result { try tracker.sync { first, count in
                 for p in first..<(first + count) { _ = pending.testAndSet(p) }
@@ -66,16 +66,17 @@ extension OutgoingMigration {
         return bytes
     }
 
-    /// A pass spread over the multifd channels. Chunk c of 256 pages always goes on channel
-    /// c % N, so a page resent in a later pass can never overtake its older copy on another channel.
-    func sendPassOnMultifd(maxRun: Int) throws -> Int {
+    /// A pass spread over the multifd channels, each kept under its share of `limit`. Chunk c of
+    /// 256 pages always goes on channel c % N, so a page resent in a later pass (or in the last
+    /// one, at the switch) can never overtake its older copy on another channel.
+    func sendPassOnMultifd(maxRun: Int, limit: AtomicCounter) throws -> Int {
         guard let senders else { return 0 }
         let channels = multifd
         let n = channels.count
         let chunk = 256
         let chunks = (memory.pageCount + chunk - 1) / chunk
         return try senders.run { [self] i in
-            var pace = Pace(limit: bandwidthLimit, share: Int64(n))
+            var pace = Pace(limit: limit, share: Int64(n))
             var c = i
             while c < chunks, !interrupt.isSet {
                 let range = (c * chunk)..<min(memory.pageCount, (c + 1) * chunk)

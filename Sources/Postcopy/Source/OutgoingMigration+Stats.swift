@@ -43,7 +43,7 @@ extension OutgoingMigration {
             ram.pagesPerSecond = UInt64(Double(ram.normal + ram.duplicate) / elapsed)
         }
         info.ram = ram
-        info.dirtyTracking = s.dirtyTracking?.rawValue
+        info.dirtyTracking = s.dirtyTracking
         info.errorDescription = s.error
         info.recovery = s.pauses.info(now: now)
         return info

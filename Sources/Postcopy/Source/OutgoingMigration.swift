@@ -202,15 +202,18 @@ public final class OutgoingMigration: @unchecked Sendable {
         // that accepts and says nothing cannot keep the migration in setup.
         let deadline = Deadline(in: settings.handshakeTimeout)
         let (main, urgent, multifd) = try connect(to: endpoint, by: deadline, resuming: false)
-        // Track writes from before the first page is read, so none is missed.
-        let tracker = try DirtyTracker(memory: memory)
+        // Track writes from before the first page is read, so none is missed. Ended when this
+        // thread is done, whichever way: after the switch it costs nothing (the guest here is
+        // paused), and ending it sooner would hold up the postcopy push.
+        guard let tracker = try hooks?.makeDirtyTracker(for: memory) else { throw MigrationError.hostGone }
+        defer { tracker.stop() }
         if !multifd.isEmpty { senders = try MultifdSenders(count: multifd.count) }
         try state.update { s in
             guard s.transition(to: .active) else { throw MigrationError.cancelled }
             links.withLock { $0.main = main; $0.urgent = urgent; $0.multifd = multifd }
             s.setupNs = monotonicNanoseconds()
             s.dirtySyncCount = 1
-            s.dirtyTracking = tracker.method
+            s.dirtyTracking = tracker.methodName
             s.recoveryEndpoint = endpoint
         }
         requestServer = try JoinableThread("mig-requests") { [self] in serveReturnPath(main, urgent: urgent) }

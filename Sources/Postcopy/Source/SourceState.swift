@@ -15,7 +15,7 @@ struct SourceState: PausableSourceState {
     var dirtySyncCount: UInt64 = 0
     var dirtyPagesRate: UInt64 = 0
     var expectedDowntimeMs: UInt64?
-    var dirtyTracking: DirtyTrackingMethod?
+    var dirtyTracking: String?
 
     // Postcopy recovery (OutgoingMigration+Recovery).
     var pauses = PauseRecord()

@@ -28,7 +28,7 @@ struct DirtyBenchCommand: ParsableCommand {
         var method = ""
         for run in 0..<runs {
             untracked.append(writeAll(UInt64(run + 2)))
-            let tracker = try DirtyTracker(memory: region)
+            let tracker = try PagemapDirtyTracker(memory: region)
             method = tracker.method.rawValue
             var t = monotonicNanoseconds()
             try tracker.sync { _, _ in }

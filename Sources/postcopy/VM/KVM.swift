@@ -69,33 +69,13 @@ final class KVMMachine: @unchecked Sendable {
     static let usualMSRs: [UInt32] = [0x174, 0x175, 0x176, 0xc000_0081, 0xc000_0082, 0xc000_0083, 0xc000_0084,
                                        0xc000_0102, 0xc000_0103, 0x277, 0x1a0, 0x10, 0x6e0]
 
-    // MARK: KVM's dirty log (for comparison with the library's tracker: `postcopy bench vm-dirty`)
-
-    /// Turns on KVM's dirty log for guest RAM; with `manualProtect`, reading the log no longer
-    /// re-protects pages, KVM_CLEAR_DIRTY_LOG does (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2).
-    func startDirtyLog(manualProtect: Bool) throws {
-        if manualProtect {
-            try kvmCall("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)") {
-                cpc_kvm_enable_cap(vm, UInt32(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2), UInt64(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE))
-            }
+    /// Guest RAM as memory slot 0, with or without KVM's dirty log (`KVMDirtyLog`). KVM allows
+    /// the change while vCPUs run: it swaps the slot under SRCU.
+    func setMemorySlot(logDirtyPages: Bool) throws {
+        let flags: UInt32 = logDirtyPages ? 1 : 0   // KVM_MEM_LOG_DIRTY_PAGES
+        try kvmCall("KVM_SET_USER_MEMORY_REGION(\(logDirtyPages ? "+" : "-")LOG_DIRTY_PAGES)") {
+            cpc_kvm_set_user_memory_region(vm, Self.memorySlot, flags, 0, UInt64(memory.size), UInt64(memory.base))
         }
-        let logDirtyPages: UInt32 = 1  // KVM_MEM_LOG_DIRTY_PAGES
-        try kvmCall("KVM_SET_USER_MEMORY_REGION(+LOG_DIRTY_PAGES)") {
-            cpc_kvm_set_user_memory_region(vm, Self.memorySlot, logDirtyPages, 0, UInt64(memory.size), UInt64(memory.base))
-        }
-    }
-
-    /// Reads (and, without manual protect, clears) the dirty log into `bitmap`, one bit per page;
-    /// with `clear`, re-protects the pages reported. Returns the number of dirty pages.
-    func syncDirtyLog(_ bitmap: inout [UInt64], clear: Bool) throws -> Int {
-        try kvmCall("KVM_GET_DIRTY_LOG") { cpc_kvm_get_dirty_log(vm, Self.memorySlot, &bitmap) }
-        let dirty = bitmap.reduce(0) { $0 + $1.nonzeroBitCount }
-        if clear, dirty > 0 {
-            try kvmCall("KVM_CLEAR_DIRTY_LOG") {
-                cpc_kvm_clear_dirty_log(vm, Self.memorySlot, 0, UInt32(memory.pageCount), &bitmap)
-            }
-        }
-        return dirty
     }
 
     /// Copies a boot sector to guest-physical `address` (the BIOS's 0x7c00).

@@ -5,8 +5,8 @@ import Postcopy
 
 /// The KVM host: a VM whose vCPU threads sit in KVM_RUN, and its run state. It embeds the
 /// migration runtime through `MigratableHost`, the same protocol as the synthetic host:
-/// the runtime sees guest RAM (`memory`), the vCPU threads' tids, the pause/resume hooks and
-/// the device state, and nothing else of KVM.
+/// the runtime sees guest RAM (`memory`), the vCPU threads' tids, the pause/resume hooks, the
+/// device state and a dirty tracker (KVM's dirty log), and nothing else of KVM.
 final class KVMHost: MigratableHost, @unchecked Sendable {
     let machine: KVMMachine
     var memory: GuestMemory { machine.memory }
@@ -21,12 +21,23 @@ final class KVMHost: MigratableHost, @unchecked Sendable {
     /// Bytes the guest wrote to COM1 (one per pass for the test guests), for benchmarks.
     var serialBytes: AtomicCounter { ports.serialBytes }
 
+    /// How a migration from here tracks the guest's writes (`--dirty-tracking`).
+    enum DirtyTracking: String, CaseIterable {
+        /// KVM's dirty log (`KVMDirtyLog`): a sync is one ioctl, 5-10x faster than the library's.
+        case kvmDirtyLog = "kvm-dirty-log"
+        /// The library's: uffd-wp async + PAGEMAP_SCAN on the process mapping.
+        case library
+    }
+    let dirtyTracking: DirtyTracking
+
     /// A source boots `image` as SeaBIOS would (`Firmware`); a destination (`incoming`) leaves
     /// RAM and devices untouched, for they come from the source, and parks its vCPUs until the
     /// switchover.
-    init(memory: GuestMemory, vcpuCount: Int, image: [UInt8], serialPath: String?, incoming: Bool) throws {
+    init(memory: GuestMemory, vcpuCount: Int, image: [UInt8], serialPath: String?, incoming: Bool,
+         dirtyTracking: DirtyTracking = .kvmDirtyLog) throws {
         let machine = try KVMMachine(memory: memory)
         self.machine = machine
+        self.dirtyTracking = dirtyTracking
         vcpus = try (0..<vcpuCount).map { try VCPU(machine: machine, index: $0) }
         if !incoming { try Firmware.boot(image, machine: machine, vcpus: vcpus) }
         ports = try LegacyPorts(serialPath: serialPath, memorySize: memory.size, vcpuCount: vcpuCount)
@@ -117,6 +128,15 @@ final class KVMHost: MigratableHost, @unchecked Sendable {
         let start = monotonicNanoseconds()
         try VMState.restore(bytes, machine: machine, ports: ports, vcpus: vcpus)
         logger.debug("device state: \(bytes.count) bytes restored in \((monotonicNanoseconds() - start) / 1000) µs")
+    }
+
+    // MARK: dirty tracking
+
+    func makeDirtyTracker(for memory: GuestMemory) throws -> any DirtyTracker {
+        switch dirtyTracking {
+        case .kvmDirtyLog: try KVMDirtyLog(machine: machine)
+        case .library: try PagemapDirtyTracker(memory: memory)
+        }
     }
 
     // MARK: host commands

@@ -44,6 +44,9 @@ struct VMCommand: ParsableCommand {
     @Option(help: "What backs guest memory: anon, memfd or hugetlb (2 MiB pages from /proc/sys/vm/nr_hugepages).")
     var backing: HostCommand.Backing = .anon
 
+    @Option(help: "How a migration from here tracks the guest's writes: kvm-dirty-log (KVM_GET_DIRTY_LOG) or library (uffd-wp async + PAGEMAP_SCAN).")
+    var dirtyTracking: KVMHost.DirtyTracking = .kvmDirtyLog
+
     @Option(name: .customLong("object"), help: ArgumentHelp(stringLiteral: HostCommand.objectHelp))
     var objects: [String] = []
 
@@ -68,7 +71,8 @@ struct VMCommand: ParsableCommand {
         let size = try parseSize(memory)
         if backing == .hugetlb { try HugePagePool.check(needed: size / GuestMemory.hugePageSize) }
         let guestMemory = try GuestMemory(size: size, backing: backing.guestMemoryBacking)
-        let vm = try KVMHost(memory: guestMemory, vcpuCount: vcpus, image: image, serialPath: serial, incoming: incoming != nil)
+        let vm = try KVMHost(memory: guestMemory, vcpuCount: vcpus, image: image, serialPath: serial, incoming: incoming != nil,
+                             dirtyTracking: dirtyTracking)
         // From here on, the same embedding as `postcopy host` (docs/EMBEDDING.md).
         try HostProcessMain.serve(vm, objects: objects, qmp: qmp, monitor: monitor, incoming: incoming)
     }
@@ -84,3 +88,5 @@ struct VMCommand: ParsableCommand {
         return Array(image[..<n])
     }
 }
+
+extension KVMHost.DirtyTracking: ExpressibleByArgument {}

@@ -5,7 +5,8 @@ import Postcopy
 /// `postcopy bench vm-dirty`: what each way of tracking a KVM guest's writes costs the guest
 /// (its sweep rate, in passes a second) and the source (one sync), with the guest running.
 /// Each method gets a fresh VM booting the same image; syncs come at a fixed interval, as
-/// precopy's passes do when it keeps up.
+/// precopy's passes do when it keeps up, then the guest is paused for the final sync (the one
+/// inside a migration's downtime).
 struct VMDirtyBenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vm-dirty",
@@ -29,6 +30,13 @@ struct VMDirtyBenchCommand: ParsableCommand {
         var medianSyncMs = 0.0
         var maxSyncMs = 0.0
         var medianDirtyPages = 0
+        /// The switchover's sync: the guest paused a sync interval after the last one, then
+        /// read without re-arming (inside a migration's downtime).
+        var finalSyncMs = 0.0
+        var finalDirtyPages = 0
+        /// Starting the tracking (at the migration's start) and ending it (after the switch).
+        var startMs = 0.0
+        var stopMs = 0.0
     }
 
     func run() throws {
@@ -45,7 +53,9 @@ struct VMDirtyBenchCommand: ParsableCommand {
             let body = results.map { m, f in
                 "\"\(m.rawValue)\": {\"passes_per_s\": \(String(format: "%.3f", f.passesPerSecond)), \"syncs\": \(f.syncs), "
                     + "\"median_sync_ms\": \(String(format: "%.3f", f.medianSyncMs)), \"max_sync_ms\": \(String(format: "%.3f", f.maxSyncMs)), "
-                    + "\"median_dirty_pages\": \(f.medianDirtyPages)}"
+                    + "\"median_dirty_pages\": \(f.medianDirtyPages), \"final_sync_ms\": \(String(format: "%.3f", f.finalSyncMs)), "
+                    + "\"final_dirty_pages\": \(f.finalDirtyPages), \"start_ms\": \(String(format: "%.3f", f.startMs)), "
+                    + "\"stop_ms\": \(String(format: "%.3f", f.stopMs))}"
             }.joined(separator: ", ")
             print("{\"memory_bytes\": \(size), \"interval_ms\": \(intervalMs), \(body)}")
         } else {
@@ -53,12 +63,14 @@ struct VMDirtyBenchCommand: ParsableCommand {
             for (m, f) in results {
                 print("  \(m.rawValue.padding(toLength: 30, withPad: " ", startingAt: 0)) \(String(format: "%6.2f", f.passesPerSecond)) passes/s"
                       + "  sync median \(String(format: "%7.3f", f.medianSyncMs)) ms, max \(String(format: "%7.3f", f.maxSyncMs)) ms,"
-                      + " \(f.medianDirtyPages) pages")
+                      + " \(f.medianDirtyPages) pages; final sync \(String(format: "%7.3f", f.finalSyncMs)) ms, \(f.finalDirtyPages) pages;"
+                      + " start \(String(format: "%7.3f", f.startMs)) ms, stop \(String(format: "%7.3f", f.stopMs)) ms")
             }
         }
     }
 
-    /// A fresh VM runs the guest for one pass (RAM populated), then `seconds` under `method`.
+    /// A fresh VM runs the guest for one pass (RAM populated), then `seconds` under `method`,
+    /// then the final sync with the guest paused.
     private func measure(_ method: Method, image: [UInt8], size: Int) throws -> Figures {
         let memory = try GuestMemory(size: size)
         let vm = try KVMHost(memory: memory, vcpuCount: 1, image: image, serialPath: nil, incoming: false)
@@ -68,14 +80,14 @@ struct VMDirtyBenchCommand: ParsableCommand {
             guard monotonicNanoseconds() < deadline else { throw ValidationError("the guest made no pass in 60 s: is --boot the linear guest?") }
             usleep(10_000)
         }
-        var tracker: DirtyTracker?
-        var bitmap = [UInt64](repeating: 0, count: (memory.pageCount + 63) / 64)
-        switch method {
-        case .none: break
-        case .uffdWPAsync: tracker = try DirtyTracker(memory: memory)
-        case .kvmDirtyLog: try vm.machine.startDirtyLog(manualProtect: false)
-        case .kvmDirtyLogManual: try vm.machine.startDirtyLog(manualProtect: true)
+        let started = monotonicNanoseconds()
+        let tracker: (any DirtyTracker)? = switch method {
+        case .none: nil
+        case .uffdWPAsync: try PagemapDirtyTracker(memory: memory)
+        case .kvmDirtyLog: try KVMDirtyLog(machine: vm.machine, manualProtect: false)
+        case .kvmDirtyLogManual: try KVMDirtyLog(machine: vm.machine, manualProtect: true)
         }
+        let startMs = Double(monotonicNanoseconds() - started) / 1e6
         var syncTimes: [Double] = []
         var dirtyCounts: [Int] = []
         let start = monotonicNanoseconds()
@@ -83,14 +95,9 @@ struct VMDirtyBenchCommand: ParsableCommand {
         let end = start + UInt64(seconds * 1e9)
         while monotonicNanoseconds() < end {
             usleep(UInt32(intervalMs * 1000))
+            guard let tracker else { continue }
             let t = monotonicNanoseconds()
-            let dirty: Int
-            switch method {
-            case .none: continue
-            case .uffdWPAsync: dirty = try tracker!.sync { _, _ in }
-            case .kvmDirtyLog: dirty = try vm.machine.syncDirtyLog(&bitmap, clear: false)
-            case .kvmDirtyLogManual: dirty = try vm.machine.syncDirtyLog(&bitmap, clear: true)
-            }
+            let dirty = try tracker.sync { _, _ in }
             syncTimes.append(Double(monotonicNanoseconds() - t) / 1e6)
             dirtyCounts.append(dirty)
         }
@@ -98,12 +105,20 @@ struct VMDirtyBenchCommand: ParsableCommand {
         var f = Figures()
         f.passesPerSecond = Double(vm.serialBytes.value - passesBefore) / elapsed
         f.syncs = syncTimes.count
-        if !syncTimes.isEmpty {
+        f.startMs = tracker == nil ? 0 : startMs
+        if let tracker, !syncTimes.isEmpty {
             f.medianSyncMs = syncTimes.sorted()[syncTimes.count / 2]
             f.maxSyncMs = syncTimes.max()!
             f.medianDirtyPages = dirtyCounts.sorted()[dirtyCounts.count / 2]
+            usleep(UInt32(intervalMs * 1000))
+            vm.pauseVCPUs()
+            let t = monotonicNanoseconds()
+            f.finalDirtyPages = try tracker.sync(rearm: false) { _, _ in }
+            f.finalSyncMs = Double(monotonicNanoseconds() - t) / 1e6
+            let s = monotonicNanoseconds()
+            tracker.stop()
+            f.stopMs = Double(monotonicNanoseconds() - s) / 1e6
         }
-        tracker?.stop()
         return f
     }
 }

@@ -8,11 +8,13 @@ struct KVMGuestMigrationTests {
     static let memoryMiB = 256
 
     /// A source running `guest` and a destination waiting on a fresh port.
-    static func startPair(_ guest: BootSectorGuest, memoryMiB: Int = memoryMiB, backing: String = "anon") throws -> (src: VMProcess, dst: VMProcess) {
+    static func startPair(_ guest: BootSectorGuest, memoryMiB: Int = memoryMiB, backing: String = "anon",
+                          dirtyTracking: String? = nil) throws -> (src: VMProcess, dst: VMProcess) {
         let bed = try TestBed()
         let image = try guest.build(memoryMiB: memoryMiB, in: bed.directory)
         let dst = try VMProcess(directory: bed.directory, role: "dst", image: image, memoryMiB: memoryMiB, backing: backing, incoming: bed.uri)
-        let src = try VMProcess(directory: bed.directory, role: "src", image: image, memoryMiB: memoryMiB, backing: backing)
+        let src = try VMProcess(directory: bed.directory, role: "src", image: image, memoryMiB: memoryMiB, backing: backing,
+                                dirtyTracking: dirtyTracking)
         try src.waitForPasses(1)
         return (src, dst)
     }
@@ -79,13 +81,15 @@ struct KVMGuestMigrationTests {
     }
 
     @Test("precopy alone: the guest's writes through KVM are tracked, so the pages it rewrote go again and RAM passes QEMU's check",
-          .enabled(if: VMProcess.kvmMissing == nil, "\(VMProcess.kvmMissing ?? "")"))
-    func precopyOnly() throws {
-        let (src, dst) = try Self.startPair(.linear)
+          .enabled(if: VMProcess.kvmMissing == nil, "\(VMProcess.kvmMissing ?? "")"),
+          arguments: [("kvm-dirty-log", "kvm-dirty-log"), ("library", "pagemap-scan")])
+    func precopyOnly(dirtyTracking: String, method: String) throws {
+        let (src, dst) = try Self.startPair(.linear, dirtyTracking: dirtyTracking)
         for side in [src, dst] { try side.setCapabilities(postcopy: false) }
         try src.qmp.execute("migrate", [("uri", .string(dst.incomingURI))])
         let info = try src.waitForMigration()
         #expect(info["status"]?.stringValue == "completed", "\(info.jsonText)\n\(src.log)\n\(dst.log)")
+        #expect(info["x-dirty-tracking"]?.stringValue == method, "\(info.jsonText)")
         #expect(info["ram"]!["dirty-sync-count"]!.int >= 2)
         #expect(try src.qmp.execute("query-status")["status"]?.stringValue == "postmigrate")
         let passes = dst.passes

@@ -22,7 +22,7 @@ final class VMProcess {
     let incomingURI: String
 
     init(directory: String, role: String, image: String, memoryMiB: Int, vcpus: Int = 1, backing: String = "anon",
-         incoming: String? = nil) throws {
+         dirtyTracking: String? = nil, incoming: String? = nil) throws {
         self.role = role
         incomingURI = incoming ?? ""
         serialPath = "\(directory)/\(role).serial"
@@ -32,7 +32,8 @@ final class VMProcess {
         FileManager.default.createFile(atPath: logPath, contents: nil)
         process.executableURL = URL(fileURLWithPath: TestHost.executable)
         process.arguments = ["vm", "--memory", "\(memoryMiB)M", "--vcpus", String(vcpus), "--boot", image,
-                             "--backing", backing, "--qmp", qmpPath, "--serial", serialPath] + (incoming.map { ["--incoming", $0] } ?? [])
+                             "--backing", backing, "--qmp", qmpPath, "--serial", serialPath]
+            + (dirtyTracking.map { ["--dirty-tracking", $0] } ?? []) + (incoming.map { ["--incoming", $0] } ?? [])
         process.standardError = FileHandle(forWritingAtPath: logPath)
         process.standardOutput = FileHandle.nullDevice
         try process.run()
