@@ -37,8 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
 
 
-class RunFailed(Exception):
-    pass
+from recovery import Monitor, RunFailed  # one QMP client for the e2e scripts
 
 
 def free_port():
@@ -47,47 +46,6 @@ def free_port():
     port = s.getsockname()[1]
     s.close()
     return port
-
-
-class Monitor:
-    """A QMP connection: one command at a time; events are skipped."""
-
-    def __init__(self, path, name, timeout=30.0):
-        self.name = name
-        deadline = time.monotonic() + timeout
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX)
-            try:
-                self.sock.connect(path)
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise RunFailed(f"{name}: no QMP monitor at {path} within {timeout:g} s")
-                time.sleep(0.05)
-        self.sock.settimeout(60)
-        self.file = self.sock.makefile("rb")
-        self.file.readline()  # the greeting
-        self("qmp_capabilities")
-
-    def __call__(self, command, **arguments):
-        message = {"execute": command}
-        if arguments:
-            message["arguments"] = arguments
-        self.sock.sendall(json.dumps(message).encode() + b"\n")
-        while True:
-            line = self.file.readline()
-            if not line:
-                raise RunFailed(f"{self.name}: the monitor closed during {command}")
-            reply = json.loads(line)
-            if "event" not in reply:
-                break
-        if "error" in reply:
-            raise RunFailed(f"{self.name}: {command}: {reply['error'].get('desc')}")
-        return reply.get("return", {})
-
-    def close(self):
-        self.sock.close()
 
 
 def cpu_ticks(stat_path):
