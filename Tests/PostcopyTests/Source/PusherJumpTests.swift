@@ -195,4 +195,34 @@ struct PusherJumpTests {
         #expect(sent.count == 1024 - 4, "every page but the requested one and its read-ahead, once")
         #expect(Set(sent).count == sent.count)
     }
+
+    @Test("the pages the lanes took since the last jump are passed: the jump's chunk from the jump's page on, and the chunks after it")
+    func passedSinceTheJump() {
+        let pending = Self.allPending(4096)
+        let (jump, start) = Self.walk(4096, lanes: 2)
+        var cursors = start
+        #expect(!jump.passed(3000), "before any lane walked, nothing is passed")
+        Self.request(2999, readAhead: 0, pending, jump)
+        #expect(Self.sendOnce(&cursors[0], pending, jump) == [3000])
+        #expect(jump.passed(3000) && jump.passed(3071), "the jump's chunk, from the jump's page on")
+        #expect(!jump.passed(2990), "the jump's chunk before the jump's page")
+        #expect(!jump.passed(3072), "the next chunk, not taken yet")
+        #expect(Self.sendOnce(&cursors[1], pending, jump) == [3072])
+        #expect(jump.passed(3072) && jump.passed(3327))
+        #expect(!jump.passed(3328) && !jump.passed(0), "chunks further on, and the start of memory")
+        Self.request(100, readAhead: 0, pending, jump)
+        #expect(!jump.passed(101), "a jump no lane followed yet")
+        #expect(Self.sendOnce(&cursors[1], pending, jump) == [101])
+        #expect(jump.passed(101) && !jump.passed(3000), "the walk passed what it took since the new jump only")
+    }
+
+    @Test("once the walk went all the way round after a jump, every page is passed")
+    func passedAfterAWholeRound() {
+        let pending = Self.allPending(1024)
+        let (jump, start) = Self.walk(1024)
+        var cursor = start[0]
+        Self.request(500, readAhead: 0, pending, jump)
+        while Self.sendOnce(&cursor, pending, jump, maxRun: 256) != nil {}
+        #expect((0..<1024).allSatisfy { jump.passed($0) })
+    }
 }
