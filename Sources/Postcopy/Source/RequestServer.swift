@@ -2,7 +2,8 @@ import Logging
 
 /// The return path (the main connection's other direction): page requests are answered at once
 /// on the urgent channel (or main without postcopy-preempt) with the page and its read-ahead,
-/// then the background stream jumps past them. It also reads the destination's answer to
+/// then the background stream jumps past them (a page the stream is sending right now to a
+/// vCPU that sweeps memory comes with the stream instead). It also reads the destination's answer to
 /// "run" (`running` or a refusal), which alone decides who may run the guest, and `done`.
 ///
 /// Threads: `mig-requests`, from setup to the end of the migration or to a pause (a recovery
