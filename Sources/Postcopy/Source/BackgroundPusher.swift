@@ -2,8 +2,8 @@ import Logging
 
 /// The postcopy background stream: every page still pending goes to the destination while the
 /// guest runs there, in runs of up to `x-pages-per-frame` pages, on the main channel or with
-/// multifd on every multifd channel at once (one lane each). After each request every lane
-/// jumps to just after the requested page (`PushJump`, `PushLaneCursor`).
+/// multifd on every multifd channel at once (one lane each). The lanes take chunks of memory
+/// from one shared walk, which jumps to just after each requested page (`PushJump`).
 ///
 /// Threads: the control thread (one lane on main), or the multifd senders (one lane each).
 /// Hot path: allocates nothing per page.
@@ -15,12 +15,13 @@ extension OutgoingMigration {
         state.wait { $0.handover == .running || $0.status != .postcopyActive }
         guard state.read({ $0.handover == .running && $0.status == .postcopyActive }) else { return }
         Log.source.info("postcopy: the destination runs the guest; pushing \(pending.population()) pages")
+        jump.begin(pageCount: memory.pageCount)
         if let senders {
             let channels = multifd
             let lanes = senders.count
             _ = try senders.run { [self] lane in
                 do {
-                    try pushLane(lane, of: lanes, on: channels[lane])
+                    try pushLane(sharing: lanes, on: channels[lane])
                 } catch {
                     pauseOrFail(error)   // at once: the other lanes stop too
                     throw error
@@ -28,10 +29,11 @@ extension OutgoingMigration {
                 return 0
             }
         } else {
-            try pushLane(0, of: 1, on: main)
+            try pushLane(sharing: 1, on: main)
         }
-        // Whatever a lane passed over after a jump goes now, on main, in one sweep: pending
-        // only shrinks in postcopy, so the search goes on from where the last run ended.
+        // Whatever the lanes passed over (a jump racing the walk's end) goes now, on main, in
+        // one sweep: pending only shrinks in postcopy, so the search goes on from where the
+        // last run ended.
         var next = 0
         while !interrupt.isSet, next < memory.pageCount, let first = pending.firstSet(in: next..<memory.pageCount) {
             next = try sendRun(from: first, maxRun: maxPagesPerFrame, on: main).next
@@ -41,8 +43,8 @@ extension OutgoingMigration {
         }
     }
 
-    private func pushLane(_ lane: Int, of lanes: Int, on channel: Channel) throws {
-        var cursor = PushLaneCursor(lane: lane, of: lanes, pageCount: memory.pageCount, generation: jump.current.generation)
+    private func pushLane(sharing lanes: Int, on channel: Channel) throws {
+        var cursor = PushLaneCursor(pageCount: memory.pageCount, jump: jump)
         var pace = Pace(limit: postcopyBandwidthLimit, share: Int64(lanes))
         let maxRun = maxPagesPerFrame
         while !interrupt.isSet, let run = cursor.next(in: pending, jump: jump) {

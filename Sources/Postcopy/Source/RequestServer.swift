@@ -2,7 +2,8 @@ import Logging
 
 /// The return path (the main connection's other direction): page requests are answered at once
 /// on the urgent channel (or main without postcopy-preempt) with the page and its read-ahead,
-/// then the background stream jumps past them. It also reads the destination's answer to
+/// then the background stream jumps past them (a page the stream is sending right now to a
+/// vCPU that sweeps memory comes with the stream instead). It also reads the destination's answer to
 /// "run" (`running` or a refusal), which alone decides who may run the guest, and `done`.
 ///
 /// Threads: `mig-requests`, from setup to the end of the migration or to a pause (a recovery
@@ -17,6 +18,8 @@ extension OutgoingMigration {
         let readAhead = Int(settings.xPostcopyReadAhead)
         let readAheadRun = min(readAhead, maxPagesPerFrame)
         let channel = urgent ?? main
+        // The page of the last request: the next one right after it is a vCPU sweeping memory.
+        var lastRequested = Int.min / 2
         do {
             while true {
                 let header = try main.readHeader(scratch: scratch)
@@ -30,8 +33,15 @@ extension OutgoingMigration {
                         throw ProtocolError.unexpectedFrame(.request, while: "not in postcopy")
                     }
                     requests.add(1)
-                    // Always answer, even a page the pusher has claimed: it may be queued behind the stream.
                     let firstPage = Int(first)
+                    // A vCPU sweeping faster than the link faults at every frame the lanes send
+                    // it: a page just after the last request, claimed by the lanes since their
+                    // last jump, is in a lane's stream and comes with it (`PushJump.passed`).
+                    // Any other page is answered at once, even one the pusher claimed earlier:
+                    // it may be queued behind the stream.
+                    let sweeping = firstPage > lastRequested && firstPage - lastRequested <= 2 * PushJump.chunkPages
+                    lastRequested = firstPage
+                    if count == 1, sweeping, !pending.contains(firstPage), jump.passed(firstPage) { continue }
                     try channel.write(FrameHeader(.pages, count: UInt32(count), argument: first),
                                       payload: UnsafeRawPointer(bitPattern: memory.address(ofPage: firstPage)), length: Int(count) * pageSize)
                     for p in firstPage..<(firstPage + Int(count)) where pending.testAndClear(p) {

@@ -3,6 +3,7 @@ import Testing
 
 /// The background pusher's walk over the pending pages, without channels: a "send" here claims
 /// pages the way `sendRun` does (clearing their pending bits, one run up to the chunk's end).
+/// The lanes share one walk (`PushJump`), each with its own cursor.
 @Suite("Pusher: where the background stream goes after a requested page")
 struct PusherJumpTests {
     /// Sends one run for `cursor` (up to `maxRun` pages); returns the pages claimed, or nil when
@@ -27,6 +28,13 @@ struct PusherJumpTests {
         jump.move(to: ahead.upperBound)
     }
 
+    /// A walk over `pageCount` pages begun, and one cursor per lane.
+    static func walk(_ pageCount: Int, lanes: Int = 1) -> (PushJump, [PushLaneCursor]) {
+        let jump = PushJump()
+        jump.begin(pageCount: pageCount)
+        return (jump, (0..<lanes).map { _ in PushLaneCursor(pageCount: pageCount, jump: jump) })
+    }
+
     static func allPending(_ count: Int) -> AtomicBitmap {
         let bitmap = AtomicBitmap(count: count)
         bitmap.setAll()
@@ -36,8 +44,8 @@ struct PusherJumpTests {
     @Test("after a request for page N the stream continues at N+1, skipping pages already sent")
     func continuesAfterRequestedPage() {
         let pending = Self.allPending(1024)
-        let jump = PushJump()
-        var cursor = PushLaneCursor(lane: 0, of: 1, pageCount: 1024, generation: jump.current.generation)
+        let (jump, cursors) = Self.walk(1024)
+        var cursor = cursors[0]
         #expect(Self.sendOnce(&cursor, pending, jump) == [0])
         #expect(Self.sendOnce(&cursor, pending, jump) == [1])
         _ = pending.testAndClear(502)   // sent earlier, on another path
@@ -50,8 +58,8 @@ struct PusherJumpTests {
     @Test("after a request the read-ahead pages go with it and the stream continues past them")
     func readAheadIsSkipped() {
         let pending = Self.allPending(1024)
-        let jump = PushJump()
-        var cursor = PushLaneCursor(lane: 0, of: 1, pageCount: 1024, generation: jump.current.generation)
+        let (jump, cursors) = Self.walk(1024)
+        var cursor = cursors[0]
         Self.request(300, readAhead: 4, pending, jump)
         #expect((301..<305).allSatisfy { !pending.contains($0) }, "the read-ahead pages were sent with the request")
         #expect(Self.sendOnce(&cursor, pending, jump, maxRun: 8) == Array(305..<313))
@@ -62,8 +70,8 @@ struct PusherJumpTests {
     @Test("a request for the last page wraps the stream around to the first pending page")
     func wrapsAroundAtTheEnd() {
         let pending = Self.allPending(1024)
-        let jump = PushJump()
-        var cursor = PushLaneCursor(lane: 0, of: 1, pageCount: 1024, generation: jump.current.generation)
+        let (jump, cursors) = Self.walk(1024)
+        var cursor = cursors[0]
         for p in 0..<10 { _ = pending.testAndClear(p) }
         Self.request(1023, readAhead: 16, pending, jump)
         #expect(Self.sendOnce(&cursor, pending, jump) == [10])
@@ -72,8 +80,8 @@ struct PusherJumpTests {
     @Test("a lane that reached the end of memory goes on from the start until nothing is left")
     func lanePassesOverNothing() {
         let pending = Self.allPending(1024)
-        let jump = PushJump()
-        var cursor = PushLaneCursor(lane: 0, of: 1, pageCount: 1024, generation: jump.current.generation)
+        let (jump, cursors) = Self.walk(1024)
+        var cursor = cursors[0]
         Self.request(700, readAhead: 0, pending, jump)
         var sent: [Int] = []
         while let run = Self.sendOnce(&cursor, pending, jump, maxRun: 64) { sent += run }
@@ -88,8 +96,8 @@ struct PusherJumpTests {
         let pageCount = 5000   // not a multiple of the 256-page chunk
         let lanes = 3
         let pending = Self.allPending(pageCount)
-        let jump = PushJump()
-        var cursors = (0..<lanes).map { PushLaneCursor(lane: $0, of: lanes, pageCount: pageCount, generation: jump.current.generation) }
+        let (jump, start) = Self.walk(pageCount, lanes: lanes)
+        var cursors = start
         var timesSent = [Int](repeating: 0, count: pageCount)
         var requested = Set<Int>()
         var done = Set<Int>()
@@ -119,10 +127,102 @@ struct PusherJumpTests {
     @Test("a lane with nothing pending is done at once")
     func nothingLeftIsDone() {
         let pending = AtomicBitmap(count: 1024)
+        let (jump, start) = Self.walk(1024, lanes: 2)
+        var cursors = start
+        #expect(cursors[1].next(in: pending, jump: jump) == nil)
+        #expect(cursors[0].next(in: pending, jump: jump) == nil)
+        let (small, smallStart) = Self.walk(512, lanes: 4)   // 2 chunks for 4 lanes
+        var lanes = smallStart
+        let two = Self.allPending(512)
+        var sent = 0
+        for lane in 0..<4 { while let run = Self.sendOnce(&lanes[lane], two, small, maxRun: 256) { sent += run.count } }
+        #expect(sent == 512, "the first lanes send both chunks, the others find nothing")
+    }
+
+    @Test("a slow lane takes fewer chunks: when the fast one is done, at most the slow one's chunk is left")
+    func lanesEndTogether() {
+        let pageCount = 64 * PushJump.chunkPages
+        let pending = Self.allPending(pageCount)
+        let (jump, start) = Self.walk(pageCount, lanes: 2)
+        var cursors = start
+        var sent = [0, 0]
+        var step = 0
+        var fastDone = false
+        while !fastDone {
+            // Lane 0 sends a whole chunk each step, lane 1 one every fourth step.
+            if let run = Self.sendOnce(&cursors[0], pending, jump, maxRun: PushJump.chunkPages) {
+                sent[0] += run.count
+            } else {
+                fastDone = true
+            }
+            if step % 4 == 0, let run = Self.sendOnce(&cursors[1], pending, jump, maxRun: PushJump.chunkPages) {
+                sent[1] += run.count
+            }
+            step += 1
+            if step > 10_000 { break }
+        }
+        #expect(fastDone)
+        #expect(sent[0] > 3 * sent[1], "the fast lane sent most of the memory (\(sent))")
+        #expect(pending.population() <= PushJump.chunkPages, "no more than the chunk in the slow lane's hands is left")
+        while let run = Self.sendOnce(&cursors[1], pending, jump, maxRun: PushJump.chunkPages) { sent[1] += run.count }
+        #expect(sent[0] + sent[1] == pageCount)
+        #expect(pending.population() == 0)
+    }
+
+    @Test("a jump in the middle of another lane's chunk: both lanes leave their chunks for the jump")
+    func lanesFollowAJump() {
+        let pending = Self.allPending(4096)
+        let (jump, start) = Self.walk(4096, lanes: 2)
+        var cursors = start
+        #expect(Self.sendOnce(&cursors[0], pending, jump) == [0])
+        #expect(Self.sendOnce(&cursors[1], pending, jump) == [256])
+        Self.request(2999, readAhead: 0, pending, jump)
+        #expect(Self.sendOnce(&cursors[1], pending, jump) == [3000], "the jump's chunk, from the jump's page")
+        #expect(Self.sendOnce(&cursors[0], pending, jump) == [3072], "the chunk after it")
+        #expect(Self.sendOnce(&cursors[1], pending, jump) == [3001])
+    }
+
+    @Test("a walk begun after a request starts where the request left the jump")
+    func beginsAtTheLatestJump() {
+        let pending = Self.allPending(1024)
         let jump = PushJump()
-        var cursor = PushLaneCursor(lane: 1, of: 2, pageCount: 1024, generation: jump.current.generation)
-        #expect(cursor.next(in: pending, jump: jump) == nil)
-        var beyond = PushLaneCursor(lane: 3, of: 4, pageCount: 512, generation: 0)   // 2 chunks, no chunk of its own
-        #expect(beyond.next(in: Self.allPending(512), jump: jump) == nil)
+        Self.request(600, readAhead: 3, pending, jump)
+        jump.begin(pageCount: 1024)
+        var cursor = PushLaneCursor(pageCount: 1024, jump: jump)
+        #expect(Self.sendOnce(&cursor, pending, jump) == [604])
+        var sent = [604]
+        while let run = Self.sendOnce(&cursor, pending, jump, maxRun: 64) { sent += run }
+        #expect(sent.count == 1024 - 4, "every page but the requested one and its read-ahead, once")
+        #expect(Set(sent).count == sent.count)
+    }
+
+    @Test("the pages the lanes took since the last jump are passed: the jump's chunk from the jump's page on, and the chunks after it")
+    func passedSinceTheJump() {
+        let pending = Self.allPending(4096)
+        let (jump, start) = Self.walk(4096, lanes: 2)
+        var cursors = start
+        #expect(!jump.passed(3000), "before any lane walked, nothing is passed")
+        Self.request(2999, readAhead: 0, pending, jump)
+        #expect(Self.sendOnce(&cursors[0], pending, jump) == [3000])
+        #expect(jump.passed(3000) && jump.passed(3071), "the jump's chunk, from the jump's page on")
+        #expect(!jump.passed(2990), "the jump's chunk before the jump's page")
+        #expect(!jump.passed(3072), "the next chunk, not taken yet")
+        #expect(Self.sendOnce(&cursors[1], pending, jump) == [3072])
+        #expect(jump.passed(3072) && jump.passed(3327))
+        #expect(!jump.passed(3328) && !jump.passed(0), "chunks further on, and the start of memory")
+        Self.request(100, readAhead: 0, pending, jump)
+        #expect(!jump.passed(101), "a jump no lane followed yet")
+        #expect(Self.sendOnce(&cursors[1], pending, jump) == [101])
+        #expect(jump.passed(101) && !jump.passed(3000), "the walk passed what it took since the new jump only")
+    }
+
+    @Test("once the walk went all the way round after a jump, every page is passed")
+    func passedAfterAWholeRound() {
+        let pending = Self.allPending(1024)
+        let (jump, start) = Self.walk(1024)
+        var cursor = start[0]
+        Self.request(500, readAhead: 0, pending, jump)
+        while Self.sendOnce(&cursor, pending, jump, maxRun: 256) != nil {}
+        #expect((0..<1024).allSatisfy { jump.passed($0) })
     }
 }
