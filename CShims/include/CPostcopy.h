@@ -116,6 +116,11 @@ int cpc_accept_cloexec(int fd);
 /// getsockopt(SO_PEERCRED) on a unix socket: the connecting process's pid and uid. struct ucred
 /// needs _GNU_SOURCE. 0, or -1 and errno.
 int cpc_peer_credentials(int fd, int32_t *pid, uint32_t *uid);
+/// sched_setattr(2) on the calling thread, staying SCHED_OTHER at its nice value, with
+/// sched_runtime = nanoseconds: EEVDF's slice request (Linux 6.12; clamped to 0.1-100 ms). A
+/// thread with a shorter slice than the running one preempts it when it wakes. glibc has no
+/// wrapper, and struct sched_attr is missing from the 6.1 headers. 0, or -1 and errno.
+int cpc_request_slice(uint64_t nanoseconds);
 /// errno's symbolic name ("EEXIST"), or NULL when libc has none: strerrorname_np needs _GNU_SOURCE.
 const char *cpc_errno_name(int code);
 

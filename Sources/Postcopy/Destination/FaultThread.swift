@@ -19,6 +19,7 @@ extension IncomingMigration {
         let events = UnsafeMutableBufferPointer<FaultEvent>.allocate(capacity: batch)
         let scratch = UnsafeMutableBufferPointer<uffd_msg>.allocate(capacity: batch)
         defer { events.deallocate(); scratch.deallocate() }
+        ThreadScheduling.preferLatency()   // a request must not wait out a receiver's slice
         // The channel requests go on; nil while the migration is paused (the pages stay marked
         // requested and go out again once a recovery publishes the new one).
         var returnPath: Channel?

@@ -34,6 +34,7 @@ extension IncomingMigration {
         let buffer = UnsafeMutableRawPointer.allocate(byteCount: maxFrameBytes, alignment: 4096)
         defer { buffer.deallocate() }
         guard let uffd = state.read({ $0.uffd }) else { return }
+        if kind == .urgent { ThreadScheduling.preferLatency() }   // requested pages: see ThreadScheduling
         var switchover = Switchover()
         let idleLimit = kind == .main ? settings().incomingIdleTimeout : 0
         do {

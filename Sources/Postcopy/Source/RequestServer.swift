@@ -18,6 +18,7 @@ extension OutgoingMigration {
         let readAhead = Int(settings.xPostcopyReadAhead)
         let readAheadRun = min(readAhead, maxPagesPerFrame)
         let channel = urgent ?? main
+        ThreadScheduling.preferLatency()   // a request's answer must not wait out a lane's slice
         // The page of the last request: the next one right after it is a vCPU sweeping memory.
         var lastRequested = Int.min / 2
         do {
@@ -47,9 +48,12 @@ extension OutgoingMigration {
                     for p in firstPage..<(firstPage + Int(count)) where pending.testAndClear(p) {
                         normalPages.add(1)
                     }
-                    // Read-ahead: the pages right after a faulting one are the likeliest next
-                    // faults; the pending ones among them follow on the same channel.
-                    let ahead = PushJump.readAhead(afterRequestAt: firstPage, count: Int(count), readAhead: readAhead, pageCount: pageCount)
+                    // Read-ahead, for a vCPU sweeping memory only: the pages right after its
+                    // faulting one are its likeliest next faults, and the pending ones among them
+                    // follow on the same channel. After a fault anywhere else they would only
+                    // hold the channel (and the destination's receiver) from the next request.
+                    let ahead = sweeping ? PushJump.readAhead(afterRequestAt: firstPage, count: Int(count), readAhead: readAhead, pageCount: pageCount)
+                                         : firstPage + Int(count)..<firstPage + Int(count)
                     var next = ahead.lowerBound
                     while let p = pending.firstSet(in: next..<ahead.upperBound) {
                         next = try sendRun(from: p, maxRun: readAheadRun, upTo: ahead.upperBound, on: channel).next
