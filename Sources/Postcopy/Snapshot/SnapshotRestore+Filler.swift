@@ -11,11 +11,11 @@ import Glibc
 /// working set to prefetch, the vCPUs start once its chunks are in (`headStartDone`), as REAP does.
 ///
 /// Two lanes: each byte is copied twice on the way in (page cache to buffer, buffer to a new
-/// guest page) and a lane is bound by its core: one lane filled 1.5-1.9 GB/s, two reach
-/// 2.7-3.3 GB/s where a second core is free (BENCHMARKS.md). Other ways to spend one core less
-/// per byte measured no better here: UFFDIO_COPY straight from a mapping of the file, UFFDIO_MOVE
-/// of the read buffer's pages, and for memfd guests writing the memfd then UFFDIO_CONTINUE (the
-/// page cache's per-page cost outweighs the copy saved).
+/// guest page) and a lane is bound by its core, about 1.7 GB/s here; two filled 3.1 GB/s with
+/// the guest paused and 2.3 GB/s with it spinning on the other core (BENCHMARKS.md). Other ways
+/// to spend less of a core per byte measured no better: UFFDIO_COPY straight from a mapping of
+/// the file, UFFDIO_MOVE of the read buffer's pages, and for memfd guests writing the memfd then
+/// UFFDIO_CONTINUE (shmem's cost per page outweighs the copy saved).
 ///
 /// Hot path: allocates nothing per page (each lane's buffers and ring are made once); the lanes
 /// share the chunk order behind a lock taken once per chunk, which no vCPU ever waits on.
@@ -23,10 +23,13 @@ extension SnapshotRestore {
     static let fillChunkPages = 256
     static let fillDepth = 4
     static let fillLanes = 2
-    /// The nice value of the lanes after the first: they fill with the CPU the vCPUs, the fault
-    /// thread and the monitor leave (a second lane at the same priority slowed the guest's start,
-    /// `migrate-incoming` to `running`, from 7 to 18 ms on a busy 2-core machine).
-    static let extraLaneNice: Int32 = 10
+    /// Unless a working set is prefetched (the vCPUs then wait for the lanes), the lanes after
+    /// the first start this long after the vCPUs, so the monitor answers `migrate-incoming` and
+    /// the first queries without two lanes and the guest on every core: on a busy 2-core machine,
+    /// a second lane started at once slowed `migrate-incoming` to `running` from 7 to 18 ms
+    /// (medians of 6); the fill loses nothing measurable. (At nice 10 instead, it took nothing
+    /// from a guest spinning on the other core: the fill stayed at one lane's rate.)
+    static let extraLaneDelay = 0.02
 
     /// While a working set is recorded, the filler waits until the guest's faults settle (no
     /// new one for `recordQuietSeconds`, at most `recordWaitLimit`): a page it brought in first
@@ -47,10 +50,7 @@ extension SnapshotRestore {
         for lane in 1..<Self.fillLanes {
             do {
                 lanes.append(try JoinableThread("snap-fill-\(lane)") { [self] in
-                    // Only this thread's priority: a thread id names one thread to setpriority.
-                    if setpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(currentThreadID()), Self.extraLaneNice) != 0 {
-                        Log.destination.warning("\(SystemError("setpriority(\(Self.extraLaneNice)) of a fill lane")): it fills at the vCPUs' priority")
-                    }
+                    if prefetchChunks == 0 { waitUntilGuestRan(for: Self.extraLaneDelay) }
                     fillLane(uffd, order: order, prefetchedDone: prefetchedDone)
                 })
             } catch {
@@ -116,6 +116,14 @@ extension SnapshotRestore {
             headStartDone.update { $0 = true }
             fail(error)
         }
+    }
+
+    /// Returns once the vCPUs have run `seconds` (or the restore ended).
+    private func waitUntilGuestRan(for seconds: Double) {
+        state.wait(timeout: 5) { $0.runningNs != nil || $0.status.isTerminal }
+        guard let running = state.read({ $0.runningNs }) else { return }
+        let until = running + UInt64(seconds * 1e9), now = monotonicNanoseconds()
+        if until > now { usleep(UInt32((until - now) / 1000)) }
     }
 
     private func waitForFaultsToSettle() {
