@@ -6,13 +6,19 @@ Each run saves a stopped `postcopy host` guest to a file (`migrate file:PATH`), 
 new host with `--incoming defer`, sets postcopy-ram, and times `migrate-incoming file:PATH`
 until `query-status` says running (both over one QMP connection, so the figure includes two
 QMP round trips), then waits for the restore to complete and reports the fill rate (bytes of
-guest memory over the restore's total time), the fault count and the memory check.
+guest memory over the restore's total time), the restoring process's CPU time, the fault count
+and the memory check. The save is reported as a whole (QMP `migrate` to `completed`) and split
+as the save logs it: its pages into the page cache, then with the fsyncs that put them on disk.
 
   python3 Benchmarks/e2e/snapshot.py --binary .build/release/postcopy --runs 3 --memory 1000M
+  ... --paused          the destination stopped: the fill alone, no faults
+  ... --copy            postcopy-ram off: everything copied first, then the guest runs
+  ... --backing memfd   both hosts' guest memory in a memfd
 """
 import argparse
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -65,10 +71,34 @@ def wait_status(qmp, statuses, timeout=120):
     raise RuntimeError(f"no {statuses} within {timeout} s: {info}")
 
 
-def one_run(binary, memory, workload, directory, image, paused=False):
+RUN_LINE = re.compile(r"the guest runs from .* ([\d.]+) ms after migrate-incoming")
+SAVE_LINE = re.compile(r"into the page cache in ([\d.e-]+) s, on disk \(fsync\) ([\d.e-]+) s later")
+
+
+def save_phases(log, timeout=5):
+    """The save's own split of its time (the line it logs just after completing): pages into
+    the page cache, then the fsyncs."""
+    deadline = time.time() + timeout
+    while True:
+        with open(log) as f:
+            found = SAVE_LINE.search(f.read())
+        if found or time.time() > deadline:
+            return (float(found[1]), float(found[2])) if found else (None, None)
+        time.sleep(0.01)
+
+
+def cpu_seconds(pid):
+    """utime + stime of a process, from /proc (clock ticks)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def one_run(binary, memory, workload, directory, image, paused=False, backing="anon", lazy=True):
     src_qmp, dst_qmp = os.path.join(directory, "src.qmp"), os.path.join(directory, "dst.qmp")
-    src = subprocess.Popen([binary, "host", "--memory", memory, "--workload", workload, "--qmp", src_qmp],
-                           stderr=open(os.path.join(directory, "src.log"), "w"))
+    src_log = os.path.join(directory, "src.log")
+    src = subprocess.Popen([binary, "host", "--memory", memory, "--workload", workload, "--qmp", src_qmp, "--backing", backing],
+                           stderr=open(src_log, "w"))
     dst = None
     try:
         s = QMP(src_qmp)
@@ -80,28 +110,42 @@ def one_run(binary, memory, workload, directory, image, paused=False):
         save_s = time.time() - started
         if saved["status"] != "completed":
             raise RuntimeError(f"save failed: {saved}")
+        cache_s, fsync_s = save_phases(src_log)
         src.terminate()
-        dst = subprocess.Popen([binary, "host", "--memory", memory, "--workload", workload, "--qmp", dst_qmp,
-                                "--incoming", "defer"], stderr=open(os.path.join(directory, "dst.log"), "w"))
+        src.wait()
+        dst_log = os.path.join(directory, "dst.log")
+        dst = subprocess.Popen([binary, "host", "--memory", memory, "--workload", workload, "--qmp", dst_qmp, "--backing", backing,
+                                "--incoming", "defer"], stderr=open(dst_log, "w"))
         d = QMP(dst_qmp)
-        d.execute("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
+        d.execute("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": lazy}])
         if paused:
             d.execute("stop")   # no autostart: the fill runs alone, without the guest's faults
+        cpu0 = cpu_seconds(dst.pid)
         t0 = time.perf_counter()
         d.execute("migrate-incoming", uri=f"file:{image}")
         while not paused and d.execute("query-status")["status"] != "running":
-            pass
+            time.sleep(0 if lazy else 0.001)
         running_ms = (time.perf_counter() - t0) * 1000
         info = wait_status(d, {"completed", "failed"})
+        cpu = cpu_seconds(dst.pid) - cpu0
         total_ms = info.get("total-time", 0)
         size = info["ram"]["total"]
         d.execute("stop")
         check = d.execute("x-check-memory")
+        with open(dst_log) as f:
+            started = RUN_LINE.search(f.read())
         return {
             "save_gbps": size / save_s / 1e9,
+            "save_cache_gbps": size / cache_s / 1e9 if cache_s else 0,
+            "save_disk_gbps": size / (cache_s + fsync_s) / 1e9 if cache_s else 0,
             "running_ms": running_ms,
+            # The restore's own time from migrate-incoming to the vCPUs resumed (no QMP round trips).
+            "resumed_ms": float(started[1]) if started else 0,
             "fill_gbps": size / (total_ms / 1000) / 1e9 if total_ms else 0,
             "restore_total_ms": total_ms,
+            # The restoring process's CPU time over the restore: with --paused, the filler's cost
+            # per byte, less sensitive than the rate to what else the machine runs.
+            "restore_cpu_s": cpu,
             "faults": info["ram"].get("postcopy-requests", 0),
             "status": info["status"],
             "memory_ok": bool(check.get("ok")),
@@ -132,7 +176,8 @@ def vm_run(binary, qemu, image, memory_mb, directory, snapshot):
             return [binary, "vm", "--memory", f"{memory_mb}M", "--boot", image, "--qmp", qmp,
                     "--serial", serial if "vsrc" in qmp else os.devnull] + extra
         save_uri, load_uri = f"file:{snapshot}", f"file:{snapshot}"
-    src = subprocess.Popen(command(src_qmp, []), stderr=subprocess.DEVNULL)
+    src_log = os.path.join(directory, "vsrc.log")
+    src = subprocess.Popen(command(src_qmp, []), stderr=open(src_log, "w"))
     dst = None
     try:
         s = QMP(src_qmp)
@@ -147,6 +192,7 @@ def vm_run(binary, qemu, image, memory_mb, directory, snapshot):
         save_s = time.time() - started
         if saved["status"] != "completed":
             raise RuntimeError(f"save failed: {saved}")
+        cache_s = None if qemu else save_phases(src_log)[0]
         src.terminate()
         src.wait()
         dst = subprocess.Popen(command(dst_qmp, ["-incoming", "defer"] if qemu else ["--incoming", "defer"]), stderr=subprocess.DEVNULL)
@@ -162,7 +208,7 @@ def vm_run(binary, qemu, image, memory_mb, directory, snapshot):
                 pass
         ready_ms = (time.perf_counter() - t0) * 1000
         info = wait_status(d, {"completed", "failed"})
-        return {"save_s": save_s, "ready_ms": ready_ms, "file_mb": os.path.getsize(snapshot) / 1e6, "status": info["status"]}
+        return {"save_s": save_s, "save_cache_s": cache_s, "ready_ms": ready_ms, "file_mb": os.path.getsize(snapshot) / 1e6, "status": info["status"]}
     finally:
         for p in (src, dst):
             if p and p.poll() is None:
@@ -231,6 +277,9 @@ def main():
     parser.add_argument("--anchors", default=os.path.join(os.path.dirname(__file__), "../../../shared/anchors/qemu"))
     parser.add_argument("--paused", action="store_true",
                         help="restore with the destination stopped (no autostart): the fill alone, no faults")
+    parser.add_argument("--backing", default="anon", choices=["anon", "memfd"], help="what backs the hosts' guest memory")
+    parser.add_argument("--copy", action="store_true",
+                        help="restore with postcopy-ram off: everything copied first, then the guest runs (the comparison)")
     parser.add_argument("--working-set", action="store_true",
                         help="a hotcold guest saved in its hot phase: cold restore (recording) against a prefetched one")
     args = parser.parse_args()
@@ -260,7 +309,8 @@ def main():
                     rows.append(vm_run(os.path.abspath(args.binary), qemu, image, memory_mb, directory, snapshot))
                     os.unlink(snapshot)
                     r = rows[-1]
-                    print(f"{name} run {run + 1}: save {r['save_s']:.2f} s ({r['file_mb']:.0f} MB file); restored guest can run after "
+                    cached = f", into the page cache in {r['save_cache_s']:.2f} s" if r["save_cache_s"] else ""
+                    print(f"{name} run {run + 1}: save {r['save_s']:.2f} s ({r['file_mb']:.0f} MB file{cached}); restored guest can run after "
                           f"{r['ready_ms']:.1f} ms; {r['status']}", flush=True)
                 print(f"{name} medians: save {statistics.median(r['save_s'] for r in rows):.2f} s, ready "
                       f"{statistics.median(r['ready_ms'] for r in rows):.1f} ms", flush=True)
@@ -269,13 +319,17 @@ def main():
     with tempfile.TemporaryDirectory(prefix="snapshot-bench-", dir="/var/tmp") as directory:
         for run in range(args.runs):
             image = os.path.join(directory, "guest.img")
-            r = one_run(os.path.abspath(args.binary), args.memory, args.workload, directory, image, args.paused)
+            r = one_run(os.path.abspath(args.binary), args.memory, args.workload, directory, image, args.paused,
+                        args.backing, lazy=not args.copy)
             results.append(r)
-            print(f"run {run + 1}: save {r['save_gbps']:.2f} GB/s (stopped, page cache + fsync); running after "
-                  f"{r['running_ms']:.1f} ms; fill {r['fill_gbps']:.2f} GB/s over {r['restore_total_ms']} ms; "
-                  f"{r['faults']} faults; {r['status']}; memory {'ok' if r['memory_ok'] else 'FAILED'}", flush=True)
+            print(f"run {run + 1}: save {r['save_gbps']:.2f} GB/s (stopped, QMP migrate to completed; its own split: into the page "
+                  f"cache {r['save_cache_gbps']:.2f} GB/s, with the fsyncs {r['save_disk_gbps']:.2f} GB/s); running after "
+                  f"{r['running_ms']:.1f} ms (resumed after {r['resumed_ms']:.1f}); {'fill' if not args.copy else 'full copy'} {r['fill_gbps']:.2f} GB/s over "
+                  f"{r['restore_total_ms']} ms ({r['restore_cpu_s']:.2f} s CPU); {r['faults']} faults; {r['status']}; memory {'ok' if r['memory_ok'] else 'FAILED'}", flush=True)
             os.unlink(image)
-    medians = {k: statistics.median(r[k] for r in results) for k in ("save_gbps", "running_ms", "fill_gbps", "faults")}
+    keys = ("save_gbps", "save_cache_gbps", "save_disk_gbps", "running_ms", "resumed_ms", "fill_gbps", "restore_cpu_s", "faults")
+    medians = {k: statistics.median(r[k] for r in results) for k in keys}
+    print("ranges: " + ", ".join(f"{k} {min(r[k] for r in results):.2f}-{max(r[k] for r in results):.2f}" for k in keys))
     print("medians: " + ", ".join(f"{k} {v:.2f}" for k, v in medians.items()))
     print(json.dumps({"runs": results, "medians": medians}))
     sys.exit(0 if all(r["memory_ok"] and r["status"] == "completed" for r in results) else 1)

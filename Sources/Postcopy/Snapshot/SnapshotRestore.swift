@@ -12,8 +12,8 @@ import Glibc
 /// Everything that can refuse the file runs in `start()`, before anything is written to
 /// guest memory, and throws: the host stays `inmigrate` and may be given another file.
 ///
-/// Threads: `snap-fill` (lazy: the filler, which at the end joins `snap-faults`, the fault
-/// thread) or `snap-copy` (full copy); `waitUntilFinished` joins it.
+/// Threads: `snap-fill` (lazy: the filler's first lane, which at the end joins the other lanes
+/// and `snap-faults`, the fault thread) or `snap-copy` (full copy); `waitUntilFinished` joins it.
 /// Hot path: none in this file; the fault thread and the filler allocate nothing per page.
 public final class SnapshotRestore: @unchecked Sendable {
     public let memory: GuestMemory
@@ -38,6 +38,8 @@ public final class SnapshotRestore: @unchecked Sendable {
     /// Wakes the fault thread out of its poll at the end.
     let stopFaults: Descriptor
     var uffd: UserfaultFD?
+    /// Where the filler goes on: just past the latest page the fault thread served.
+    let fillJump = PushJump()
     /// `x-record-working-set`: the fault thread notes each page it serves.
     let recorder: WorkingSetRecorder?
     /// `x-prefetch`: pages the filler loads first, in this order.
@@ -67,8 +69,7 @@ public final class SnapshotRestore: @unchecked Sendable {
         file = try SnapshotFile(path: path)
         try file.check(fits: memory)
         self.prefetch = prefetch.isEmpty ? [] : try WorkingSet.read(path: prefetch, pageSize: memory.pageSize, pageCount: memory.pageCount)
-        let chunkPages = max(1, Self.fillChunkPages * 4096 / memory.pageSize)
-        prefetchChunks = Set(self.prefetch.map { Int($0) / chunkPages }).count
+        prefetchChunks = SnapshotFillOrder.chunks(of: self.prefetch, chunkPages: Self.fillChunkPages(pageSize: memory.pageSize))
         recorder = recordWorkingSet.isEmpty || !lazy ? nil
             : WorkingSetRecorder(path: recordWorkingSet, pageSize: memory.pageSize, pageCount: memory.pageCount)
         self.memory = memory

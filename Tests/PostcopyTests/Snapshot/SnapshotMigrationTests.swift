@@ -8,10 +8,10 @@ import Testing
 @Suite("snapshots to a file, restored in another host process", .serialized)
 struct SnapshotMigrationTests {
     /// A `linear` source that made a pass, saved to `bed.directory/guest.img` (stopped first
-    /// when `stopped`); returns the file's path once the save completed.
-    static func save(stopped: Bool, memory: String = "256M", vcpus: Int = 2) throws -> (src: TestHost, bed: TestBed, path: String) {
+    /// when `stopped`); returns the file's path once the save completed. `extra`: host options.
+    static func save(stopped: Bool, memory: String = "256M", vcpus: Int = 2, extra: [String] = []) throws -> (src: TestHost, bed: TestBed, path: String) {
         let bed = try TestBed()
-        let src = try TestHost(directory: bed.directory, role: "src", memory: memory, vcpus: vcpus)
+        let src = try TestHost(directory: bed.directory, role: "src", memory: memory, vcpus: vcpus, extra: extra)
         try src.waitForPasses(1)
         if stopped { try src.qmp.execute("stop") }
         let path = "\(bed.directory)/guest.img"
@@ -25,8 +25,8 @@ struct SnapshotMigrationTests {
     }
 
     /// A new host waiting with `--incoming defer`, capabilities set, restoring `path`.
-    static func restore(_ path: String, in bed: TestBed, lazy: Bool, memory: String = "256M", vcpus: Int = 2) throws -> TestHost {
-        let dst = try TestHost(directory: bed.directory, role: "dst", memory: memory, vcpus: vcpus, incoming: "defer")
+    static func restore(_ path: String, in bed: TestBed, lazy: Bool, memory: String = "256M", vcpus: Int = 2, extra: [String] = []) throws -> TestHost {
+        let dst = try TestHost(directory: bed.directory, role: "dst", memory: memory, vcpus: vcpus, incoming: "defer", extra: extra)
         let caps: [MonitorValue] = [
             .object([("capability", .string("postcopy-ram")), ("state", .bool(lazy))]),
             .object([("capability", .string("postcopy-blocktime")), ("state", .bool(lazy))]),
@@ -61,6 +61,17 @@ struct SnapshotMigrationTests {
         #expect(info["ram"]!["postcopy-requests"]!.int > 0, "the vCPUs faulted on pages served from the file: \(info.jsonText)")
         #expect(info["postcopy-blocktime"]?.intValue != nil)
         #expect(info["ram"]!["transferred"]!.int > 0)
+    }
+
+    @Test("a memfd-backed guest saved live restores lazily into a memfd-backed host: faults served from the file, memory checks out")
+    func memfdGuestLazyRestore() throws {
+        let memfd = ["--backing", "memfd"]
+        let (_, bed, path) = try Self.save(stopped: false, extra: memfd)
+        let dst = try Self.restore(path, in: bed, lazy: true, extra: memfd)
+        #expect(try dst.qmp.execute("query-status")["running"]?.boolValue == true)
+        try Self.expectRunsAndChecksOut(dst)
+        let info = try dst.query()
+        #expect(info["ram"]!["postcopy-requests"]!.int > 0, "the vCPUs faulted on pages served from the file: \(info.jsonText)")
     }
 
     @Test("a stopped guest saved and restored lazily checks out")
