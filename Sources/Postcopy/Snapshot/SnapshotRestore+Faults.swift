@@ -39,6 +39,7 @@ extension SnapshotRestore {
         sweepEnds.initialize(repeating: -1)
         var nextSweep = 0
         defer { events.deallocate(); scratch.deallocate(); pages.deallocate(); slotPages.deallocate(); sweepEnds.deallocate() }
+        ThreadScheduling.preferLatency()   // a fault's read must not wait out a fill lane's slice
         do {
             let ring = try IOURing(entries: UInt32(batch))
             while !finished.isSet {
