@@ -31,6 +31,8 @@ SCENARIOS = {
     # a second on QEMU's destination); paced to that rate, the blocktimes compare like for like.
     "linear-postcopy-paced": ("linear.S", "linear", "postcopy", [], "--touch-ns 3900"),
     "random-postcopy": (None, "random", "postcopy", [], ""),
+    # Paced random touches (one per 20 us per vCPU): for the per-vCPU table with --vcpus N.
+    "random-postcopy-paced": (None, "random", "postcopy", ["--cap", "postcopy-preempt"], "--touch-ns 20000"),
     "hotcold-precopy": ("hotcold.S", "hotcold", "precopy", [], ""),
     # `postcopy vm` boots the QEMU guest's own image under KVM ("vm" as our workload).
     "vm-linear-postcopy-preempt": ("linear.S", "vm", "postcopy", ["--cap", "postcopy-preempt"], ""),
