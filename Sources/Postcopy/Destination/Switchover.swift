@@ -31,7 +31,9 @@ extension IncomingMigration {
 
     func receiveDeviceState(_ header: FrameHeader, on channel: Channel, after switchover: inout Switchover, uffd: UserfaultFD) throws {
         if !switchover.discards.isEmpty {
+            let start = monotonicNanoseconds()
             try applyDiscards(switchover.discards, uffd: uffd)
+            Log.destination.debug("switch: \(switchover.discards.count) stale ranges dropped in \((monotonicNanoseconds() - start) / 1000) µs")
             switchover.discards = []
         }
         let length = Int(header.count)

@@ -47,10 +47,14 @@ extension OutgoingMigration {
     /// migrate_start_postcopy: pause, final sync, tell the destination which of the pages it has
     /// went stale (it drops them so they fault again), then the device state and run.
     func switchToPostcopy(_ main: Channel, tracker: any DirtyTracker) throws {
+        let start = monotonicNanoseconds()
         try pauseVCPUs()
+        let paused = monotonicNanoseconds()
         try finalSync(tracker)
+        let synced = monotonicNanoseconds()
         precopyEndBytes.store(totalWritten())
         try syncMultifd(main)
+        let drained = monotonicNanoseconds()
         // Discard ranges: pending pages the destination already got in precopy.
         let stale = { (p: Int) in self.pending.contains(p) && self.sentOnce.contains(p) }
         var ranges = 0
@@ -82,7 +86,14 @@ extension OutgoingMigration {
         guard switched else { throw MigrationError.cancelled }
         answeringRequests.set()
         Log.source.info("switching to postcopy: \(pending.population()) pages left, \(ranges) stale ranges discarded")
+        let discarded = monotonicNanoseconds()
         try sendDeviceStateAndRun(main)
+        let us = { (from: UInt64, to: UInt64) in (to - from) / 1000 }
+        Log.source.debug("""
+            switch to postcopy (µs): pause \(us(start, paused)), final sync \(us(paused, synced)), \
+            multifd drained \(us(synced, drained)), discards \(us(drained, discarded)), \
+            device state and run \(us(discarded, monotonicNanoseconds()))
+            """)
     }
 
     /// The last look at what the (now paused) vCPUs wrote: read, not re-armed. The tracking
