@@ -54,7 +54,9 @@ class CPUSampler(threading.Thread):
                         cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
                     except OSError:
                         continue
-                    migrating = "qmp-migrate-" in cmd and "qmp-migrate.py" not in cmd
+                    if "qmp-migrate.py" in cmd:
+                        continue  # the harness, or a host it forked that has not exec'd yet: look again
+                    migrating = "qmp-migrate-" in cmd
                     self.roles[pid] = ("src" if "src.qmp" in cmd else "dst" if "dst.qmp" in cmd else None) if migrating else None
                 role = self.roles[pid]
                 if role is None:
