@@ -13,7 +13,7 @@ import Glibc
 /// Hot path: allocates nothing per page or per fault (the event buffers are made once per
 /// attempt); the only lock is the return path's write lock, shared with runtime threads only
 /// (the return path itself is re-read under a lock only when its generation changed). With
-/// `x-request-breakdown`, a request costs two more clock reads and two atomic swaps.
+/// `x-request-breakdown`, a request costs two more clock reads and an atomic swap.
 extension IncomingMigration {
     func faultLoop(_ uffd: UserfaultFD, stop: Int32) {
         let batch = 64
@@ -44,7 +44,7 @@ extension IncomingMigration {
                         blocktime.pagesArrived(first: page, count: 1, now: now)
                     } else if requested.testAndSet(page), let channel = returnPath {
                         do {
-                            try request(page, on: channel, readAt: now, fromFault: true, breakdown: breakdown)
+                            try request(page, on: channel, faultReadAt: now, breakdown: breakdown)
                         } catch {
                             fail(error)   // after the switch: a pause; the vCPU waits for the recovery
                             returnPath = nil
@@ -68,8 +68,7 @@ extension IncomingMigration {
                 let page = w * 64 + missing.trailingZeroBitCount
                 missing &= missing - 1
                 do {
-                    try request(page, on: channel, readAt: breakdown == nil ? 0 : monotonicNanoseconds(), fromFault: false,
-                                breakdown: breakdown)
+                    try request(page, on: channel, faultReadAt: nil, breakdown: breakdown)
                 } catch {
                     fail(error)
                     return false
@@ -79,14 +78,15 @@ extension IncomingMigration {
         return true
     }
 
-    /// Writes the request for `page`; with the breakdown, the page is stamped around the write
-    /// (from `readAt`: the fault's read, or now for a request sent again).
+    /// Writes the request for `page` (for a fault read at `faultReadAt`, or again after a
+    /// recovery); with the breakdown, the page is stamped at the write's call.
     @inline(__always)
-    private func request(_ page: Int, on channel: Channel, readAt: UInt64, fromFault: Bool, breakdown: RequestBreakdown?) throws {
-        breakdown?.requesting(page, at: readAt, fromFault: fromFault)
+    private func request(_ page: Int, on channel: Channel, faultReadAt: UInt64?, breakdown: RequestBreakdown?) throws {
+        let writeAt = breakdown == nil ? 0 : monotonicNanoseconds()
+        breakdown?.requesting(page, at: writeAt, fromFault: faultReadAt != nil)
         try channel.write(FrameHeader(.request, count: 1, argument: UInt64(page)))
         requestsSent.add(1)
-        breakdown?.requested(page, readAt: readAt, writtenAt: monotonicNanoseconds(), fromFault: fromFault)
+        breakdown?.requested(faultReadAt: faultReadAt, writeAt: writeAt, returnedAt: monotonicNanoseconds())
     }
 
     /// Empties the wake-up eventfd (non-blocking): a recovery's wake-up has been seen.

@@ -16,8 +16,8 @@ import Synchronization
 /// each stamp changes only by atomic swaps of its own word, so the fault thread and a receiver
 /// never both count a request, nor does one go uncounted, whatever their order.
 final class RequestBreakdown: @unchecked Sendable {
-    /// Per page: 0 (never requested), when its request was written (monotonic ns; the fault's
-    /// read time until the write returns), or `arrived` once the page is here.
+    /// Per page: 0 (never requested), when its request's write was called (monotonic ns), or
+    /// `arrived` once the page is here.
     private let stamps: UnsafeMutablePointer<Atomic<UInt64>>
     private let pageCount: Int
     private static let arrived = UInt64.max
@@ -27,6 +27,8 @@ final class RequestBreakdown: @unchecked Sendable {
     private let answeredByStream = AtomicCounter()
     private let faultThread = StageTime()
     private let roundTrip = StageTime()
+    /// The request's write call, within the round trip.
+    private let requestWrite = StageTime()
     private let payload = StageTime()
     private let placement = StageTime()
 
@@ -48,11 +50,13 @@ final class RequestBreakdown: @unchecked Sendable {
         stamps.deallocate()
     }
 
-    /// The fault thread is about to request `page`: for a fault read at `readAt` (`fromFault`),
-    /// or again after a recovery; the round trip will start at the write.
+    /// The fault thread is about to write the request for `page`, at `writeAt` (a fault's, or
+    /// one sent again after a recovery: `fromFault` false). The round trip starts here, at the
+    /// write's call: the write itself wakes the source's request server and may lose the core to
+    /// it, so where it returns the answer can be on its way already.
     @inline(__always)
-    func requesting(_ page: Int, at readAt: UInt64, fromFault: Bool) {
-        let old = stamps[page].exchange(readAt, ordering: .acquiringAndReleasing)
+    func requesting(_ page: Int, at writeAt: UInt64, fromFault: Bool) {
+        let old = stamps[page].exchange(writeAt, ordering: .acquiringAndReleasing)
         if old == Self.arrived {
             // Placed after the fault thread saw it missing: no frame will take this stamp, so a
             // fault's request counts as answered by the stream here (it still goes out, as
@@ -67,13 +71,12 @@ final class RequestBreakdown: @unchecked Sendable {
         }   // else sent again after a recovery: the same request, its clock restarted
     }
 
-    /// The request for `page` is written, at `now`: the fault thread's stage ends (`fromFault`:
-    /// it began with a fault's read). A receiver that took the stamp already (the answer came
-    /// before the write returned) timed the round trip from the read; it stays so.
+    /// The request was written: called at `writeAt`, returned at `returnedAt`; a fault's
+    /// request (read at `faultReadAt`) ends the fault thread's stage at the call.
     @inline(__always)
-    func requested(_ page: Int, readAt: UInt64, writtenAt now: UInt64, fromFault: Bool) {
-        if fromFault { faultThread.add(from: readAt, to: now) }
-        _ = stamps[page].compareExchange(expected: readAt, desired: now, ordering: .acquiringAndReleasing)
+    func requested(faultReadAt: UInt64?, writeAt: UInt64, returnedAt: UInt64) {
+        if let faultReadAt { faultThread.add(from: faultReadAt, to: writeAt) }
+        requestWrite.add(from: writeAt, to: returnedAt)
     }
 
     /// `page` is here, placed by a frame; `answer` holds the frame's times when it is the answer
@@ -96,7 +99,7 @@ final class RequestBreakdown: @unchecked Sendable {
         MigrationInfo.RequestBreakdown(
             counts: [.init(name: "requests", value: requests.value), .init(name: "answered", value: answered.value),
                      .init(name: "answered-by-stream", value: answeredByStream.value)],
-            stages: [faultThread.info("fault-thread"), roundTrip.info("round-trip"), payload.info("payload"),
-                     placement.info("placement")])
+            stages: [faultThread.info("fault-thread"), roundTrip.info("round-trip"), requestWrite.info("request-write"),
+                     payload.info("payload"), placement.info("placement")])
     }
 }

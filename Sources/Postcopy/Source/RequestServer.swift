@@ -9,7 +9,7 @@ import Logging
 /// Threads: `mig-requests`, from setup to the end of the migration or to a pause (a recovery
 /// starts another on the new connection).
 /// Hot path: allocates nothing per page; no state lock per request (only the channel's write lock).
-/// With `x-request-breakdown`, two or three clock reads per request (RequestServiceTimes).
+/// With `x-request-breakdown`, three or four clock reads per request (RequestServiceTimes).
 extension OutgoingMigration {
     func serveReturnPath(_ main: Channel, urgent: Channel?) {
         let scratch = UnsafeMutableRawPointer.allocate(byteCount: Channel.maxMessageBytes, alignment: 16)
@@ -49,12 +49,14 @@ extension OutgoingMigration {
                         times?.leftToStream.add(1)
                         continue
                     }
+                    let writeAt = times == nil ? 0 : monotonicNanoseconds()
                     try channel.write(FrameHeader(.pages, count: UInt32(count), argument: first),
                                       payload: UnsafeRawPointer(bitPattern: memory.address(ofPage: firstPage)), length: Int(count) * pageSize)
                     let answeredAt = times == nil ? 0 : monotonicNanoseconds()
                     if let times {
                         times.answered.add(1)
-                        times.service.add(from: readAt, to: answeredAt)
+                        times.service.add(from: readAt, to: writeAt)
+                        times.answerWrite.add(from: writeAt, to: answeredAt)
                     }
                     for p in firstPage..<(firstPage + Int(count)) where pending.testAndClear(p) {
                         normalPages.add(1)

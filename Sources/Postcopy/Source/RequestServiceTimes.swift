@@ -8,8 +8,11 @@ final class RequestServiceTimes: Sendable {
     /// Requests answered with their page, and those left to the stream (it is sending the page).
     let answered = AtomicCounter()
     let leftToStream = AtomicCounter()
-    /// Request read → answer written.
+    /// Request read → the answer's write called (the server's own work), and that write's call
+    /// → its return: the page into the socket and, on one host, its delivery and the
+    /// receiver's wake-up, which may take the core from the server before the write returns.
     let service = StageTime()
+    let answerWrite = StageTime()
     /// Answer written → its read-ahead written, for the answers followed by read-ahead.
     let readAhead = StageTime()
     let readAheadBytes = AtomicCounter()
@@ -19,6 +22,6 @@ final class RequestServiceTimes: Sendable {
             counts: [.init(name: "requests", value: requests), .init(name: "answered", value: answered.value),
                      .init(name: "left-to-stream", value: leftToStream.value),
                      .init(name: "readahead-bytes", value: readAheadBytes.value)],
-            stages: [service.info("service"), readAhead.info("readahead")])
+            stages: [service.info("service"), answerWrite.info("answer-write"), readAhead.info("readahead")])
     }
 }

@@ -1,13 +1,17 @@
 /// `x-request-breakdown` (a migration parameter, off by default): where a postcopy page
 /// request's time goes, stage by stage, each side timing its own stages on its own clock.
 ///
-///   destination: fault read ─fault-thread─► request written ─round-trip─► answer's header read
-///                ─payload─► payload read ─placement─► page placed (UFFDIO_COPY back, vCPU woken)
-///   source:      request read ─service─► answer written ─readahead─► its read-ahead written
+///   destination: fault read ─fault-thread─► request's write called ─round-trip─► answer's header
+///                read ─payload─► payload read ─placement─► page placed (UFFDIO_COPY back)
+///                (request-write: that write's call → its return, within the round trip)
+///   source:      request read ─service─► answer's write called ─answer-write─► returned
+///                ─readahead─► its read-ahead written
 ///
-/// The destination's round trip holds the source's service and read-ahead, the two sockets,
-/// anything queued on the urgent channel before the answer, and the receiver's wake-up.
-/// The recorders are Destination/RequestBreakdown.swift and Source/RequestServiceTimes.swift.
+/// The destination's first three stages add up to the fault latency blocktime counts (it stamps
+/// the arrival before UFFDIO_COPY). The round trip holds the source's stages, the two sockets,
+/// anything queued on the urgent channel before the answer, and the wake-ups. A write returns
+/// late when the thread it wakes takes the writer's core, so the writes are stages of their
+/// own. The recorders are Destination/RequestBreakdown.swift and Source/RequestServiceTimes.swift.
 extension MigrationInfo {
     public struct RequestBreakdown: Sendable, Equatable {
         /// A count of requests, by its QMP name ("requests", "answered", ...).

@@ -30,8 +30,8 @@ struct RequestBreakdownTests {
         #expect(requests > 0 && requests == dinfo["ram"]?["postcopy-requests"]?.int, "\(dinfo.jsonText)")
         #expect(d["answered"]!.int + d["answered-by-stream"]!.int == requests, "\(d.jsonText)")
         #expect(d["answered"]!.int > 0, "\(d.jsonText)")
-        #expect(d["fault-thread"]?["count"]?.int == requests, "\(d.jsonText)")
-        for stage in ["fault-thread", "round-trip", "payload", "placement"] {
+        #expect(d["fault-thread"]?["count"]?.int == requests && d["request-write"]?["count"]?.int == requests, "\(d.jsonText)")
+        for stage in ["fault-thread", "round-trip", "request-write", "payload", "placement"] {
             #expect(d[stage]!["mean-ns"]!.int > 0, "\(stage): \(d.jsonText)")
         }
         for stage in ["round-trip", "payload", "placement"] {
@@ -41,7 +41,9 @@ struct RequestBreakdownTests {
         // Source: each request it read was answered, or left to the stream that was sending it.
         let s = try #require(info["x-request-breakdown"], "\(info.jsonText)")
         #expect(s["answered"]!.int + s["left-to-stream"]!.int == s["requests"]!.int, "\(s.jsonText)")
-        #expect(s["service"]!["count"]!.int == s["answered"]!.int && s["service"]!["mean-ns"]!.int > 0, "\(s.jsonText)")
+        for stage in ["service", "answer-write"] {
+            #expect(s[stage]!["count"]!.int == s["answered"]!.int && s[stage]!["mean-ns"]!.int > 0, "\(stage): \(s.jsonText)")
+        }
 
         // One line each in `info migrate`.
         #expect(try dst.qmp.run("info migrate").contains("request breakdown: requests \(requests), answered "))
