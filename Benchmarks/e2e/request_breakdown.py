@@ -20,7 +20,13 @@ loopback delivers the bytes and wakes the reader, which may take the writer's co
 write returns) and the source's service (request read -> answer's write called); the rest is
 the sockets, the wake-ups and anything queued on the urgent channel before the answer. Both
 hosts run on this machine, so the source's figures can be set beside the destination's; the
-product never compares clocks across hosts.
+product never compares clocks across hosts. Requests answered by the stream (the page came
+first in another frame) are timed apart, as their whole wait (stream-wait); spread over all
+requests it is the rest of the blocktime per request.
+
+From /proc (schedstat and status), between the switch and the end, the path threads'
+(mig-faults, mig-requests, mig-urgent, vcpu0) time waiting for a CPU once runnable, their CPU
+time and how often they were preempted, each per request: the wake-ups' share.
 
     python3 Benchmarks/e2e/request_breakdown.py --binary .build/release/postcopy --runs 3
     python3 Benchmarks/e2e/request_breakdown.py --runs 3 --readahead 0 --workload linear
@@ -37,12 +43,59 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from recovery import Monitor, RunFailed, free_port, median, passes, wait_for  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+
+# The threads a request crosses, by side: their scheduler figures show the wake-ups.
+PATH_THREADS = (("dst", "mig-faults"), ("src", "mig-requests"), ("dst", "mig-urgent"), ("dst", "vcpu0"))
+
+
+def thread_sched(pids):
+    """{(role, name): [cpu ns, run-queue wait ns, involuntary switches]} of the request path's threads."""
+    out = {}
+    for role, pid in pids.items():
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                name = open(f"/proc/{pid}/task/{tid}/comm").read().strip()
+                if (role, name) not in PATH_THREADS:
+                    continue
+                cpu, wait, _ = (int(x) for x in open(f"/proc/{pid}/task/{tid}/schedstat").read().split())
+                status = open(f"/proc/{pid}/task/{tid}/status").read()
+            except OSError:
+                continue
+            involuntary = int(status.split("nonvoluntary_ctxt_switches:")[1].split()[0])
+            out[(role, name)] = [cpu, wait, involuntary]
+    return out
+
+
+class SchedSampler(threading.Thread):
+    """Samples the path threads' figures until stopped: a thread that ends (the fault thread
+    with the migration) keeps its last values."""
+
+    def __init__(self, pids):
+        super().__init__(daemon=True)
+        self.pids, self.first, self.last, self.running = pids, thread_sched(pids), {}, True
+        self.start()
+
+    def run(self):
+        while self.running:
+            self.last.update(thread_sched(self.pids))
+            time.sleep(0.02)
+
+    def stop(self):
+        self.running = False
+        self.join()
+        return {k: [b - a for a, b in zip(self.first.get(k, [0, 0, 0]), v)] for k, v in self.last.items()}
 
 
 def run_once(a, breakdown):
@@ -69,9 +122,11 @@ def run_once(a, breakdown):
         time.sleep(a.warm)
         src("migrate", uri=f"tcp:127.0.0.1:{port}")
         time.sleep(a.switch)
+        sampler = SchedSampler({"dst": procs[0].pid, "src": procs[1].pid})
         src("migrate-start-postcopy")
         wait_for(lambda: src("query-migrate")["status"] in ("completed", "failed"), 120, "end of the migration")
         wait_for(lambda: dst("query-migrate")["status"] in ("completed", "failed"), 30, "end on the destination")
+        sched = sampler.stop()
         info, dinfo = src("query-migrate"), dst("query-migrate")
     finally:
         for p in procs:
@@ -86,6 +141,13 @@ def run_once(a, breakdown):
          "blocktime_ms": dinfo.get("postcopy-blocktime"), "vcpu_blocktime_ms": blocked_ms,
          "blocktime_per_request_us": round(blocked_ms * 1000 / requests, 1) if requests else None,
          "fault_latency_us": round(dinfo.get("postcopy-latency", 0) / 1000, 1)}
+    # Per request, from the switch to the end: each path thread's time waiting for a CPU once
+    # runnable (wake-ups, preemption), its CPU time, and how often it was preempted.
+    for (role, name), (cpu, wait, involuntary) in sched.items():
+        if requests:
+            r[f"{name}_runqueue_us"] = round(wait / 1000 / requests, 2)
+            r[f"{name}_cpu_us"] = round(cpu / 1000 / requests, 2)
+            r[f"{name}_preempted"] = round(involuntary / requests, 3)
     if breakdown:
         d, s = dinfo["x-request-breakdown"], info["x-request-breakdown"]
         us = lambda stage: round(stage["mean-ns"] / 1000, 2)
@@ -101,6 +163,8 @@ def run_once(a, breakdown):
         # this is below what the sockets and wake-ups took.
         r["rest_of_round_trip_us"] = round(r["round_trip_us"] - r["request_write_us"] - r["service_us"]
                                            - r["answer_write_us"], 2)
+        r["stream_wait_us"] = us(d["stream-wait"])
+        r["stream_wait_per_request_us"] = round(d["stream-wait"]["total-ns"] / 1000 / max(d["requests"], 1), 2)
         r["to_arrival_us"] = round(r["fault_thread_us"] + r["round_trip_us"] + r["payload_us"], 2)
     return r
 
@@ -116,6 +180,8 @@ def table(runs):
             ("payload: header -> payload read", "payload_us"),
             ("sum: fault read -> the arrival blocktime counts", "to_arrival_us"),
             ("placement: UFFDIO_COPY, after the arrival", "placement_us"),
+            ("answered by the stream: request's write -> arrival", "stream_wait_us"),
+            ("  the same, spread over all requests", "stream_wait_per_request_us"),
             ("blocktime per request (query-migrate)", "blocktime_per_request_us"),
             ("fault latency, mean (postcopy-latency)", "fault_latency_us")]
     lines = [f"{'stage':56} {'mean us':>9} {'range':>15} {'share':>7}"]
@@ -126,6 +192,11 @@ def table(runs):
         m = median(values)
         share = f"{100 * m / per:5.1f} %" if per else ""
         lines.append(f"{label:56} {m:9.1f} {f'{min(values):g}-{max(values):g}':>15} {share:>7}")
+    lines.append("per request, from the switch to the end (schedstat): run-queue wait / CPU time / times preempted")
+    for _, name in PATH_THREADS:
+        values = [[r.get(f"{name}_{k}") for r in runs] for k in ("runqueue_us", "cpu_us", "preempted")]
+        if all(v is not None for v in values[0]):
+            lines.append(f"  {name:14} {median(values[0]):8.1f} us {median(values[1]):8.1f} us {median(values[2]):8.3f}")
     lines.append("(source: {} of {} answers were followed by read-ahead, {} KiB in {} us)".format(
         median([r["readaheads"] for r in runs]), median([r["answered_source"] for r in runs]),
         median([r["readahead_kib"] for r in runs]), median([r["readahead_us"] for r in runs])))

@@ -203,7 +203,7 @@ extension IncomingMigration {
         if let breakdown {
             for p in first..<(first + count) where received.testAndSet(p) {
                 newly += 1
-                breakdown.arrived(p, answer: p == first ? answer : nil)
+                breakdown.arrived(p, placedAt: placedAt, answer: p == first ? answer : nil)
             }
         } else {
             for p in first..<(first + count) where received.testAndSet(p) { newly += 1 }

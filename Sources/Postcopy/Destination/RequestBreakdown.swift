@@ -31,6 +31,9 @@ final class RequestBreakdown: @unchecked Sendable {
     private let requestWrite = StageTime()
     private let payload = StageTime()
     private let placement = StageTime()
+    /// For a request answered by the stream: its write called → its page's frame read (the
+    /// arrival blocktime counts), the whole of its wait.
+    private let streamWait = StageTime()
 
     /// When an answer frame's header was read, its payload read, and its page placed.
     struct FrameTimes {
@@ -79,14 +82,16 @@ final class RequestBreakdown: @unchecked Sendable {
         requestWrite.add(from: writeAt, to: returnedAt)
     }
 
-    /// `page` is here, placed by a frame; `answer` holds the frame's times when it is the answer
-    /// to a request for `page` (see the type's note), nil for any other frame.
+    /// `page` is here, placed by a frame whose payload was read at `placedAt`; `answer` holds
+    /// the frame's times when it is the answer to a request for `page` (see the type's note),
+    /// nil for any other frame.
     @inline(__always)
-    func arrived(_ page: Int, answer: FrameTimes?) {
+    func arrived(_ page: Int, placedAt: UInt64, answer: FrameTimes?) {
         let stamp = stamps[page].exchange(Self.arrived, ordering: .acquiringAndReleasing)
         guard stamp != 0, stamp != Self.arrived else { return }
         guard let answer else {
             answeredByStream.add(1)
+            streamWait.add(from: stamp, to: placedAt)
             return
         }
         answered.add(1)
@@ -100,6 +105,6 @@ final class RequestBreakdown: @unchecked Sendable {
             counts: [.init(name: "requests", value: requests.value), .init(name: "answered", value: answered.value),
                      .init(name: "answered-by-stream", value: answeredByStream.value)],
             stages: [faultThread.info("fault-thread"), roundTrip.info("round-trip"), requestWrite.info("request-write"),
-                     payload.info("payload"), placement.info("placement")])
+                     payload.info("payload"), placement.info("placement"), streamWait.info("stream-wait")])
     }
 }
