@@ -39,6 +39,7 @@ extension IncomingMigration {
         }
         info.ram = ram
         info.errorDescription = s.error
+        info.requestBreakdown = s.requestBreakdown?.info()
         info.recovery = s.pauses.info(now: s.endNs ?? now, missingPages: UInt64(memory.pageCount) - present)
         return info
     }

@@ -82,6 +82,8 @@ public final class IncomingMigration: @unchecked Sendable {
         var main: Channel?
         var urgent: Channel?
         var multifd: [Channel] = []
+        /// The attempt's `x-request-breakdown` recorder (nil when the parameter is off).
+        var requestBreakdown: RequestBreakdown?
         /// The attempt's session (from its main hello).
         var session: UInt64 = 0
         /// How many channels the handshake announced that have not been handed over yet; the
@@ -238,6 +240,7 @@ public final class IncomingMigration: @unchecked Sendable {
             s.main = main
             s.urgent = urgent
             s.multifd = multifd
+            s.requestBreakdown = settings.xRequestBreakdown ? RequestBreakdown(pageCount: memory.pageCount) : nil
             enter(.precopy)
         }
         Log.destination.info("accepted an incoming migration (session \(hello.session), \(urgent == nil ? "no" : "an") urgent channel, \(multifd.count) multifd channels)")
@@ -390,7 +393,10 @@ public final class IncomingMigration: @unchecked Sendable {
             // Listening again only once every page is dropped: a source that comes right back
             // waits for this (see `route`), it never meets the old attempt's pages.
             let stray = state.update { s -> [Channel] in
-                defer { s.uffd = nil; s.main = nil; s.urgent = nil; s.multifd = []; s.expecting = 0; s.arrivals = []; s.resumeArrival = nil }
+                defer {
+                    s.uffd = nil; s.main = nil; s.urgent = nil; s.multifd = []; s.requestBreakdown = nil
+                    s.expecting = 0; s.arrivals = []; s.resumeArrival = nil
+                }
                 enter(.listening)
                 return s.arrivals.map(\.channel) + [s.resumeArrival?.channel].compactMap { $0 }
             }

@@ -56,6 +56,10 @@ public struct MigrationSettings: Sendable, Equatable {
     /// pages are then loaded first (Snapshot/WorkingSet.swift).
     public var xRecordWorkingSet = ""
     public var xPrefetch = ""
+    /// Times each postcopy page request stage by stage on this side (Destination/RequestBreakdown,
+    /// Source/RequestServiceTimes), shown under `x-request-breakdown` in query-migrate. Off by
+    /// default: the destination keeps one 8-byte stamp per guest page for it.
+    public var xRequestBreakdown = false
 
     public init() {}
 
@@ -118,7 +122,8 @@ public struct MigrationSettings: Sendable, Equatable {
          ("tls-authz", .string(tlsAuthz)),
          ("x-timeline", .string(xTimeline)),
          ("x-record-working-set", .string(xRecordWorkingSet)),
-         ("x-prefetch", .string(xPrefetch))]
+         ("x-prefetch", .string(xPrefetch)),
+         ("x-request-breakdown", .bool(xRequestBreakdown))]
     }
 
     public mutating func setParameter(_ given: String, _ value: MonitorValue) throws(MigrationError) {
@@ -138,6 +143,13 @@ public struct MigrationSettings: Sendable, Equatable {
             case "x-record-working-set": xRecordWorkingSet = text
             case "x-prefetch": xPrefetch = text
             default: xTimeline = text
+            }
+            return
+        }
+        if name == "x-request-breakdown" {
+            switch value {
+            case .bool(let on): xRequestBreakdown = on
+            default: throw MigrationError.invalidSetting("Parameter '\(name)' expects a boolean")
             }
             return
         }

@@ -46,6 +46,7 @@ extension OutgoingMigration {
         info.dirtyTracking = s.dirtyTracking
         info.errorDescription = s.error
         info.recovery = s.pauses.info(now: now)
+        info.requestBreakdown = requestTimes?.info(requests: requests.value)
         return info
     }
 }

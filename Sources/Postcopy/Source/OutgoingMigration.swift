@@ -44,6 +44,8 @@ public final class OutgoingMigration: @unchecked Sendable {
     let recoverTimeoutSeconds: AtomicCounter
     /// Where the background stream continues after a requested page.
     let jump = PushJump()
+    /// The request server's times, with `x-request-breakdown`.
+    let requestTimes: RequestServiceTimes?
 
     /// Ties every channel of this migration together, recoveries included.
     let session = UInt64.random(in: 1...UInt64.max)
@@ -99,6 +101,7 @@ public final class OutgoingMigration: @unchecked Sendable {
         postcopyBandwidthLimit = AtomicCounter(UInt64(max(0, settings.maxPostcopyBandwidth)))
         recoverTimeoutSeconds = AtomicCounter(UInt64(max(0, settings.xPostcopyRecoverTimeout)))
         sentOnce = AtomicBitmap(count: memory.pageCount)
+        requestTimes = settings.xRequestBreakdown ? RequestServiceTimes() : nil
     }
 
     // MARK: commands

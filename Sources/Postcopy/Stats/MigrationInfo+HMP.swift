@@ -38,6 +38,7 @@ extension MigrationInfo {
         }
         if let latency { out += latency.hmpLines }
         if let recovery { out += recovery.hmpLines }
+        if let requestBreakdown { out += requestBreakdown.hmpLine }
         return out
     }
 }

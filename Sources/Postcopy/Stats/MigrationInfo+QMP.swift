@@ -17,6 +17,7 @@ extension MigrationInfo {
         if let latency { members += latency.qmpMembers }
         if let dirtyTracking { members.append(("x-dirty-tracking", .string(dirtyTracking))) }
         if let recovery { members.append(("x-postcopy-recovery", recovery.qmpValue)) }
+        if let requestBreakdown { members.append(("x-request-breakdown", requestBreakdown.qmpValue)) }
         return .object(members)
     }
 }

@@ -22,6 +22,8 @@ public struct MigrationInfo: Sendable, Equatable {
     public var errorDescription: String?
     /// Postcopy pauses and recoveries, once the migration has paused at least once.
     public var recovery: Recovery?
+    /// With `x-request-breakdown`: where this side's share of each postcopy request's time went.
+    public var requestBreakdown: RequestBreakdown?
 
     public init() {}
 
