@@ -446,7 +446,10 @@ public final class IncomingMigration: @unchecked Sendable {
             s.uffd = nil
             return Double(s.endNs! - s.startNs) / 1e9
         }
-        Log.destination.info("incoming migration completed: \(receivedPages.value) pages in \(seconds) s")
+        let pool = pagePool.map {
+            "; \($0.pageCount - $0.remaining) of \($0.pageCount) pool pages used" + (pagePoolFailed.isSet ? ", copied from after UFFDIO_MOVE failed" : ", moved")
+        } ?? ""
+        Log.destination.info("incoming migration completed: \(receivedPages.value) pages in \(seconds) s\(pool)")
     }
 
     /// `migrate_cancel` here. Before the switch the attempt ends (the source is told and keeps

@@ -9,8 +9,8 @@ import Synchronization
 /// used; a memcpy into a pool page plus MOVE costs 0.9-1.2, wherever. The pre-touch (1.0-1.6 s
 /// a GiB there) is paid before the migration instead.
 ///
-/// Private anonymous memory without huge pages: UFFDIO_MOVE takes only exclusive anonymous
-/// pages, and would have to split a huge one. Each page is handed out once; a page moved into
+/// Private anonymous memory without huge pages, kept from children: UFFDIO_MOVE takes only
+/// exclusive anonymous pages, and would have to split a huge one. Each page is handed out once; a page moved into
 /// the guest leaves the pool's mapping empty, so the pool costs memory only until it is used.
 ///
 /// Threads: any; `take` is lock-free (a compare-and-swap on one cursor).
@@ -33,6 +33,8 @@ public final class PagePool: @unchecked Sendable {
         }
         do {
             _ = try syscallValue("madvise(page pool, MADV_NOHUGEPAGE)") { madvise(mapping, size, MADV_NOHUGEPAGE) }
+            // A child sharing the pages would make them non-exclusive, and MOVE refuses those (EBUSY).
+            _ = try syscallValue("madvise(page pool, MADV_DONTFORK)") { madvise(mapping, size, MADV_DONTFORK) }
         } catch {
             GuestMemory.unmap(mapping, size, what: "a page pool that could not be set up")
             throw error
