@@ -10,7 +10,8 @@ import Glibc
 ///
 /// Hot path: allocates nothing per page. One buffer per receiver, allocated once, and pool
 /// pages taken with one compare-and-swap; every count and offset is checked against the region
-/// before a byte is written; no lock is taken that a vCPU could wait behind (a blocked vCPU sleeps in the kernel until the placement wakes it).
+/// before a byte is written; no lock is taken that a vCPU could wait behind (a blocked vCPU
+/// sleeps in the kernel until the placement wakes it).
 /// The only locks on the way are the blocktime tracker's, between runtime threads.
 extension IncomingMigration {
     /// Which connection a receiver reads.
