@@ -4,6 +4,7 @@ what it costs each side, for one or more builds in alternation (an A/B in the sa
 
     push_rate.py --runs 5 base=/tmp/postcopy-base ours=.build/release/postcopy
     push_rate.py --runs 5 --vm IMAGE ours=.build/release/postcopy   # `postcopy vm` on a boot image
+    push_rate.py base=/tmp/postcopy-base ours=.build/release/postcopy:--prealloc   # arguments for the destination only
 
 Each run starts two `postcopy host` processes (1 vCPU, --workload, default linear) or two
 `postcopy vm` on IMAGE, turns on postcopy-ram, postcopy-preempt and postcopy-blocktime and
@@ -12,11 +13,13 @@ touches its memory), migrates, and switches to postcopy after --switch seconds. 
 source's timeline: the postcopy phase (switch to completed), the pages left at the switch and
 the pages per millisecond, the wait from the switch to the first background page, and when
 each multifd lane stopped. From /proc, over the postcopy phase: the CPU time per GB moved of
-each side's migration threads. Prints one JSON line per run and the medians with ranges.
+each side's migration threads; with a destination started with --prealloc, the time its page
+pool took to touch (before the run). Prints one JSON line per run and the medians with ranges.
 """
 import argparse
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -70,7 +73,7 @@ def thread_cpu(pids):
     return out
 
 
-def run_once(binary, a, work):
+def run_once(binary, dst_args, a, work):
     port = 47000 + (os.getpid() + int(time.time() * 1000)) % 2000
     for f in ("src.qmp", "dst.qmp", "src.jsonl", "dst.jsonl"):
         try:
@@ -79,7 +82,7 @@ def run_once(binary, a, work):
             pass
     guest = ["vm", "--memory", a.memory, "--vcpus", "1", "--boot", a.vm] if a.vm else \
             ["host", "--memory", a.memory, "--vcpus", "1", "--workload", a.workload]
-    dst = subprocess.Popen([binary] + guest + ["--qmp", f"{work}/dst.qmp", "--incoming", f"tcp:127.0.0.1:{port}"],
+    dst = subprocess.Popen([binary] + guest + dst_args + ["--qmp", f"{work}/dst.qmp", "--incoming", f"tcp:127.0.0.1:{port}"],
                            stderr=open(f"{work}/dst.log", "w"))
     src = subprocess.Popen([binary] + guest + ["--qmp", f"{work}/src.qmp"], stderr=open(f"{work}/src.log", "w"))
     try:
@@ -130,17 +133,20 @@ def run_once(binary, a, work):
         if name.startswith("mig-") and name != "mig-timeline":
             cpu["src" if key[0] == src.pid else "dst"] += last - cpu_start.get(key, (name, 0))[1]
     gb = max(moved, 1) / 1e9
+    pool = re.search(r"page pool: \d+ MiB touched in (\d+) ms", open(f"{work}/dst.log").read())
     return {"total_ms": info.get("total-time"), "downtime_ms": info.get("downtime"),
             "postcopy_ms": round(ms), "left_pages": pc[0]["remaining-pages"],
             "pages_per_ms": round(pc[0]["remaining-pages"] / ms, 1), "gbit_s": round(moved * 8 / ms / 1e6, 2),
             "first_push_ms": None if first is None else round(first), "lane_stops_ms": stops,
             "blocktime_ms": dinfo.get("postcopy-blocktime"), "requests": info["ram"].get("postcopy-requests"),
-            "src_cpu_ms_per_gb": round(cpu["src"] / gb), "dst_cpu_ms_per_gb": round(cpu["dst"] / gb)}
+            "src_cpu_ms_per_gb": round(cpu["src"] / gb), "dst_cpu_ms_per_gb": round(cpu["dst"] / gb),
+            "pool_ms": int(pool.group(1)) if pool else None}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("builds", nargs="+", help="LABEL=PATH of a postcopy binary")
+    ap.add_argument("builds", nargs="+", help="LABEL=PATH of a postcopy binary, or LABEL=PATH:ARGS to give its "
+                    "destination the space-separated ARGS too (e.g. ours=.build/release/postcopy:--prealloc)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--memory", default="1000M")
     ap.add_argument("--workload", default="linear")
@@ -148,18 +154,18 @@ def main():
     ap.add_argument("--warm", type=float, default=2.0, help="seconds the source's guest runs before migrate")
     ap.add_argument("--switch", type=float, default=1.0, help="seconds of precopy before migrate-start-postcopy")
     a = ap.parse_args()
-    builds = [b.split("=", 1) for b in a.builds]
+    builds = [(label, path.split(":", 1)) for label, path in (b.split("=", 1) for b in a.builds)]
     work = tempfile.mkdtemp(prefix="push-rate-")
     results = {label: [] for label, _ in builds}
     for i in range(a.runs):
-        for label, binary in (builds if i % 2 == 0 else list(reversed(builds))):
-            r = run_once(binary, a, work)
+        for label, (binary, *dst_args) in (builds if i % 2 == 0 else list(reversed(builds))):
+            r = run_once(binary, dst_args[0].split() if dst_args else [], a, work)
             print(json.dumps({"build": label, "run": i + 1, **(r or {"postcopy": "none: precopy converged"})}), flush=True)
             if r:
                 results[label].append(r)
     print(f"load average {open('/proc/loadavg').read().split()[:3]}")
     keys = ["total_ms", "postcopy_ms", "left_pages", "pages_per_ms", "gbit_s", "first_push_ms", "blocktime_ms",
-            "requests", "src_cpu_ms_per_gb", "dst_cpu_ms_per_gb"]
+            "requests", "src_cpu_ms_per_gb", "dst_cpu_ms_per_gb", "pool_ms"]
     for label, rs in results.items():
         summary = {}
         for k in keys:

@@ -29,6 +29,11 @@ public final class IncomingMigration: @unchecked Sendable {
     public let endpoint: Endpoint
     public let blocktime: BlocktimeTracker
     let settings: @Sendable () -> MigrationSettings
+    /// Pages touched before the migration (`--prealloc`): receivers read page frames into them
+    /// and move them into place (PageReceiver). Nil: every page is copied in.
+    let pagePool: PagePool?
+    /// Set when UFFDIO_MOVE failed other than on a present page: the pool is left alone from then on.
+    let pagePoolFailed = AtomicFlag()
     weak var hooks: (any DestinationHooks)?
     let listener: Listener
 
@@ -113,8 +118,12 @@ public final class IncomingMigration: @unchecked Sendable {
 
     /// Binds the listening socket now, so a bad address fails here, not later.
     public init(memory: GuestMemory, endpoint: Endpoint, vcpuCount: Int,
-                settings: @escaping @Sendable () -> MigrationSettings, hooks: any DestinationHooks) throws {
+                settings: @escaping @Sendable () -> MigrationSettings, hooks: any DestinationHooks,
+                pagePool: PagePool? = nil) throws {
+        precondition(pagePool.map { $0.pageSize == memory.pageSize && memory.backing == .anonymous } ?? true,
+                     "a page pool serves anonymous guest memory of its own page size")
         self.memory = memory
+        self.pagePool = pagePool
         self.settings = settings
         self.hooks = hooks
         stopFaults = Descriptor(adopting: try syscallValue("eventfd") { eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK)) })
@@ -215,7 +224,7 @@ public final class IncomingMigration: @unchecked Sendable {
         let settings = self.settings()
         try hello.validate(pageSize: memory.pageSize, regionSize: memory.size)
         // Register before the vCPUs can run: from here on every touch of a missing page faults to us.
-        let uffd = try UserfaultFD(features: [.threadID])
+        let uffd = try UserfaultFD(features: pagePool == nil ? [.threadID] : [.threadID, .move])
         try uffd.register(address: memory.base, length: memory.size, mode: .missing)
         let preempt = hello.flags & Handshake.preemptFlag != 0
         // Routed to this attempt from now on, before the source can hear the ack and connect.
@@ -443,7 +452,10 @@ public final class IncomingMigration: @unchecked Sendable {
             s.uffd = nil
             return Double(s.endNs! - s.startNs) / 1e9
         }
-        Log.destination.info("incoming migration completed: \(receivedPages.value) pages in \(seconds) s")
+        let pool = pagePool.map {
+            "; \($0.pageCount - $0.remaining) of \($0.pageCount) pool pages used" + (pagePoolFailed.isSet ? ", copied from after UFFDIO_MOVE failed" : ", moved")
+        } ?? ""
+        Log.destination.info("incoming migration completed: \(receivedPages.value) pages in \(seconds) s\(pool)")
     }
 
     /// `migrate_cancel` here. Before the switch the attempt ends (the source is told and keeps

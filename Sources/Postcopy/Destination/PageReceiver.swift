@@ -3,16 +3,17 @@ import Glibc
 /// The page receivers: one per channel (main on `mig-incoming`, `mig-urgent`, `mig-multifdN`),
 /// each reading its own connection's frames. Every frame is first checked against the phase
 /// (`DestinationPhase.admits`), then handed to its handler; pages are placed with
-/// UFFDIO_COPY / UFFDIO_ZEROPAGE, which wakes the vCPUs blocked on them.
+/// UFFDIO_COPY / UFFDIO_ZEROPAGE, which wakes the vCPUs blocked on them. With a page pool
+/// (`--prealloc`), a frame's payload is read into pool pages, which UFFDIO_MOVE places.
 ///
 /// Threads: the caller's. Main runs on `mig-incoming`; the others are the attempt's threads.
 ///
-/// Hot path: allocates nothing per page. One buffer per receiver, allocated once; every count
-/// and offset is checked against the region before a byte is written; no lock is taken that a
-/// vCPU could wait behind (a blocked vCPU sleeps in the kernel until the placement wakes it).
-/// The only locks on the way are the blocktime tracker's, between runtime threads. With
-/// `x-request-breakdown`, one atomic swap per page placed in postcopy, and one clock read per
-/// answer frame (RequestBreakdown).
+/// Hot path: allocates nothing per page. One buffer per receiver, allocated once, and pool
+/// pages taken with one compare-and-swap; every count and offset is checked against the region
+/// before a byte is written; no lock is taken that a vCPU could wait behind (a blocked vCPU
+/// sleeps in the kernel until the placement wakes it). The only locks on the way are the
+/// blocktime tracker's, between runtime threads. With `x-request-breakdown`, one atomic swap
+/// per page placed in postcopy, and one clock read per answer frame (RequestBreakdown).
 extension IncomingMigration {
     /// Which connection a receiver reads.
     enum ChannelKind: Equatable {
@@ -103,10 +104,20 @@ extension IncomingMigration {
         try checkRange(header)
         let firstPage = Int(first)
         let zero = header.kind == .zeroPages
+        var source: UnsafeMutableRawPointer? = nil
+        var pooled = false
         if !zero {
             let bytes = count * pageSize
             guard bytes <= maxFrameBytes else { throw ProtocolError.oversized(.pages, bytes: UInt64(bytes), limit: maxFrameBytes) }
-            try channel.read(into: buffer, exactly: bytes, what: "a page frame")
+            // Pool pages only for a run with pages missing: a present page is overwritten by a
+            // copy, which would leave its pool page unused.
+            if let pagePool, !pagePoolFailed.isSet, !allReceived(firstPage, count), let pages = pagePool.take(count) {
+                source = pages
+                pooled = true
+            } else {
+                source = buffer
+            }
+            try channel.read(into: source!, exactly: bytes, what: "a page frame")
             receivedBytes.add(UInt64(bytes + FrameHeader.size))
         } else {
             receivedBytes.add(UInt64(FrameHeader.size))
@@ -117,11 +128,11 @@ extension IncomingMigration {
         switch phase {
         case .precopy:
             // A page may come again with newer content; the vCPUs are not running here.
-            try place(firstPage, count, from: zero ? nil : buffer, uffd: uffd, overwrite: true, zeroPage: buffer)
+            try place(firstPage, count, from: source, pooled: pooled, uffd: uffd, overwrite: true, zeroPage: buffer)
         case .running:
             // Postcopy: the content is final; a page already here stays as it is.
             guard !allReceived(firstPage, count) else { break }
-            try place(firstPage, count, from: zero ? nil : buffer, uffd: uffd, overwrite: false, zeroPage: buffer)
+            try place(firstPage, count, from: source, pooled: pooled, uffd: uffd, overwrite: false, zeroPage: buffer)
             if let breakdown {
                 let answer = answers && !zero && count == 1
                     ? RequestBreakdown.FrameTimes(header: headerAt, payload: placedAt, placed: monotonicNanoseconds()) : nil
@@ -153,10 +164,11 @@ extension IncomingMigration {
     }
 
     /// Places a run: with `overwrite`, pages already here get the new content by a plain copy
-    /// (only before the vCPUs run); missing ones go in with UFFDIO_COPY / UFFDIO_ZEROPAGE.
+    /// (only before the vCPUs run); missing ones go in with UFFDIO_COPY / UFFDIO_ZEROPAGE, or
+    /// with UFFDIO_MOVE when the content is in `pooled` pool pages.
     @inline(__always)
-    private func place(_ first: Int, _ count: Int, from buffer: UnsafeMutableRawPointer?, uffd: UserfaultFD, overwrite: Bool,
-                       zeroPage: UnsafeMutableRawPointer) throws {
+    private func place(_ first: Int, _ count: Int, from buffer: UnsafeMutableRawPointer?, pooled: Bool, uffd: UserfaultFD,
+                       overwrite: Bool, zeroPage: UnsafeMutableRawPointer) throws {
         let pageSize = memory.pageSize
         var p = first
         while p < first + count {
@@ -172,6 +184,8 @@ extension IncomingMigration {
                     let target = UnsafeMutableRawPointer(bitPattern: address)!
                     if let source { target.copyMemory(from: source, byteCount: length) } else { memset(target, 0, length) }
                 }
+            } else if let source, pooled {
+                try move(to: address, from: source, length: length, uffd: uffd)
             } else if let source {
                 _ = try uffd.copyRun(to: address, from: source, length: length, pageSize: pageSize)
             } else if memory.backing == .hugetlbfs {
@@ -184,6 +198,19 @@ extension IncomingMigration {
                 try uffd.zeroRun(at: address, length: length, pageSize: pageSize)
             }
             p = end
+        }
+    }
+
+    /// Moves pool pages into place. MOVE skips a page already present as COPY does; any other
+    /// failure falls back to copying the run (pages moved already are present, so skipped) and
+    /// retires the pool for the attempts to come.
+    @inline(__always)
+    private func move(to address: UInt, from source: UnsafeMutableRawPointer, length: Int, uffd: UserfaultFD) throws {
+        do {
+            _ = try uffd.moveRun(to: address, from: UInt(bitPattern: source), length: length, pageSize: memory.pageSize)
+        } catch {
+            if pagePoolFailed.testAndSet() { Log.destination.warning("page pool: \(error); copying pages from now on") }
+            _ = try uffd.copyRun(to: address, from: source, length: length, pageSize: memory.pageSize)
         }
     }
 

@@ -49,6 +49,16 @@ extension UserfaultFD {
         return try place(&arg, whenPresent: .wakeRestAndStop).placement
     }
 
+    /// Moves a run of anonymous pages from `source` (private, exclusive to this process) into
+    /// place, skipping any already present (each skip wakes its waiters, and its source page
+    /// stays where it was). Returns how many bytes were placed by this call.
+    @inline(__always)
+    public func moveRun(to destination: UInt, from source: UInt, length: Int, pageSize: Int, wake: Bool = true) throws(SystemError) -> Int {
+        var arg = uffdio_move(dst: UInt64(destination), src: UInt64(source), len: UInt64(length),
+                              mode: wake ? 0 : UInt64(UFFDIO_MOVE_MODE_DONTWAKE), move: 0)
+        return try place(&arg, whenPresent: .wakeAndSkip(pageSize: pageSize)).placedBytes
+    }
+
     /// Maps the page-cache page already at a MINOR-faulting range of a shared mapping (Linux 5.13).
     @inline(__always)
     public func `continue`(at address: UInt, length: Int, wake: Bool = true) throws(SystemError) -> Placement {

@@ -34,9 +34,13 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
     /// (which may be held while the engine's is wanted).
     private let eventsOn = Atomic(false)
 
-    public init(memory: GuestMemory, host: any MigratableHost) {
+    /// Pages touched in advance for the incoming migration to move into the guest (`PagePool`).
+    private let pagePool: PagePool?
+
+    public init(memory: GuestMemory, host: any MigratableHost, pagePool: PagePool? = nil) {
         self.memory = memory
         self.host = host
+        self.pagePool = pagePool
     }
 
     public var currentSettings: MigrationSettings { lock.withLock { _ in settings } }
@@ -202,7 +206,8 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
                         + "this guest has run here (state '\(runState.rawValue)') and its memory must not be replaced")
                 }
                 let m = try IncomingMigration(memory: memory, endpoint: endpoint, vcpuCount: host.vcpuThreadIDs.count,
-                                              settings: { [weak self] in self?.currentSettings ?? MigrationSettings() }, hooks: host)
+                                              settings: { [weak self] in self?.currentSettings ?? MigrationSettings() }, hooks: host,
+                                              pagePool: pagePool)
                 try startTimeline(of: m)
                 for (i, tid) in host.vcpuThreadIDs.enumerated() { m.registerVCPU(i, threadID: tid) }
                 m.onStatusChange { [weak self] in self?.statusChanged(to: $0) }

@@ -56,6 +56,9 @@ struct HostCommand: ParsableCommand {
     @Option(help: "Fill every page behind its counter with pseudo-random bytes that compress about this many times: 1 (incompressible), 2 or 4 (default: zeros). A source fills at start; give a destination the same --fill, and x-check-memory checks every page's content too.")
     var fill: Int?
 
+    @Flag(help: ArgumentHelp(stringLiteral: HostProcessMain.preallocHelp))
+    var prealloc = false
+
     func validate() throws {
         guard vcpus >= 1, vcpus <= 64 else { throw ValidationError("--vcpus \(vcpus): must be between 1 and 64") }
         guard Workload(rawValue: workload) != nil else {
@@ -83,6 +86,7 @@ struct HostCommand: ParsableCommand {
         if let monitor { try Self.validateSocketPath(monitor, option: "--monitor") }
         if let qmp, qmp == monitor { throw ValidationError("--qmp and --monitor are both \(qmp): give each monitor its own socket") }
         if let incoming, incoming != "defer" { try Self.validateIncoming(incoming) }
+        try HostProcessMain.validate(prealloc: prealloc, backing: backing, incoming: incoming)
     }
 
     /// One touch a second per vCPU is already far slower than any guest worth migrating.
@@ -146,7 +150,8 @@ struct HostCommand: ParsableCommand {
         let vm = try VirtualMachine(memorySize: size, backing: backing.guestMemoryBacking, numaNode: numaNode, vcpus: vcpus,
                                     workload: Workload(rawValue: workload)!, serialPath: serial, incoming: incoming != nil,
                                     touchIntervalNs: touchNs, fill: fill.map(PageFill.init))
-        try HostProcessMain.serve(vm, objects: objects, qmp: qmp, monitor: monitor, incoming: incoming)
+        let pagePool = prealloc ? try HostProcessMain.makePagePool(for: vm.memory) : nil
+        try HostProcessMain.serve(vm, objects: objects, qmp: qmp, monitor: monitor, incoming: incoming, pagePool: pagePool)
     }
 }
 

@@ -42,8 +42,9 @@ enum HostProcessMain {
     }
 
     /// The same embedding for every host (docs/EMBEDDING.md), then runs until `quit`.
-    static func serve(_ host: some ProcessHost, objects: [String] = [], qmp: String?, monitor: String?, incoming: String?) throws -> Never {
-        let controller = MigrationController(memory: host.memory, host: host)
+    static func serve(_ host: some ProcessHost, objects: [String] = [], qmp: String?, monitor: String?, incoming: String?,
+                      pagePool: PagePool? = nil) throws -> Never {
+        let controller = MigrationController(memory: host.memory, host: host, pagePool: pagePool)
         host.run.events = controller.events
         host.run.waitsForPage = { [weak controller] in controller?.vcpuWaitsForPage($0) ?? false }
         for object in objects { try SecurityObjects.shared.add(commandLine: object) }
@@ -59,5 +60,33 @@ enum HostProcessMain {
         host.waitForQuit()
         withExtendedLifetime(servers) {}
         Glibc.exit(0)
+    }
+
+    static let preallocHelp = "Allocate the destination's guest-sized page pool before the migration, as QEMU's -mem-prealloc: "
+        + "pages arrive into it and move into the guest with UFFDIO_MOVE, with no allocation on the switch's path. "
+        + "Costs the guest's size in memory until the pages move into the guest, and the pre-touch time at start. "
+        + "Only with --incoming and anon backing (memfd and hugetlb guests have no pool)."
+
+    /// `--prealloc`: refused where no page could use the pool.
+    static func validate(prealloc: Bool, backing: HostCommand.Backing, incoming: String?) throws {
+        guard prealloc else { return }
+        guard backing == .anon else {
+            throw ValidationError("--prealloc needs --backing anon: pool pages move into private anonymous memory only (UFFDIO_MOVE); \(backing.rawValue) guest memory is filled without a pool")
+        }
+        guard let incoming, SnapshotFile.path(inURI: incoming) == nil else {
+            throw ValidationError("--prealloc is for a migration destination: give --incoming tcp:HOST:PORT or defer")
+        }
+    }
+
+    /// The pool of `--prealloc`, touched now (logged with the time it took), before any migration.
+    static func makePagePool(for memory: GuestMemory) throws -> PagePool {
+        guard (try? UserfaultFD.probeFeatures())?.contains(.move) == true else {
+            throw ValidationError("--prealloc needs UFFDIO_MOVE (Linux 6.8 or later), which this kernel's userfaultfd does not offer")
+        }
+        let start = monotonicNanoseconds()
+        let pool = try PagePool(pageCount: memory.pageCount, pageSize: memory.pageSize)
+        let ms = Double(monotonicNanoseconds() - start) / 1e6
+        Log.controller.notice("page pool: \(memory.size >> 20) MiB touched in \(Int(ms)) ms (--prealloc)")
+        return pool
     }
 }

@@ -47,6 +47,9 @@ struct VMCommand: ParsableCommand {
     @Option(help: "How a migration from here tracks the guest's writes: kvm-dirty-log (KVM_GET_DIRTY_LOG) or library (uffd-wp async + PAGEMAP_SCAN).")
     var dirtyTracking: KVMHost.DirtyTracking = .kvmDirtyLog
 
+    @Flag(help: ArgumentHelp(stringLiteral: HostProcessMain.preallocHelp))
+    var prealloc = false
+
     @Option(name: .customLong("object"), help: ArgumentHelp(stringLiteral: HostCommand.objectHelp))
     var objects: [String] = []
 
@@ -62,6 +65,7 @@ struct VMCommand: ParsableCommand {
             throw ValidationError("--memory \(memory) is not a multiple of 2 MiB: hugetlb guest memory is made of 2 MiB pages")
         }
         try HostProcessMain.validate(logLevel: logLevel)
+        try HostProcessMain.validate(prealloc: prealloc, backing: backing, incoming: incoming)
         if let reason = KVMMachine.unavailableReason() { throw ValidationError("KVM is not available: \(reason)") }
     }
 
@@ -74,7 +78,8 @@ struct VMCommand: ParsableCommand {
         let vm = try KVMHost(memory: guestMemory, vcpuCount: vcpus, image: image, serialPath: serial, incoming: incoming != nil,
                              dirtyTracking: dirtyTracking)
         // From here on, the same embedding as `postcopy host` (docs/EMBEDDING.md).
-        try HostProcessMain.serve(vm, objects: objects, qmp: qmp, monitor: monitor, incoming: incoming)
+        let pagePool = prealloc ? try HostProcessMain.makePagePool(for: guestMemory) : nil
+        try HostProcessMain.serve(vm, objects: objects, qmp: qmp, monitor: monitor, incoming: incoming, pagePool: pagePool)
     }
 
     private func readImage(_ path: String) throws -> [UInt8] {

@@ -122,13 +122,14 @@ extension MonitorValue {
 }
 
 /// A destination host listening on a fresh port and a source host that has made one pass of
-/// its workload. The destination's memory and vCPUs default to the source's; both get `extra`.
+/// its workload. The destination's memory and vCPUs default to the source's; both get `extra`,
+/// the destination `destinationExtra` too.
 func startHosts(workload: String = "linear", vcpus: Int = 1, memory: String = "256M",
                 destinationVCPUs: Int? = nil, destinationMemory: String? = nil,
-                extra: [String] = []) throws -> (src: TestHost, dst: TestHost, bed: TestBed) {
+                extra: [String] = [], destinationExtra: [String] = []) throws -> (src: TestHost, dst: TestHost, bed: TestBed) {
     let bed = try TestBed()
     let dst = try TestHost(directory: bed.directory, role: "dst", memory: destinationMemory ?? memory,
-                           vcpus: destinationVCPUs ?? vcpus, workload: workload, incoming: bed.uri, extra: extra)
+                           vcpus: destinationVCPUs ?? vcpus, workload: workload, incoming: bed.uri, extra: extra + destinationExtra)
     let src = try TestHost(directory: bed.directory, role: "src", memory: memory, vcpus: vcpus, workload: workload, extra: extra)
     try src.waitForPasses(1)
     return (src, dst, bed)

@@ -9,10 +9,11 @@ struct KVMGuestMigrationTests {
 
     /// A source running `guest` and a destination waiting on a fresh port.
     static func startPair(_ guest: BootSectorGuest, memoryMiB: Int = memoryMiB, backing: String = "anon",
-                          dirtyTracking: String? = nil) throws -> (src: VMProcess, dst: VMProcess) {
+                          dirtyTracking: String? = nil, destinationExtra: [String] = []) throws -> (src: VMProcess, dst: VMProcess) {
         let bed = try TestBed()
         let image = try guest.build(memoryMiB: memoryMiB, in: bed.directory)
-        let dst = try VMProcess(directory: bed.directory, role: "dst", image: image, memoryMiB: memoryMiB, backing: backing, incoming: bed.uri)
+        let dst = try VMProcess(directory: bed.directory, role: "dst", image: image, memoryMiB: memoryMiB, backing: backing, incoming: bed.uri,
+                                extra: destinationExtra)
         let src = try VMProcess(directory: bed.directory, role: "src", image: image, memoryMiB: memoryMiB, backing: backing,
                                 dirtyTracking: dirtyTracking)
         try src.waitForPasses(1)
@@ -56,6 +57,23 @@ struct KVMGuestMigrationTests {
         #expect(info["status"]?.stringValue == "completed", "\(info.jsonText)\n\(src.log)\n\(dst.log)")
         let dinfo = try dst.query()
         #expect(dinfo["postcopy-vcpu-blocktime"]?.arrayValue?.count == 1, "blocktime is kept for the one vCPU thread: \(dinfo.jsonText)")
+        let passes = dst.passes
+        try dst.waitForPasses(passes + 1)
+        try Self.expectLinearRAMConsistent(dst)
+    }
+
+    @Test("postcopy into a --prealloc destination: pool pages move into the guest's RAM, which passes QEMU's check",
+          .enabled(if: VMProcess.kvmMissing == nil, "\(VMProcess.kvmMissing ?? "")"),
+          .enabled(if: KernelTests.kernelFeatures.contains(.move), "UFFDIO_MOVE needs Linux 6.8"))
+    func postcopyIntoPreallocatedDestination() throws {
+        let (src, dst) = try Self.startPair(.linear, destinationExtra: ["--prealloc"])
+        for side in [src, dst] { try side.setCapabilities(postcopy: true) }
+        try src.qmp.execute("migrate", [("uri", .string(dst.incomingURI))])
+        try src.qmp.execute("migrate-start-postcopy")
+        let info = try src.waitForMigration()
+        #expect(info["status"]?.stringValue == "completed", "\(info.jsonText)\n\(src.log)\n\(dst.log)")
+        _ = waitUntil(timeout: 10) { PreallocMigrationTests.poolPagesMoved(dst.log) != nil }
+        #expect(PreallocMigrationTests.poolPagesMoved(dst.log) ?? 0 > 0, "the destination moved pool pages into the guest: \(dst.log)")
         let passes = dst.passes
         try dst.waitForPasses(passes + 1)
         try Self.expectLinearRAMConsistent(dst)

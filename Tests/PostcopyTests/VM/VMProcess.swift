@@ -22,7 +22,7 @@ final class VMProcess {
     let incomingURI: String
 
     init(directory: String, role: String, image: String, memoryMiB: Int, vcpus: Int = 1, backing: String = "anon",
-         dirtyTracking: String? = nil, incoming: String? = nil) throws {
+         dirtyTracking: String? = nil, incoming: String? = nil, extra: [String] = []) throws {
         self.role = role
         incomingURI = incoming ?? ""
         serialPath = "\(directory)/\(role).serial"
@@ -33,7 +33,7 @@ final class VMProcess {
         process.executableURL = URL(fileURLWithPath: TestHost.executable)
         process.arguments = ["vm", "--memory", "\(memoryMiB)M", "--vcpus", String(vcpus), "--boot", image,
                              "--backing", backing, "--qmp", qmpPath, "--serial", serialPath]
-            + (dirtyTracking.map { ["--dirty-tracking", $0] } ?? []) + (incoming.map { ["--incoming", $0] } ?? [])
+            + (dirtyTracking.map { ["--dirty-tracking", $0] } ?? []) + (incoming.map { ["--incoming", $0] } ?? []) + extra
         process.standardError = FileHandle(forWritingAtPath: logPath)
         process.standardOutput = FileHandle.nullDevice
         try process.run()
