@@ -37,6 +37,10 @@ SCENARIOS = {
     # `postcopy vm` boots the QEMU guest's own image under KVM ("vm" as our workload).
     "vm-linear-postcopy-preempt": ("linear.S", "vm", "postcopy", ["--cap", "postcopy-preempt"], ""),
     "vm-hotcold-precopy": ("hotcold.S", "vm", "precopy", [], ""),
+    # The same, with --prealloc on both sides (QEMU's -mem-prealloc; QEMU's side runs as above):
+    # the destination's page pool is touched before the migration.
+    "linear-postcopy-preempt-prealloc": ("linear.S", "linear", "postcopy", ["--cap", "postcopy-preempt"], "--prealloc"),
+    "vm-linear-postcopy-preempt-prealloc": ("linear.S", "vm", "postcopy", ["--cap", "postcopy-preempt"], "--prealloc"),
 }
 
 IMAGES = {}

@@ -150,7 +150,7 @@ struct HostCommand: ParsableCommand {
         let vm = try VirtualMachine(memorySize: size, backing: backing.guestMemoryBacking, numaNode: numaNode, vcpus: vcpus,
                                     workload: Workload(rawValue: workload)!, serialPath: serial, incoming: incoming != nil,
                                     touchIntervalNs: touchNs, fill: fill.map(PageFill.init))
-        let pagePool = prealloc ? try HostProcessMain.makePagePool(for: vm.memory) : nil
+        let pagePool = prealloc ? try HostProcessMain.preallocate(vm.memory, incoming: incoming) : nil
         try HostProcessMain.serve(vm, objects: objects, qmp: qmp, monitor: monitor, incoming: incoming, pagePool: pagePool)
     }
 }

@@ -62,10 +62,10 @@ enum HostProcessMain {
         Glibc.exit(0)
     }
 
-    static let preallocHelp = "Allocate the destination's guest-sized page pool before the migration, as QEMU's -mem-prealloc: "
-        + "pages arrive into it and move into the guest with UFFDIO_MOVE, with no allocation on the switch's path. "
-        + "Costs the guest's size in memory until the pages move into the guest, and the pre-touch time at start. "
-        + "Only with --incoming and anon backing (memfd and hugetlb guests have no pool)."
+    static let preallocHelp = "Allocate memory before the migration, as QEMU's -mem-prealloc. On a destination (--incoming tcp:...): "
+        + "a guest-sized page pool that pages arrive into and move into the guest from with UFFDIO_MOVE, with no allocation on "
+        + "the switch's path; it costs the guest's size in memory until the pages move in, and the pre-touch time at start. "
+        + "Without --incoming: the guest's own memory is populated at start. Anon backing only; not with a snapshot file."
 
     /// `--prealloc`: refused where no page could use the pool.
     static func validate(prealloc: Bool, backing: HostCommand.Backing, incoming: String?) throws {
@@ -73,9 +73,22 @@ enum HostProcessMain {
         guard backing == .anon else {
             throw ValidationError("--prealloc needs --backing anon: pool pages move into private anonymous memory only (UFFDIO_MOVE); \(backing.rawValue) guest memory is filled without a pool")
         }
-        guard let incoming, SnapshotFile.path(inURI: incoming) == nil else {
-            throw ValidationError("--prealloc is for a migration destination: give --incoming tcp:HOST:PORT or defer")
+        if let incoming, SnapshotFile.path(inURI: incoming) != nil {
+            throw ValidationError("--prealloc does not apply to a restore from a file: a lazy restore needs the guest's pages missing")
         }
+    }
+
+    /// What `--prealloc` does before the host serves: a destination's page pool, or on a
+    /// source the guest's own memory populated (MADV_POPULATE_WRITE), as QEMU's -mem-prealloc.
+    static func preallocate(_ memory: GuestMemory, incoming: String?) throws -> PagePool? {
+        if incoming != nil { return try makePagePool(for: memory) }
+        let start = monotonicNanoseconds()
+        guard madvise(memory.pointer, memory.size, MADV_POPULATE_WRITE) == 0 else {
+            throw SystemError("madvise(MADV_POPULATE_WRITE) of \(memory.size >> 20) MiB of guest memory")
+        }
+        let ms = Double(monotonicNanoseconds() - start) / 1e6
+        Log.controller.notice("guest memory: \(memory.size >> 20) MiB populated in \(Int(ms)) ms (--prealloc)")
+        return nil
     }
 
     /// The pool of `--prealloc`, touched now (logged with the time it took), before any migration.

@@ -78,7 +78,7 @@ struct VMCommand: ParsableCommand {
         let vm = try KVMHost(memory: guestMemory, vcpuCount: vcpus, image: image, serialPath: serial, incoming: incoming != nil,
                              dirtyTracking: dirtyTracking)
         // From here on, the same embedding as `postcopy host` (docs/EMBEDDING.md).
-        let pagePool = prealloc ? try HostProcessMain.makePagePool(for: guestMemory) : nil
+        let pagePool = prealloc ? try HostProcessMain.preallocate(guestMemory, incoming: incoming) : nil
         try HostProcessMain.serve(vm, objects: objects, qmp: qmp, monitor: monitor, incoming: incoming, pagePool: pagePool)
     }
 

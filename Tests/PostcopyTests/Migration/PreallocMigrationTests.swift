@@ -18,9 +18,12 @@ struct PreallocMigrationTests {
           .enabled(if: KernelTests.kernelFeatures.contains(.move), "UFFDIO_MOVE needs Linux 6.8"),
           arguments: [(multifd: 0, preempt: false), (multifd: 2, preempt: false), (multifd: 0, preempt: true), (multifd: 2, preempt: true)])
     func migratesExactly(multifd: Int, preempt: Bool) throws {
-        let (src, dst, bed) = try startHosts(workload: "random", vcpus: 2, destinationExtra: ["--prealloc"])
+        // The same command line on both sides, as QEMU's -mem-prealloc: the source populates its
+        // guest memory, the destination touches its page pool.
+        let (src, dst, bed) = try startHosts(workload: "random", vcpus: 2, extra: ["--prealloc"])
         defer { src.terminate(); dst.terminate() }
         #expect(dst.log.contains("page pool: 256 MiB touched"), "\(dst.log)")
+        #expect(src.log.contains("guest memory: 256 MiB populated"), "\(src.log)")
         if multifd > 0 { try MultifdMigrationTests.enableMultifd([src, dst], channels: multifd) }
         for side in [src, dst] {
             try side.qmp.run("migrate_set_capability postcopy-ram on")
@@ -44,10 +47,10 @@ struct PreallocMigrationTests {
         try PrecopyMigrationTests.checkDestination(dst)
     }
 
-    @Test("--prealloc is refused for memfd and hugetlb guest memory, and without --incoming",
+    @Test("--prealloc is refused for memfd and hugetlb guest memory, and for a restore from a file",
           arguments: [(["--backing", "memfd", "--incoming", "tcp:127.0.0.1:1"], "--prealloc needs --backing anon"),
                       (["--backing", "hugetlb", "--incoming", "tcp:127.0.0.1:1"], "--prealloc needs --backing anon"),
-                      ([], "--prealloc is for a migration destination")])
+                      (["--incoming", "file:/nonexistent/snapshot"], "--prealloc does not apply to a restore from a file")])
     func refused(arguments: [String], message: String) throws {
         let (status, stderr) = try HostBackingOptionTests.runHost(["--memory", "64M", "--prealloc"] + arguments)
         #expect(status != 0)
