@@ -126,6 +126,9 @@ extension OutgoingMigration {
         try state.update { s in
             // A refusal or a failure already ended it: the guest stays the source's.
             guard !s.status.isTerminal else { throw MigrationError.cancelled }
+            // The destination refused the device state and the return path read its reason
+            // before this: no "run", and the refusal must stand (it gives the guest back here).
+            if case .refused(let reason) = s.handover { throw MigrationError.refusedByPeer(reason) }
             s.handover = .awaitingAnswer
         }
         try main.write(FrameHeader(.run))
