@@ -28,6 +28,8 @@ import tempfile
 import threading
 import time
 
+from proc_stats import cpu_ticks, tasks
+
 
 class QMP:
     def __init__(self, path):
@@ -58,18 +60,12 @@ def thread_cpu(pids):
     tick = os.sysconf("SC_CLK_TCK")
     out = {}
     for pid in pids:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
+        for tid in tasks(pid):
             try:
-                stat = open(f"/proc/{pid}/task/{tid}/stat").read()
+                name, ticks = cpu_ticks(f"/proc/{pid}/task/{tid}/stat")
             except OSError:
                 continue
-            name = stat[stat.index("(") + 1:stat.rindex(")")]
-            f = stat[stat.rindex(")") + 2:].split()
-            out[(pid, tid)] = (name, (int(f[11]) + int(f[12])) * 1000 / tick)
+            out[(pid, tid)] = (name, ticks * 1000 / tick)
     return out
 
 

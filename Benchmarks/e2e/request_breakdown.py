@@ -47,6 +47,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from proc_stats import tasks  # noqa: E402
 from recovery import Monitor, RunFailed, free_port, median, passes, wait_for  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
@@ -60,11 +61,7 @@ def thread_sched(pids):
     """{(role, name): [cpu ns, run-queue wait ns, involuntary switches]} of the request path's threads."""
     out = {}
     for role, pid in pids.items():
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
+        for tid in tasks(pid):
             try:
                 name = open(f"/proc/{pid}/task/{tid}/comm").read().strip()
                 if (role, name) not in PATH_THREADS:

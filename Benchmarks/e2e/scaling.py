@@ -27,6 +27,8 @@ import sys
 import threading
 import time
 
+from proc_stats import cpu_ticks, tasks
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
 QEMU_MAX_MB = 3000
@@ -61,16 +63,9 @@ class CPUSampler(threading.Thread):
                 role = self.roles[pid]
                 if role is None:
                     continue
-                try:
-                    tids = os.listdir(f"/proc/{pid}/task")
-                except OSError:
-                    continue
-                for tid in tids:
+                for tid in tasks(pid):
                     try:
-                        stat = open(f"/proc/{pid}/task/{tid}/stat").read()
-                        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-                        fields = stat[stat.rindex(")") + 2:].split()
-                        ticks = int(fields[11]) + int(fields[12])
+                        comm, ticks = cpu_ticks(f"/proc/{pid}/task/{tid}/stat")
                     except (OSError, ValueError, IndexError):
                         continue
                     key = (role, pid, tid)

@@ -26,7 +26,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,30 +36,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
 
 
-from recovery import Monitor, RunFailed  # one QMP client for the e2e scripts
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def cpu_ticks(stat_path):
-    """(thread or process name, user + system ticks) from a /proc stat file."""
-    with open(stat_path) as f:
-        stat = f.read()
-    fields = stat[stat.rindex(")") + 2:].split()
-    return stat[stat.index("(") + 1:stat.rindex(")")], int(fields[11]) + int(fields[12])
+from proc_stats import cpu_ticks, tasks
+from recovery import Monitor, RunFailed, free_port  # one QMP client for the e2e scripts
 
 
 def non_vcpu_cpu_seconds(pid):
     """CPU time of a host so far, minus its vCPU threads' (which live as long as the host;
     the migration threads that ended are still counted in the process's total)."""
     _, total = cpu_ticks(f"/proc/{pid}/stat")
-    for task in os.listdir(f"/proc/{pid}/task"):
+    for task in tasks(pid):
         try:
             name, ticks = cpu_ticks(f"/proc/{pid}/task/{task}/stat")
         except OSError:
