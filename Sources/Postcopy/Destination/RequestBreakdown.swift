@@ -1,5 +1,3 @@
-import Synchronization
-
 /// The destination's `x-request-breakdown` (Stats/MigrationInfo+RequestBreakdown.swift has the stages):
 /// each request is matched to the frame that brings its page by a stamp per page.
 ///
@@ -18,8 +16,7 @@ import Synchronization
 final class RequestBreakdown: @unchecked Sendable {
     /// Per page: 0 (never requested), when its request's write was called (monotonic ns), or
     /// `arrived` once the page is here.
-    private let stamps: UnsafeMutablePointer<Atomic<UInt64>>
-    private let pageCount: Int
+    private let stamps: AtomicWords
     private static let arrived = UInt64.max
 
     private let requests = AtomicCounter()
@@ -43,14 +40,7 @@ final class RequestBreakdown: @unchecked Sendable {
     }
 
     init(pageCount: Int) {
-        self.pageCount = pageCount
-        stamps = .allocate(capacity: max(pageCount, 1))
-        for i in 0..<pageCount { (stamps + i).initialize(to: Atomic(0)) }
-    }
-
-    deinit {
-        stamps.deinitialize(count: pageCount)
-        stamps.deallocate()
+        stamps = AtomicWords(count: pageCount)
     }
 
     /// The fault thread is about to write the request for `page`, at `writeAt` (a fault's, or
@@ -59,12 +49,12 @@ final class RequestBreakdown: @unchecked Sendable {
     /// it, so where it returns the answer can be on its way already.
     @inline(__always)
     func requesting(_ page: Int, at writeAt: UInt64, fromFault: Bool) {
-        let old = stamps[page].exchange(writeAt, ordering: .acquiringAndReleasing)
+        let old = stamps.exchange(page, writeAt)
         if old == Self.arrived {
             // Placed after the fault thread saw it missing: no frame will take this stamp, so a
             // fault's request counts as answered by the stream here (it still goes out, as
             // without the breakdown).
-            stamps[page].store(Self.arrived, ordering: .releasing)
+            stamps.store(page, Self.arrived)
             if fromFault {
                 requests.add(1)
                 answeredByStream.add(1)
@@ -87,7 +77,7 @@ final class RequestBreakdown: @unchecked Sendable {
     /// nil for any other frame.
     @inline(__always)
     func arrived(_ page: Int, placedAt: UInt64, answer: FrameTimes?) {
-        let stamp = stamps[page].exchange(Self.arrived, ordering: .acquiringAndReleasing)
+        let stamp = stamps.exchange(page, Self.arrived)
         guard stamp != 0, stamp != Self.arrived else { return }
         guard let answer else {
             answeredByStream.add(1)

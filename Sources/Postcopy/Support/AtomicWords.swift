@@ -30,6 +30,9 @@ public final class AtomicWords: @unchecked Sendable {
     /// ANDs with `mask` and returns the value before.
     @inline(__always) @discardableResult
     public func and(_ i: Int, _ mask: UInt64) -> UInt64 { words[i].bitwiseAnd(mask, ordering: .sequentiallyConsistent).oldValue }
+    /// Stores `value` and returns the value before.
+    @inline(__always) @discardableResult
+    public func exchange(_ i: Int, _ value: UInt64) -> UInt64 { words[i].exchange(value, ordering: .sequentiallyConsistent) }
     /// Stores `desired` if the word still holds `expected`; returns whether it did.
     @inline(__always)
     public func compareExchange(_ i: Int, expected: UInt64, desired: UInt64) -> Bool {
