@@ -71,6 +71,12 @@ public final class GuestMemory: @unchecked Sendable {
     }
 
     /// munmap, where a failure can only be logged (a deinit, a clean-up after another error).
+    /// Backs every page of a private anonymous range now, as written ones (MADV_POPULATE_WRITE,
+    /// Linux 5.14): what QEMU's -mem-prealloc does, in one call instead of a write per page.
+    public static func populate(_ address: UnsafeMutableRawPointer, _ length: Int, what: @autoclosure () -> String) throws {
+        _ = try syscallValue("madvise(MADV_POPULATE_WRITE) of \(what())") { madvise(address, length, MADV_POPULATE_WRITE) }
+    }
+
     static func unmap(_ address: UnsafeMutableRawPointer, _ length: Int, what: @autoclosure () -> String) {
         do {
             _ = try syscallValue("munmap(\(what()))") { munmap(address, length) }

@@ -35,13 +35,12 @@ public final class PagePool: @unchecked Sendable {
             _ = try syscallValue("madvise(page pool, MADV_NOHUGEPAGE)") { madvise(mapping, size, MADV_NOHUGEPAGE) }
             // A child sharing the pages would make them non-exclusive, and MOVE refuses those (EBUSY).
             _ = try syscallValue("madvise(page pool, MADV_DONTFORK)") { madvise(mapping, size, MADV_DONTFORK) }
+            // Each page gets its own frame now, as -mem-prealloc does.
+            try GuestMemory.populate(mapping, size, what: "the page pool, \(size >> 20) MiB")
         } catch {
             GuestMemory.unmap(mapping, size, what: "a page pool that could not be set up")
             throw error
         }
-        // One write per page, as -mem-prealloc does: each page gets its own frame now.
-        let bytes = mapping.assumingMemoryBound(to: UInt8.self)
-        for offset in stride(from: 0, to: size, by: pageSize) { bytes[offset] = 0 }
         base = UInt(bitPattern: mapping)
         self.pageSize = pageSize
         self.pageCount = pageCount

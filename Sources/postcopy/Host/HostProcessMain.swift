@@ -78,28 +78,23 @@ enum HostProcessMain {
         }
     }
 
-    /// What `--prealloc` does before the host serves: a destination's page pool, or on a
-    /// source the guest's own memory populated (MADV_POPULATE_WRITE), as QEMU's -mem-prealloc.
+    /// What `--prealloc` does before the host serves, logged with the time it took: a
+    /// destination's page pool, or on a source the guest's own memory populated, as QEMU's
+    /// -mem-prealloc.
     static func preallocate(_ memory: GuestMemory, incoming: String?) throws -> PagePool? {
-        if incoming != nil { return try makePagePool(for: memory) }
         let start = monotonicNanoseconds()
-        guard madvise(memory.pointer, memory.size, MADV_POPULATE_WRITE) == 0 else {
-            throw SystemError("madvise(MADV_POPULATE_WRITE) of \(memory.size >> 20) MiB of guest memory")
-        }
-        let ms = Double(monotonicNanoseconds() - start) / 1e6
-        Log.controller.notice("guest memory: \(memory.size >> 20) MiB populated in \(Int(ms)) ms (--prealloc)")
-        return nil
+        let pool = incoming == nil ? nil : try makePagePool(for: memory)
+        if pool == nil { try GuestMemory.populate(memory.pointer, memory.size, what: "\(memory.size >> 20) MiB of guest memory") }
+        let ms = Int(Double(monotonicNanoseconds() - start) / 1e6)
+        Log.controller.notice("\(pool == nil ? "guest memory" : "page pool"): \(memory.size >> 20) MiB \(pool == nil ? "populated" : "touched") in \(ms) ms (--prealloc)")
+        return pool
     }
 
-    /// The pool of `--prealloc`, touched now (logged with the time it took), before any migration.
-    static func makePagePool(for memory: GuestMemory) throws -> PagePool {
+    /// The pool of `--prealloc`, touched now, before any migration.
+    private static func makePagePool(for memory: GuestMemory) throws -> PagePool {
         guard (try? UserfaultFD.probeFeatures())?.contains(.move) == true else {
             throw ValidationError("--prealloc needs UFFDIO_MOVE (Linux 6.8 or later), which this kernel's userfaultfd does not offer")
         }
-        let start = monotonicNanoseconds()
-        let pool = try PagePool(pageCount: memory.pageCount, pageSize: memory.pageSize)
-        let ms = Double(monotonicNanoseconds() - start) / 1e6
-        Log.controller.notice("page pool: \(memory.size >> 20) MiB touched in \(Int(ms)) ms (--prealloc)")
-        return pool
+        return try PagePool(pageCount: memory.pageCount, pageSize: memory.pageSize)
     }
 }
