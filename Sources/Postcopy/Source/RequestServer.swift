@@ -65,8 +65,8 @@ extension OutgoingMigration {
                     // faulting one are its likeliest next faults, and the pending ones among them
                     // follow on the same channel. After a fault anywhere else they would only
                     // hold the channel (and the destination's receiver) from the next request.
-                    let ahead = sweeping ? PushJump.readAhead(afterRequestAt: firstPage, count: Int(count), readAhead: readAhead, pageCount: pageCount)
-                                         : firstPage + Int(count)..<firstPage + Int(count)
+                    let ahead = PushJump.readAhead(afterRequestAt: firstPage, count: Int(count), readAhead: sweeping ? readAhead : 0,
+                                                   pageCount: pageCount)
                     var next = ahead.lowerBound, aheadBytes = 0
                     while let p = pending.firstSet(in: next..<ahead.upperBound) {
                         let run = try sendRun(from: p, maxRun: readAheadRun, upTo: ahead.upperBound, on: channel)
