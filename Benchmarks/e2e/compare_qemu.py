@@ -37,8 +37,12 @@ SCENARIOS = {
     # `postcopy vm` boots the QEMU guest's own image under KVM ("vm" as our workload).
     "vm-linear-postcopy-preempt": ("linear.S", "vm", "postcopy", ["--cap", "postcopy-preempt"], ""),
     "vm-hotcold-precopy": ("hotcold.S", "vm", "precopy", [], ""),
+    # The same without the destination's page pool (--no-page-pool): every page copied in with
+    # UFFDIO_COPY, as before the pool was the default.
+    "linear-postcopy-preempt-copy": ("linear.S", "linear", "postcopy", ["--cap", "postcopy-preempt"], "--no-page-pool"),
+    "vm-linear-postcopy-preempt-copy": ("linear.S", "vm", "postcopy", ["--cap", "postcopy-preempt"], "--no-page-pool"),
     # The same, with --prealloc on both sides (QEMU's -mem-prealloc; QEMU's side runs as above):
-    # the destination's page pool is touched before the migration.
+    # the destination's page pool is backed before the monitor opens.
     "linear-postcopy-preempt-prealloc": ("linear.S", "linear", "postcopy", ["--cap", "postcopy-preempt"], "--prealloc"),
     "vm-linear-postcopy-preempt-prealloc": ("linear.S", "vm", "postcopy", ["--cap", "postcopy-preempt"], "--prealloc"),
 }

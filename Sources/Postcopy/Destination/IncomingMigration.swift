@@ -29,8 +29,9 @@ public final class IncomingMigration: @unchecked Sendable {
     public let endpoint: Endpoint
     public let blocktime: BlocktimeTracker
     let settings: @Sendable () -> MigrationSettings
-    /// Pages touched before the migration (`--prealloc`): receivers read page frames into them
-    /// and move them into place (PageReceiver). Nil: every page is copied in.
+    /// Pages backed ahead of need (`PagePool`; by default in the background, with `--prealloc`
+    /// before the host served): receivers read page frames into them and move them into place
+    /// (PageReceiver). Nil: every page is copied in.
     let pagePool: PagePool?
     /// Set when UFFDIO_MOVE failed other than on a present page: the pool is left alone from then on.
     let pagePoolFailed = AtomicFlag()
@@ -452,8 +453,12 @@ public final class IncomingMigration: @unchecked Sendable {
             s.uffd = nil
             return Double(s.endNs! - s.startNs) / 1e9
         }
+        // Pages the guest never needed from the pool (zero pages, pages copied in) go back now.
         let pool = pagePool.map {
-            "; \($0.pageCount - $0.remaining) of \($0.pageCount) pool pages used" + (pagePoolFailed.isSet ? ", copied from after UFFDIO_MOVE failed" : ", moved")
+            let used = $0.pageCount - $0.remaining
+            let returned = $0.release()
+            return "; \(used) of \($0.pageCount) pool pages used" + (pagePoolFailed.isSet ? ", copied from after UFFDIO_MOVE failed" : ", moved")
+                + ", \(returned) unused ones freed"
         } ?? ""
         Log.destination.info("incoming migration completed: \(receivedPages.value) pages in \(seconds) s\(pool)")
     }

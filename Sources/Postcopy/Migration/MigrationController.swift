@@ -34,10 +34,10 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
     /// (which may be held while the engine's is wanted).
     private let eventsOn = Atomic(false)
 
-    /// Pages touched in advance for the incoming migration to move into the guest (`PagePool`).
-    private let pagePool: PagePool?
+    /// Pages backed ahead of need for an incoming migration to move into the guest (`PagePool`).
+    private let pagePool: IncomingPagePool
 
-    public init(memory: GuestMemory, host: any MigratableHost, pagePool: PagePool? = nil) {
+    public init(memory: GuestMemory, host: any MigratableHost, pagePool: IncomingPagePool = .inBackground) {
         self.memory = memory
         self.host = host
         self.pagePool = pagePool
@@ -207,7 +207,7 @@ public final class MigrationController: MonitorBackend, @unchecked Sendable {
                 }
                 let m = try IncomingMigration(memory: memory, endpoint: endpoint, vcpuCount: host.vcpuThreadIDs.count,
                                               settings: { [weak self] in self?.currentSettings ?? MigrationSettings() }, hooks: host,
-                                              pagePool: pagePool)
+                                              pagePool: pagePool.pool(for: memory))
                 try startTimeline(of: m)
                 for (i, tid) in host.vcpuThreadIDs.enumerated() { m.registerVCPU(i, threadID: tid) }
                 m.onStatusChange { [weak self] in self?.statusChanged(to: $0) }

@@ -59,6 +59,9 @@ struct HostCommand: ParsableCommand {
     @Flag(help: ArgumentHelp(stringLiteral: HostProcessMain.preallocHelp))
     var prealloc = false
 
+    @Flag(inversion: .prefixedNo, help: ArgumentHelp(stringLiteral: HostProcessMain.pagePoolHelp))
+    var pagePool = true
+
     func validate() throws {
         guard vcpus >= 1, vcpus <= 64 else { throw ValidationError("--vcpus \(vcpus): must be between 1 and 64") }
         guard Workload(rawValue: workload) != nil else {
@@ -86,7 +89,7 @@ struct HostCommand: ParsableCommand {
         if let monitor { try Self.validateSocketPath(monitor, option: "--monitor") }
         if let qmp, qmp == monitor { throw ValidationError("--qmp and --monitor are both \(qmp): give each monitor its own socket") }
         if let incoming, incoming != "defer" { try Self.validateIncoming(incoming) }
-        try HostProcessMain.validate(prealloc: prealloc, backing: backing, incoming: incoming)
+        try HostProcessMain.validate(prealloc: prealloc, pagePool: pagePool, backing: backing, incoming: incoming)
     }
 
     /// One touch a second per vCPU is already far slower than any guest worth migrating.
@@ -150,8 +153,8 @@ struct HostCommand: ParsableCommand {
         let vm = try VirtualMachine(memorySize: size, backing: backing.guestMemoryBacking, numaNode: numaNode, vcpus: vcpus,
                                     workload: Workload(rawValue: workload)!, serialPath: serial, incoming: incoming != nil,
                                     touchIntervalNs: touchNs, fill: fill.map(PageFill.init))
-        let pagePool = prealloc ? try HostProcessMain.preallocate(vm.memory, incoming: incoming) : nil
-        try HostProcessMain.serve(vm, objects: objects, qmp: qmp, monitor: monitor, incoming: incoming, pagePool: pagePool)
+        let pool = try HostProcessMain.incomingPagePool(vm.memory, incoming: incoming, prealloc: prealloc, pagePool: pagePool)
+        try HostProcessMain.serve(vm, objects: objects, qmp: qmp, monitor: monitor, incoming: incoming, pagePool: pool)
     }
 }
 

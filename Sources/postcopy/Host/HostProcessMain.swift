@@ -43,7 +43,7 @@ enum HostProcessMain {
 
     /// The same embedding for every host (docs/EMBEDDING.md), then runs until `quit`.
     static func serve(_ host: some ProcessHost, objects: [String] = [], qmp: String?, monitor: String?, incoming: String?,
-                      pagePool: PagePool? = nil) throws -> Never {
+                      pagePool: IncomingPagePool) throws -> Never {
         let controller = MigrationController(memory: host.memory, host: host, pagePool: pagePool)
         host.run.events = controller.events
         host.run.waitsForPage = { [weak controller] in controller?.vcpuWaitsForPage($0) ?? false }
@@ -63,12 +63,18 @@ enum HostProcessMain {
     }
 
     static let preallocHelp = "Allocate memory before the migration, as QEMU's -mem-prealloc. On a destination (--incoming tcp:...): "
-        + "a guest-sized page pool that pages arrive into and move into the guest from with UFFDIO_MOVE, with no allocation on "
-        + "the switch's path; it costs the guest's size in memory until the pages move in, and the pre-touch time at start. "
+        + "the page pool (see --page-pool) is backed whole before the monitor opens, instead of in the background; it costs the "
+        + "guest's size in memory until the pages move in, and the time to back it at start. "
         + "Without --incoming: the guest's own memory is populated at start. Anon backing only; not with a snapshot file."
 
-    /// `--prealloc`: refused where no page could use the pool.
-    static func validate(prealloc: Bool, backing: HostCommand.Backing, incoming: String?) throws {
+    static let pagePoolHelp = "On a destination with private anonymous guest memory (--backing anon, no --numa-node) and Linux 6.8 or "
+        + "later: back a guest-sized pool of pages in the background from the start, read page frames into it and move them into "
+        + "the guest with UFFDIO_MOVE, so that no page is allocated on the switch's path. Up to the guest's size in memory is "
+        + "touched ahead of the pages' arrival; what the guest did not need (zero pages) is freed at completion. "
+        + "--no-page-pool copies every page in with UFFDIO_COPY and allocates only as pages arrive."
+
+    /// `--prealloc` and `--no-page-pool`: refused where no page could use the pool, or together on a destination.
+    static func validate(prealloc: Bool, pagePool: Bool, backing: HostCommand.Backing, incoming: String?) throws {
         guard prealloc else { return }
         guard backing == .anon else {
             throw ValidationError("--prealloc needs --backing anon: pool pages move into private anonymous memory only (UFFDIO_MOVE); \(backing.rawValue) guest memory is filled without a pool")
@@ -76,25 +82,28 @@ enum HostProcessMain {
         if let incoming, SnapshotFile.path(inURI: incoming) != nil {
             throw ValidationError("--prealloc does not apply to a restore from a file: a lazy restore needs the guest's pages missing")
         }
-    }
-
-    /// What `--prealloc` does before the host serves, logged with the time it took: a
-    /// destination's page pool, or on a source the guest's own memory populated, as QEMU's
-    /// -mem-prealloc.
-    static func preallocate(_ memory: GuestMemory, incoming: String?) throws -> PagePool? {
-        let start = monotonicNanoseconds()
-        let pool = incoming == nil ? nil : try makePagePool(for: memory)
-        if pool == nil { try GuestMemory.populate(memory.pointer, memory.size, what: "\(memory.size >> 20) MiB of guest memory") }
-        let ms = Int(Double(monotonicNanoseconds() - start) / 1e6)
-        Log.controller.notice("\(pool == nil ? "guest memory" : "page pool"): \(memory.size >> 20) MiB \(pool == nil ? "populated" : "touched") in \(ms) ms (--prealloc)")
-        return pool
-    }
-
-    /// The pool of `--prealloc`, touched now, before any migration.
-    private static func makePagePool(for memory: GuestMemory) throws -> PagePool {
-        guard (try? UserfaultFD.probeFeatures())?.contains(.move) == true else {
-            throw ValidationError("--prealloc needs UFFDIO_MOVE (Linux 6.8 or later), which this kernel's userfaultfd does not offer")
+        if incoming != nil, !pagePool {
+            throw ValidationError("--prealloc on a destination backs its page pool before the monitor opens: drop --no-page-pool, or --prealloc")
         }
-        return try PagePool(pageCount: memory.pageCount, pageSize: memory.pageSize)
+    }
+
+    /// The page pool an incoming migration will use: by default backed in the background from
+    /// `migrate-incoming` on; with `--prealloc`, backed now, logged with the time it took. On a
+    /// source, `--prealloc` populates the guest's own memory instead, as QEMU's -mem-prealloc.
+    static func incomingPagePool(_ memory: GuestMemory, incoming: String?, prealloc: Bool, pagePool: Bool) throws -> IncomingPagePool {
+        guard prealloc else { return pagePool ? .inBackground : .off }
+        let start = monotonicNanoseconds()
+        var choice = IncomingPagePool.off
+        if incoming != nil {
+            guard (try? UserfaultFD.probeFeatures())?.contains(.move) == true else {
+                throw ValidationError("--prealloc needs UFFDIO_MOVE (Linux 6.8 or later), which this kernel's userfaultfd does not offer")
+            }
+            choice = .ready(try PagePool(pageCount: memory.pageCount, pageSize: memory.pageSize, backing: .now))
+        } else {
+            try GuestMemory.populate(memory.pointer, memory.size, what: "\(memory.size >> 20) MiB of guest memory")
+        }
+        let ms = Int(Double(monotonicNanoseconds() - start) / 1e6)
+        Log.controller.notice("\(incoming == nil ? "guest memory" : "page pool"): \(memory.size >> 20) MiB \(incoming == nil ? "populated" : "backed") in \(ms) ms (--prealloc)")
+        return choice
     }
 }

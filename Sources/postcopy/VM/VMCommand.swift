@@ -50,6 +50,9 @@ struct VMCommand: ParsableCommand {
     @Flag(help: ArgumentHelp(stringLiteral: HostProcessMain.preallocHelp))
     var prealloc = false
 
+    @Flag(inversion: .prefixedNo, help: ArgumentHelp(stringLiteral: HostProcessMain.pagePoolHelp))
+    var pagePool = true
+
     @Option(name: .customLong("object"), help: ArgumentHelp(stringLiteral: HostCommand.objectHelp))
     var objects: [String] = []
 
@@ -65,7 +68,7 @@ struct VMCommand: ParsableCommand {
             throw ValidationError("--memory \(memory) is not a multiple of 2 MiB: hugetlb guest memory is made of 2 MiB pages")
         }
         try HostProcessMain.validate(logLevel: logLevel)
-        try HostProcessMain.validate(prealloc: prealloc, backing: backing, incoming: incoming)
+        try HostProcessMain.validate(prealloc: prealloc, pagePool: pagePool, backing: backing, incoming: incoming)
         if let reason = KVMMachine.unavailableReason() { throw ValidationError("KVM is not available: \(reason)") }
     }
 
@@ -78,8 +81,8 @@ struct VMCommand: ParsableCommand {
         let vm = try KVMHost(memory: guestMemory, vcpuCount: vcpus, image: image, serialPath: serial, incoming: incoming != nil,
                              dirtyTracking: dirtyTracking)
         // From here on, the same embedding as `postcopy host` (docs/EMBEDDING.md).
-        let pagePool = prealloc ? try HostProcessMain.preallocate(guestMemory, incoming: incoming) : nil
-        try HostProcessMain.serve(vm, objects: objects, qmp: qmp, monitor: monitor, incoming: incoming, pagePool: pagePool)
+        let pool = try HostProcessMain.incomingPagePool(guestMemory, incoming: incoming, prealloc: prealloc, pagePool: pagePool)
+        try HostProcessMain.serve(vm, objects: objects, qmp: qmp, monitor: monitor, incoming: incoming, pagePool: pool)
     }
 
     private func readImage(_ path: String) throws -> [UInt8] {

@@ -4,8 +4,8 @@ import Synchronization
 import Testing
 
 extension KernelTests {
-    /// The destination's page pool (`--prealloc`): pages touched in advance, handed out once,
-    /// then moved into the guest.
+    /// The destination's page pool: pages backed in advance (all at once, or by a background
+    /// thread), handed out once, then moved into the guest; what is left is given back.
     @Suite("page pool")
     struct PagePools {
         let pageSize = KernelTests.pageSize
@@ -35,6 +35,50 @@ extension KernelTests {
             let all = try takers.flatMap { try #require($0.join()) }
             #expect(all.count == 4000)
             #expect(Set(all) == Set((0..<4000).map { pool.base + UInt($0 * pageSize) }))
+        }
+
+        @Test("a pool backed in the background hands out only pages already backed, and in the end every page")
+        func backgroundHandsOutBackedPages() throws {
+            let pageCount = 64 << 20 / pageSize   // 16 chunks of the background thread
+            let pool = try PagePool(pageCount: pageCount, pageSize: pageSize, backing: .inBackground)
+            var taken = 0
+            let deadline = monotonicNanoseconds() + 30_000_000_000
+            while taken < pageCount, monotonicNanoseconds() < deadline {
+                guard let run = pool.take(min(256, pageCount - taken)) else { continue }
+                let first = (Int(bitPattern: UInt(bitPattern: run)) - Int(pool.base)) / pageSize
+                #expect(first == taken, "runs come in order")
+                let count = min(256, pageCount - taken)
+                #expect(first + count <= pool.backedPages, "a page is handed out only once backed")
+                #expect(residentPages(run, count) == count, "the run's pages have frames before anyone writes them")
+                taken += count
+            }
+            #expect(taken == pageCount, "every page was handed out in the end")
+            #expect(pool.backedPages == pageCount)
+            #expect(pool.take(1) == nil)
+        }
+
+        @Test("release gives back the pages never handed out, and hands out nothing after")
+        func releaseGivesBackUnused() throws {
+            let pool = try PagePool(pageCount: 1024, pageSize: pageSize, backing: .now)
+            let run = try #require(pool.take(24))
+            run.storeBytes(of: 0xABCD, as: UInt64.self)
+            #expect(pool.release() == 1000)
+            #expect(pool.take(1) == nil, "a released pool hands out nothing")
+            #expect(pool.remaining == 0)
+            #expect(run.load(as: UInt64.self) == 0xABCD, "pages handed out before stay their taker's")
+            #expect(residentPages(run + 24 * pageSize, 1000) == 0, "the unused pages have no frames any more")
+            // A pool still being backed stops its thread, and gives back what it had backed.
+            let background = try PagePool(pageCount: 64 << 20 / pageSize, pageSize: pageSize, backing: .inBackground)
+            _ = background.release()
+            #expect(background.take(1) == nil)
+            #expect(residentPages(UnsafeMutableRawPointer(bitPattern: background.base)!, background.pageCount) == 0)
+        }
+
+        /// How many of `count` pages from `start` have a frame (mincore); -1 when mincore fails.
+        private func residentPages(_ start: UnsafeMutableRawPointer, _ count: Int) -> Int {
+            var vector = [UInt8](repeating: 0, count: count)
+            guard mincore(start, count * pageSize, &vector) == 0 else { return -1 }
+            return vector.count { $0 & 1 == 1 }
         }
 
         @Test("pool pages move into the missing pages of a run; a page already present keeps its content",
