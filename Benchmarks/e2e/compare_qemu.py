@@ -7,6 +7,8 @@ The vm-* scenarios run `postcopy vm` (our KVM host) on the very image QEMU boots
 the anchors' build-guest.sh: the same guest in two VMMs, compared like for like.
 
   Benchmarks/e2e/compare_qemu.py --anchors ../shared/anchors/qemu --runs 3
+  # this build with and without an option, beside QEMU, runs alternating:
+  Benchmarks/e2e/compare_qemu.py --targets qemu,ours,base --base-args=--no-page-pool --scenario vm-linear-postcopy-preempt
 
 Needs: qemu-system-x86 (/dev/kvm), a release build (swift build -c release; another
 --scratch-path is given here too), gcc and ld for the vm-* scenarios' images.
@@ -37,10 +39,6 @@ SCENARIOS = {
     # `postcopy vm` boots the QEMU guest's own image under KVM ("vm" as our workload).
     "vm-linear-postcopy-preempt": ("linear.S", "vm", "postcopy", ["--cap", "postcopy-preempt"], ""),
     "vm-hotcold-precopy": ("hotcold.S", "vm", "precopy", [], ""),
-    # The same without the destination's page pool (--no-page-pool): every page copied in with
-    # UFFDIO_COPY, as before the pool was the default.
-    "linear-postcopy-preempt-copy": ("linear.S", "linear", "postcopy", ["--cap", "postcopy-preempt"], "--no-page-pool"),
-    "vm-linear-postcopy-preempt-copy": ("linear.S", "vm", "postcopy", ["--cap", "postcopy-preempt"], "--no-page-pool"),
     # The same, with --prealloc on both sides (QEMU's -mem-prealloc; QEMU's side runs as above):
     # the destination's page pool is backed before the monitor opens.
     "linear-postcopy-preempt-prealloc": ("linear.S", "linear", "postcopy", ["--cap", "postcopy-preempt"], "--prealloc"),
@@ -60,13 +58,15 @@ def guest_image(anchors, guest, memory_mb):
     return IMAGES[key]
 
 
-def run_once(anchors, target, scenario, memory_mb, vcpus, base_binary=None):
+def run_once(anchors, target, scenario, memory_mb, vcpus, base_binary=None, base_args=""):
     guest, workload, mode, extra, host_extra = SCENARIOS[scenario]
+    if target == "base":
+        host_extra = f"{host_extra} {base_args}"
     cmd = [sys.executable, os.path.join(anchors, "qmp-migrate.py"), "--memory-mb", str(memory_mb), "--mode", mode] + extra
     if target == "qemu":
         cmd += ["--guest", os.path.join(anchors, guest)]
     else:
-        binary = base_binary if target == "base" else os.path.join(ROOT, BUILD, "release", "postcopy")
+        binary = base_binary if target == "base" and base_binary else os.path.join(ROOT, BUILD, "release", "postcopy")
         if workload == "vm":
             image = guest_image(anchors, guest, memory_mb)
             cmd += ["--host-cmd", f"{binary} vm --memory {{mb}}M --vcpus {vcpus} --boot {image} {host_extra} "
@@ -95,6 +95,8 @@ def figures(result):
         "blocktime_ms": dst.get("postcopy-blocktime"),
         "vcpu_blocktime_ms": dst.get("postcopy-vcpu-blocktime"),
         "requests": ram.get("postcopy-requests"),
+        "blocktime_per_request_us": round(dst["postcopy-blocktime"] * 1000 / ram["postcopy-requests"], 1)
+        if dst.get("postcopy-blocktime") is not None and ram.get("postcopy-requests") else None,
         "dirty_sync_count": ram.get("dirty-sync-count"),
         "avg_fault_latency_us": None if lat is None else round(lat / 1000, 1),
         "source_passes": result.get("source_passes"),
@@ -115,15 +117,17 @@ def main():
     ap.add_argument("--memory-mb", type=int, default=1000)
     ap.add_argument("--vcpus", type=int, default=1)
     ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), help="default: all")
-    ap.add_argument("--targets", default="qemu,ours", help="any of qemu, ours, base (base needs --base-binary)")
+    ap.add_argument("--targets", default="qemu,ours", help="any of qemu, ours, base (base needs --base-binary or --base-args)")
     ap.add_argument("--base-binary", help="another build of postcopy to run as target 'base' (an A/B against an older commit)")
+    ap.add_argument("--base-args", default="", help="extra host arguments for target 'base' on both sides, with this build "
+                    "unless --base-binary is given (an A/B of an option: --base-args=--no-page-pool)")
     ap.add_argument("--scratch-path", default=".build", help="where the release build is (swift build --scratch-path)")
     a = ap.parse_args()
     global BUILD
     BUILD = a.scratch_path
     targets = a.targets.split(",")
-    if "base" in targets and not a.base_binary:
-        ap.error("target 'base' needs --base-binary")
+    if "base" in targets and not (a.base_binary or a.base_args):
+        ap.error("target 'base' needs --base-binary or --base-args")
     report = {}
     for scenario in a.scenario or list(SCENARIOS):
         report[scenario] = {}
@@ -132,24 +136,24 @@ def main():
             for t in (targets if i % 2 == 0 else list(reversed(targets))):
                 if t == "qemu" and SCENARIOS[scenario][0] is None:
                     continue
-                f = figures(run_once(a.anchors, t, scenario, a.memory_mb, a.vcpus, a.base_binary))
+                f = figures(run_once(a.anchors, t, scenario, a.memory_mb, a.vcpus, a.base_binary, a.base_args))
                 runs[t].append(f)
                 print(f"{scenario} {t} run {i + 1}: {json.dumps(f)}", file=sys.stderr)
         for t in targets:
             if not runs[t]:
                 continue
-            keys = ["total_ms", "downtime_ms", "mbps", "transferred_mb", "blocktime_ms", "requests",
+            keys = ["total_ms", "downtime_ms", "mbps", "transferred_mb", "blocktime_ms", "requests", "blocktime_per_request_us",
                     "dirty_sync_count", "avg_fault_latency_us", "passes_in_window"]
             m = {k: median([r[k] for r in runs[t]]) for k in keys}
             m["statuses"] = [r["status"] for r in runs[t]]
             m["checks"] = [r["check_ok"] for r in runs[t]]
             report[scenario][t] = m
-    print("| scenario | target | total ms | downtime ms | Mbit/s | MB sent | blocktime ms | requests | syncs | avg fault µs | passes in window |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| scenario | target | total ms | downtime ms | Mbit/s | MB sent | blocktime ms | requests | blocktime per request µs | syncs | avg fault µs | passes in window |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for scenario, per in report.items():
         for t, m in per.items():
             print(f"| {scenario} | {t} | {m['total_ms']} | {m['downtime_ms']} | {m['mbps']} | {m['transferred_mb']} | "
-                  f"{m['blocktime_ms']} | {m['requests']} | {m['dirty_sync_count']} | {m['avg_fault_latency_us']} | {m['passes_in_window']} |")
+                  f"{m['blocktime_ms']} | {m['requests']} | {m['blocktime_per_request_us']} | {m['dirty_sync_count']} | {m['avg_fault_latency_us']} | {m['passes_in_window']} |")
     print(json.dumps(report))
 
 
