@@ -36,8 +36,8 @@ void *cpc_mremap_fixed(void *old_address, size_t size, void *new_address) {
 #ifndef MREMAP_DONTUNMAP
 #define MREMAP_DONTUNMAP 4
 #endif
-void *cpc_mremap_dontunmap(void *old_address, size_t size) {
-    return mremap(old_address, size, size, MREMAP_MAYMOVE | MREMAP_DONTUNMAP);
+void *cpc_mremap_dontunmap(void *old_address, size_t size, void *new_address) {
+    return mremap(old_address, size, size, MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP, new_address);
 }
 int cpc_punch_hole(int fd, int64_t offset, int64_t length) { return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length); }
 

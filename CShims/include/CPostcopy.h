@@ -105,9 +105,9 @@ int32_t cpc_gettid(void);
 int cpc_memfd_create(const char *name, unsigned int flags);
 /// mremap(MREMAP_MAYMOVE | MREMAP_FIXED) to new_address: variadic in C. MAP_FAILED and errno on failure.
 void *cpc_mremap_fixed(void *old_address, size_t size, void *new_address);
-/// mremap(MREMAP_MAYMOVE | MREMAP_DONTUNMAP) to an address the kernel picks: the pages move, the
+/// mremap(MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP) to new_address: the pages move, the
 /// old range stays mapped (and registered with userfaultfd), empty. MAP_FAILED and errno on failure.
-void *cpc_mremap_dontunmap(void *old_address, size_t size);
+void *cpc_mremap_dontunmap(void *old_address, size_t size, void *new_address);
 /// fallocate(PUNCH_HOLE | KEEP_SIZE): needs _GNU_SOURCE, which a Swift-imported header must not define.
 int cpc_punch_hole(int fd, int64_t offset, int64_t length);
 /// accept4(SOCK_CLOEXEC), so no fork between accept and fcntl can leak the connection to a child:

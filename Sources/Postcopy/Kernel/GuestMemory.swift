@@ -124,15 +124,44 @@ public final class GuestMemory: @unchecked Sendable {
     /// Makes a page-aligned range missing at once, without freeing anything now: its pages move
     /// (mremap with MREMAP_DONTUNMAP, page tables only) to a new mapping that is returned, for the
     /// caller to unmap later, and the range stays mapped and registered, empty: a touch faults
-    /// through the userfaultfd. A few milliseconds for a range MADV_DONTNEED takes ~60 ms to free.
-    /// Only for anonymous regions, and only while nothing touches the range. Each range moved
-    /// becomes its own VMA: callers keep the number of ranges small.
+    /// through the userfaultfd. Under a millisecond for 256 MiB, which MADV_DONTNEED takes 25-30 ms
+    /// to free. Only for anonymous regions, and only while nothing touches the range. Each range
+    /// moved becomes its own VMA: callers keep the number of ranges small.
     public func moveAside(offset: Int, length: Int) throws -> UnsafeMutableRawPointer {
         precondition(backing == .anonymous, "only anonymous guest memory can be moved aside")
         precondition(offset % pageSize == 0 && length % pageSize == 0 && offset + length <= size, "range must be page aligned and inside the region")
-        return try syscallMapping("mremap(MREMAP_DONTUNMAP, \(length) bytes of guest memory)") {
-            cpc_mremap_dontunmap(pointer.advanced(by: offset), length)
+        let from = pointer.advanced(by: offset)
+        let target = try Self.reserveCongruent(with: from, length: length)
+        do {
+            return try syscallMapping("mremap(MREMAP_DONTUNMAP, \(length) bytes of guest memory)") {
+                cpc_mremap_dontunmap(from, length, target)
+            }
+        } catch {
+            Self.unmap(target, length, what: "the space reserved to move guest pages aside")
+            throw error
         }
+    }
+
+    /// Reserves `length` bytes of address space (PROT_NONE, nothing committed) at an address
+    /// congruent to `address` modulo 1 GiB, for an mremap(MREMAP_FIXED) there. With source and
+    /// target at the same offset within each 2 MiB and 1 GiB, the kernel moves whole page tables
+    /// instead of one entry at a time: measured here, 256 MiB in 0.1-0.2 ms instead of 1-2.4 ms.
+    /// (Left to pick the address for MREMAP_DONTUNMAP, Linux 6.18 refused some moves with EINVAL.)
+    static func reserveCongruent(with address: UnsafeMutableRawPointer, length: Int) throws -> UnsafeMutableRawPointer {
+        let alignment = 1 << 30, span = length + alignment
+        let reservation = try syscallMapping("mmap(\(span) bytes of address space to move guest pages to)") {
+            mmap(nil, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        }
+        let start = UInt(bitPattern: reservation), end = start + UInt(span)
+        let mask = UInt(alignment - 1)
+        var target = (start & ~mask) | (UInt(bitPattern: address) & mask)
+        if target < start { target += UInt(alignment) }
+        // Give back what lies outside [target, target + length); the range itself stays reserved.
+        if target > start { unmap(reservation, Int(target - start), what: "address space before a reservation") }
+        if target + UInt(length) < end {
+            unmap(UnsafeMutableRawPointer(bitPattern: target + UInt(length))!, Int(end - target - UInt(length)), what: "address space after a reservation")
+        }
+        return UnsafeMutableRawPointer(bitPattern: target)!
     }
 
     /// Makes every page missing at once, without freeing anything now: the populated pages move
@@ -142,9 +171,7 @@ public final class GuestMemory: @unchecked Sendable {
     /// takes ~100 ms per GiB. Only for anonymous regions, and only while nothing touches them.
     public func moveContentsAside() throws -> UInt {
         precondition(backing == .anonymous, "only anonymous guest memory can be moved aside")
-        let target = try syscallMapping("mmap(\(size) bytes to move guest memory aside)") {
-            mmap(nil, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-        }
+        let target = try Self.reserveCongruent(with: pointer, length: size)
         let moved: UnsafeMutableRawPointer
         do {
             moved = try syscallMapping("mremap(guest memory aside)") { cpc_mremap_fixed(pointer, size, target) }

@@ -61,6 +61,13 @@ func readPage(at address: UInt, pageSize: Int = KernelTests.pageSize) -> PageRea
 }
 
 /// Starts a thread that reads page `index` of `memory`, blocking on it while it is missing.
+/// How many of `count` pages from `address` have a frame (mincore); -1 when mincore fails.
+func residentPages(_ address: UInt, _ count: Int, pageSize: Int = KernelTests.pageSize) -> Int {
+    var vector = [UInt8](repeating: 0, count: count)
+    guard mincore(UnsafeMutableRawPointer(bitPattern: address), count * pageSize, &vector) == 0 else { return -1 }
+    return vector.count { $0 & 1 == 1 }
+}
+
 func touch(_ memory: GuestMemory, page index: Int) -> TestThread<PageRead> {
     TestThread { readPage(at: memory.address(ofPage: index), pageSize: memory.pageSize) }
 }

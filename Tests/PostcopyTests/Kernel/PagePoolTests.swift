@@ -49,7 +49,7 @@ extension KernelTests {
                 #expect(first == taken, "runs come in order")
                 let count = min(256, pageCount - taken)
                 #expect(first + count <= pool.backedPages, "a page is handed out only once backed")
-                #expect(residentPages(run, count) == count, "the run's pages have frames before anyone writes them")
+                #expect(residentPages(UInt(bitPattern: run), count) == count, "the run's pages have frames before anyone writes them")
                 taken += count
             }
             #expect(taken == pageCount, "every page was handed out in the end")
@@ -66,19 +66,12 @@ extension KernelTests {
             #expect(pool.take(1) == nil, "a released pool hands out nothing")
             #expect(pool.remaining == 0)
             #expect(run.load(as: UInt64.self) == 0xABCD, "pages handed out before stay their taker's")
-            #expect(residentPages(run + 24 * pageSize, 1000) == 0, "the unused pages have no frames any more")
+            #expect(residentPages(UInt(bitPattern: run) + UInt(24 * pageSize), 1000) == 0, "the unused pages have no frames any more")
             // A pool still being backed stops its thread, and gives back what it had backed.
             let background = try PagePool(pageCount: 64 << 20 / pageSize, pageSize: pageSize, backing: .inBackground)
             _ = background.release()
             #expect(background.take(1) == nil)
-            #expect(residentPages(UnsafeMutableRawPointer(bitPattern: background.base)!, background.pageCount) == 0)
-        }
-
-        /// How many of `count` pages from `start` have a frame (mincore); -1 when mincore fails.
-        private func residentPages(_ start: UnsafeMutableRawPointer, _ count: Int) -> Int {
-            var vector = [UInt8](repeating: 0, count: count)
-            guard mincore(start, count * pageSize, &vector) == 0 else { return -1 }
-            return vector.count { $0 & 1 == 1 }
+            #expect(residentPages(background.base, background.pageCount) == 0)
         }
 
         @Test("pool pages move into the missing pages of a run; a page already present keeps its content",
