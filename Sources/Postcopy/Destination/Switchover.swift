@@ -97,16 +97,21 @@ extension IncomingMigration {
         let staleInSmallRuns = stale - large.reduce(0) { $0 + $1.count }
         guard staleInSmallRuns * 2 > memory.pageCount else {
             var moved: [(address: UnsafeMutableRawPointer, length: Int)] = []
+            var refusal: (any Error)?
             defer { freeLater(moved) }
             for range in ranges {
                 let offset = range.first * pageSize, length = range.count * pageSize
                 // A run that cannot move (no memory for another VMA) is freed in place instead.
-                if range.count >= Self.largeRunPages, moved.count < Self.maxRunsMovedAside,
-                   let aside = try? memory.moveAside(offset: offset, length: length) {
-                    moved.append((aside, length))
-                } else {
-                    try memory.discard(offset: offset, length: length)
+                if range.count >= Self.largeRunPages, moved.count < Self.maxRunsMovedAside, refusal == nil {
+                    do {
+                        moved.append((try memory.moveAside(offset: offset, length: length), length))
+                        continue
+                    } catch {
+                        refusal = error
+                        Log.destination.warning("switch: \(error); stale pages are freed in place, inside the downtime")
+                    }
                 }
+                try memory.discard(offset: offset, length: length)
             }
             return
         }
