@@ -110,8 +110,12 @@ extension IncomingMigration {
             let bytes = count * pageSize
             guard bytes <= maxFrameBytes else { throw ProtocolError.oversized(.pages, bytes: UInt64(bytes), limit: maxFrameBytes) }
             // Pool pages only for a run with pages missing: a present page is overwritten by a
-            // copy, which would leave its pool page unused.
-            if let pagePool, !pagePoolFailed.isSet, !allReceived(firstPage, count), let pages = pagePool.take(count) {
+            // copy, which would leave its pool page unused. And only for runs of several pages,
+            // where it pays: a single page (most often a request's answer, a vCPU waiting) is
+            // copied as before, since moving it saved nothing measurable on a request (placement
+            // 17-35 us either way on random, BENCHMARKS.md "The page pool by default") and adds
+            // a TLB flush of the pool's page to the request's path.
+            if count > 1, let pagePool, !pagePoolFailed.isSet, !allReceived(firstPage, count), let pages = pagePool.take(count) {
                 source = pages
                 pooled = true
             } else {
