@@ -32,7 +32,12 @@ extension IncomingMigration {
     func receiveDeviceState(_ header: FrameHeader, on channel: Channel, after switchover: inout Switchover, uffd: UserfaultFD) throws {
         if !switchover.discards.isEmpty {
             let start = monotonicNanoseconds()
-            try applyDiscards(switchover.discards, uffd: uffd)
+            // The pool's background backing would hold each move aside behind its populate.
+            if let pagePool {
+                try pagePool.withBackingHeld { try applyDiscards(switchover.discards, uffd: uffd) }
+            } else {
+                try applyDiscards(switchover.discards, uffd: uffd)
+            }
             Log.destination.debug("switch: \(switchover.discards.count) stale ranges dropped in \((monotonicNanoseconds() - start) / 1000) µs")
             switchover.discards = []
         }

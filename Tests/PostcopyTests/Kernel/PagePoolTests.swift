@@ -57,6 +57,21 @@ extension KernelTests {
             #expect(pool.take(1) == nil)
         }
 
+        @Test("while the backing is held, the background thread backs nothing, and it goes on after")
+        func backingHeld() throws {
+            let pool = try PagePool(pageCount: 1 << 30 / pageSize, pageSize: pageSize, backing: .inBackground)
+            let (atEntry, atExit) = pool.withBackingHeld { () -> (Int, Int) in
+                let entry = pool.backedPages
+                usleep(50_000)
+                return (entry, pool.backedPages)
+            }
+            try #require(atEntry < pool.pageCount, "the 1 GiB pool was still being backed when the hold began")
+            #expect(atExit == atEntry, "no chunk was backed during the hold")
+            let deadline = monotonicNanoseconds() + 60_000_000_000
+            while pool.backedPages < pool.pageCount, monotonicNanoseconds() < deadline { usleep(1000) }
+            #expect(pool.backedPages == pool.pageCount, "the backing went on after the hold")
+        }
+
         @Test("release gives back the pages never handed out, and hands out nothing after")
         func releaseGivesBackUnused() throws {
             let pool = try PagePool(pageCount: 1024, pageSize: pageSize, backing: .now)
