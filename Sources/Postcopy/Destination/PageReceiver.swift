@@ -3,8 +3,8 @@ import Glibc
 /// The page receivers: one per channel (main on `mig-incoming`, `mig-urgent`, `mig-multifdN`),
 /// each reading its own connection's frames. Every frame is first checked against the phase
 /// (`DestinationPhase.admits`), then handed to its handler; pages are placed with
-/// UFFDIO_COPY / UFFDIO_ZEROPAGE, which wakes the vCPUs blocked on them. With a page pool
-/// (`--prealloc`), a frame's payload is read into pool pages, which UFFDIO_MOVE places.
+/// UFFDIO_COPY / UFFDIO_ZEROPAGE, which wakes the vCPUs blocked on them. With a page pool (the
+/// default, PagePool), a run's payload is read into pool pages, which UFFDIO_MOVE places.
 ///
 /// Threads: the caller's. Main runs on `mig-incoming`; the others are the attempt's threads.
 ///

@@ -102,7 +102,7 @@ public final class PagePool: @unchecked Sendable {
     }
 
     /// Pages not handed out yet.
-    public var remaining: Int { pageCount - min(cursor.load(ordering: .relaxed), pageCount) }
+    public var remaining: Int { pageCount - cursor.load(ordering: .relaxed) }
     /// Pages backed so far (all of them once the background thread is done).
     public var backedPages: Int { progress.backed.load(ordering: .relaxed) }
 
@@ -112,7 +112,7 @@ public final class PagePool: @unchecked Sendable {
     public func release() -> Int {
         progress.stop.store(true, ordering: .relaxed)
         backer?.join()
-        let first = min(cursor.exchange(pageCount, ordering: .relaxed), pageCount)
+        let first = cursor.exchange(pageCount, ordering: .relaxed)
         let last = progress.backed.load(ordering: .acquiring)
         guard last > first else { return 0 }
         do {
@@ -193,7 +193,7 @@ public enum IncomingPagePool: Sendable {
                 Log.destination.debug("no page pool: the guest's memory is not plain anonymous memory; pages are copied in")
                 return nil
             }
-            guard (try? UserfaultFD.probeFeatures())?.contains(.move) == true else {
+            guard UserfaultFD.offers(.move) else {
                 Log.destination.info("no page pool: this kernel's userfaultfd has no UFFDIO_MOVE (Linux 6.8); pages are copied in")
                 return nil
             }

@@ -165,6 +165,12 @@ public final class UserfaultFD: @unchecked Sendable {
         return UserfaultFeatures(rawValue: api.features)
     }
 
+    /// Whether the running kernel offers every feature of `features` (false when userfaultfd
+    /// itself cannot be opened).
+    public static func offers(_ features: UserfaultFeatures) -> Bool {
+        (try? probeFeatures())?.isSuperset(of: features) ?? false
+    }
+
     // MARK: ranges
 
     /// Registers [address, address+length). Returns the kernel's ioctl mask for the range;

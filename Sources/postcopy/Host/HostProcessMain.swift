@@ -95,7 +95,7 @@ enum HostProcessMain {
         let start = monotonicNanoseconds()
         var choice = IncomingPagePool.off
         if incoming != nil {
-            guard (try? UserfaultFD.probeFeatures())?.contains(.move) == true else {
+            guard UserfaultFD.offers(.move) else {
                 throw ValidationError("--prealloc needs UFFDIO_MOVE (Linux 6.8 or later), which this kernel's userfaultfd does not offer")
             }
             choice = .ready(try PagePool(pageCount: memory.pageCount, pageSize: memory.pageSize, backing: .now))

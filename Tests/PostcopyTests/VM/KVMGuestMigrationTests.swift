@@ -72,8 +72,8 @@ struct KVMGuestMigrationTests {
         try src.qmp.execute("migrate-start-postcopy")
         let info = try src.waitForMigration()
         #expect(info["status"]?.stringValue == "completed", "\(info.jsonText)\n\(src.log)\n\(dst.log)")
-        _ = waitUntil(timeout: 10) { PreallocMigrationTests.poolPagesMoved(dst.log) != nil }
-        #expect(PreallocMigrationTests.poolPagesMoved(dst.log) ?? 0 > 0, "the destination moved pool pages into the guest: \(dst.log)")
+        _ = waitUntil(timeout: 10) { PagePoolMigrationTests.poolPagesMoved(dst.log) != nil }
+        #expect(PagePoolMigrationTests.poolPagesMoved(dst.log) ?? 0 > 0, "the destination moved pool pages into the guest: \(dst.log)")
         let passes = dst.passes
         try dst.waitForPasses(passes + 1)
         try Self.expectLinearRAMConsistent(dst)

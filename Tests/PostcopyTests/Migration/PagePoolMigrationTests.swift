@@ -6,7 +6,7 @@ import Testing
 /// UFFDIO_MOVE hands to the guest. By default the pool is backed in the background from the
 /// start; `--prealloc` backs it before the monitor opens; `--no-page-pool` copies every page in.
 @Suite("the destination's page pool", .serialized)
-struct PreallocMigrationTests {
+struct PagePoolMigrationTests {
     /// Pool pages the destination's completion line reports as used and moved ("K of M pool
     /// pages used, moved"); nil before that line, or when it says MOVE failed.
     static func poolPagesMoved(_ log: String) -> Int? {
